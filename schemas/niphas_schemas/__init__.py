@@ -1,0 +1,1 @@
+"""Versioned event bodies for the Niphas subjects (the only contract between services)."""

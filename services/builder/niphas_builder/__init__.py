@@ -1,0 +1,1 @@
+"""builder: `eval.done` -> single-flight builds, signed cache push -> `build.done`."""

@@ -1,0 +1,1 @@
+"""eval: forge webhooks -> `push.received`; flake evaluation workers -> `eval.done`."""

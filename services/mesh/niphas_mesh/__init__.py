@@ -1,0 +1,1 @@
+"""mesh: each node serves its store as a Nix binary cache and fetches from peers."""

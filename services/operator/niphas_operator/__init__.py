@@ -1,0 +1,1 @@
+"""operator: reconciles NiphasWorkload objects into Deployments that mount closures."""
