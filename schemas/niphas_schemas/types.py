@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints, WithJsonSchema
 
 NIX32_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 """Nix's base-32 alphabet: digits and lowercase letters without e, o, t, u."""
@@ -44,10 +44,28 @@ def _check_drv_path(value: str) -> str:
     return value
 
 
-StorePath = Annotated[str, AfterValidator(_check_store_path)]
+_STORE_PATH_SCHEMA = {
+    "type": "string",
+    "pattern": STORE_PATH_RE.pattern,
+    "maxLength": len(STORE_DIR) + 1 + HASH_PART_LEN + 1 + MAX_NAME_LEN,
+}
+
+StorePath = Annotated[
+    str,
+    AfterValidator(_check_store_path),
+    WithJsonSchema({**_STORE_PATH_SCHEMA, "description": "An absolute store path"}),
+]
 """An absolute logical store path such as /nix/store/<hash>-hello-2.12."""
 
-DrvPath = Annotated[str, AfterValidator(_check_store_path), AfterValidator(_check_drv_path)]
+DrvPath = Annotated[
+    str,
+    AfterValidator(_check_store_path),
+    AfterValidator(_check_drv_path),
+    WithJsonSchema(
+        {**_STORE_PATH_SCHEMA, "pattern": STORE_PATH_RE.pattern[:-1] + r"\.drv$",
+         "description": "The store path of a derivation"}
+    ),
+]
 """A store path of a derivation (`.drv`)."""
 
 NarHash = Annotated[

@@ -1,0 +1,3 @@
+from niphas_common.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The JetStream spine: connections, streams and consumers, publish, consume, inspect."""

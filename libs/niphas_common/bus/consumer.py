@@ -1,0 +1,199 @@
+"""Running a handler over a durable pull consumer with at-least-once semantics.
+
+Per message: decode -> handler -> ack. A `PermanentError` (a `PoisonMessage` included: not
+JSON, not the model, unknown schema version) is recorded in `DEAD_LETTERS` and terminated at
+once. Anything else is retried with `nak(delay)` following the consumer's backoff, and after
+`max_deliver` deliveries recorded and terminated too, so no message loops forever. A handler that
+runs long is kept alive with in-progress acks; a process killed mid-handler leaves the message
+unacked, and JetStream redelivers it to another instance after `ack_wait`.
+
+Built on nats-py rather than a faststream subscriber: per-message nak-with-delay and term,
+in-progress heartbeats and batched fetches are direct here, and faststream's pull subscriber
+measured ~3k events/s on these machines against the spine's 5k target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from niphas_common import tracing
+from niphas_common.bus.codec import HEADER_EVENT_ID, decode
+from niphas_common.bus.dead_letters import record_dead_letter
+from niphas_common.bus.topology import ConsumerSpec
+from niphas_common.errors import PermanentError
+from niphas_common.logs import current_event_id
+from niphas_common.metrics import EVENTS_HANDLED, HANDLER_SECONDS
+from niphas_schemas import Event
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Event)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a handler may want to know about the message beside the event."""
+
+    subject: str
+    stream_sequence: int
+    num_delivered: int
+    headers: Mapping[str, str]
+
+
+Handler = Callable[[E, Delivery], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Subscription(Generic[E]):
+    """A handler bound to a model and a durable consumer."""
+
+    model: type[E]
+    spec: ConsumerSpec
+    handler: Handler[E]
+    concurrency: int = 64
+
+
+class EventConsumer(Generic[E]):
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subscription: Subscription[E],
+        *,
+        fetch_timeout_s: float = 1.0,
+        drain_grace_s: float = 30.0,
+    ) -> None:
+        self._js = js
+        self._sub = subscription
+        self._fetch_timeout_s = fetch_timeout_s
+        self._drain_grace_s = drain_grace_s
+        self._in_flight: dict[Msg, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def name(self) -> str:
+        return self._sub.spec.durable
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch and handle until `stop` is set, then let in-flight handlers finish."""
+        spec = self._sub.spec
+        psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        heartbeat = asyncio.create_task(self._heartbeat(stop), name=f"{spec.durable}-heartbeat")
+        try:
+            while not stop.is_set():
+                free = self._sub.concurrency - len(self._tasks)
+                if free <= 0:
+                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    msgs = await psub.fetch(free, timeout=self._fetch_timeout_s)
+                except (NatsTimeoutError, asyncio.TimeoutError):
+                    continue
+                for msg in msgs:
+                    task = asyncio.create_task(self._handle(msg))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:
+            if self._tasks:
+                log.info("%s: draining %d in-flight events", spec.durable, len(self._tasks))
+                await asyncio.wait(self._tasks, timeout=self._drain_grace_s)
+            heartbeat.cancel()
+            await psub.unsubscribe()
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        """Tell JetStream that long handlers are still working, so it does not redeliver."""
+        period = self._sub.spec.ack_wait_s / 3
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for msg, started in list(self._in_flight.items()):
+                if now - started >= period:
+                    try:
+                        await msg.in_progress()
+                    except Exception:  # the connection may be reconnecting; JetStream redelivers
+                        log.debug("in-progress ack failed", exc_info=True)
+
+    async def _handle(self, msg: Msg) -> None:
+        spec = self._sub.spec
+        meta = msg.metadata
+        delivered = meta.num_delivered
+        headers = msg.headers or {}
+        delivery = Delivery(msg.subject, meta.sequence.stream, delivered, headers)
+        token = current_event_id.set(headers.get(HEADER_EVENT_ID))
+        started = time.monotonic()
+        self._in_flight[msg] = started
+        span_name = f"process {msg.subject}"
+        with tracing.tracer().start_as_current_span(
+            span_name,
+            context=tracing.extract(headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.consumer.group.name": spec.durable,
+                "messaging.message.delivery_count": delivered,
+            },
+        ) as span:
+            try:
+                event = decode(self._sub.model, msg.data)
+                await self._sub.handler(event, delivery)
+            except PermanentError as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                await self._dead(msg, str(exc), delivered)
+            except Exception as exc:
+                span.set_status(Status(StatusCode.ERROR, repr(exc)))
+                await self._retry_or_dead(msg, exc, delivered)
+            else:
+                await msg.ack()
+                EVENTS_HANDLED.labels(msg.subject, spec.durable, "acked").inc()
+            finally:
+                self._in_flight.pop(msg, None)
+                HANDLER_SECONDS.labels(msg.subject, spec.durable).observe(
+                    time.monotonic() - started
+                )
+                current_event_id.reset(token)
+
+    async def _retry_or_dead(self, msg: Msg, exc: Exception, delivered: int) -> None:
+        spec = self._sub.spec
+        if delivered >= spec.max_deliver:
+            await self._dead(msg, f"gave up after {delivered} deliveries: {exc!r}", delivered)
+            return
+        delay = spec.delay_for(delivered)
+        log.warning(
+            "%s #%d failed (delivery %d/%d), retrying in %.1fs: %r",
+            msg.subject, msg.metadata.sequence.stream, delivered, spec.max_deliver, delay, exc,
+        )  # fmt: skip
+        await msg.nak(delay=delay)
+        EVENTS_HANDLED.labels(msg.subject, spec.durable, "retried").inc()
+
+    async def _dead(self, msg: Msg, reason: str, delivered: int) -> None:
+        spec = self._sub.spec
+        try:
+            await record_dead_letter(
+                self._js,
+                subject=msg.subject,
+                data=msg.data,
+                headers=msg.headers,
+                reason=reason,
+                stream=spec.stream,
+                sequence=msg.metadata.sequence.stream,
+                deliveries=delivered,
+                consumer=spec.durable,
+            )
+        except Exception:
+            # Not recorded, so not terminated: it comes back and we try again.
+            log.exception("could not record dead letter; leaving %s for redelivery", msg.subject)
+            await msg.nak(delay=spec.delay_for(delivered))
+            return
+        log.error("%s #%d is dead: %s", msg.subject, msg.metadata.sequence.stream, reason)
+        await msg.term()
+        EVENTS_HANDLED.labels(msg.subject, spec.durable, "dead").inc()

@@ -1,0 +1,93 @@
+"""Publishing events: always a deterministic `Nats-Msg-Id`, always a `traceparent`, always
+waiting for JetStream's acknowledgement (an event is published only once it is stored)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from nats.js.errors import APIError
+from opentelemetry.trace import SpanKind
+
+from niphas_common import tracing
+from niphas_common.bus.codec import encode, headers_for
+from niphas_common.bus.topology import stream_name
+from niphas_common.errors import TransientError
+from niphas_schemas import Event
+
+log = logging.getLogger(__name__)
+
+
+class PublishError(TransientError):
+    """JetStream did not acknowledge the event (no stream, server down, timeout)."""
+
+
+class Publisher:
+    def __init__(self, js: JetStreamContext, *, timeout_s: float = 5.0) -> None:
+        self._js = js
+        self._timeout_s = timeout_s
+
+    async def publish(self, event: Event) -> PubAck:
+        """Store one event; `PubAck.duplicate` is True when its Msg-Id was already stored."""
+        with tracing.tracer().start_as_current_span(
+            f"publish {event.subject}",
+            kind=SpanKind.PRODUCER,
+            attributes=_span_attributes(event),
+        ):
+            headers = tracing.inject(headers_for(event))
+            try:
+                ack = await self._js.publish(
+                    event.subject,
+                    encode(event),
+                    timeout=self._timeout_s,
+                    stream=stream_name(event.subject),
+                    headers=headers,
+                )
+            except (NoRespondersError, NatsTimeoutError, APIError, asyncio.TimeoutError) as exc:
+                raise PublishError(f"{event.subject} {event.msg_id}: not stored ({exc!r})") from exc
+        if ack.duplicate:
+            log.info("%s %s already stored (duplicate Msg-Id)", event.subject, event.msg_id)
+        return ack
+
+    async def publish_many(self, events: Iterable[Event], *, window: int = 256) -> list[PubAck]:
+        """Pipelined publish: up to `window` events in flight, every ack awaited."""
+        acks: list[PubAck] = []
+        pending: list[asyncio.Future[PubAck]] = []
+        tracer = tracing.tracer()
+        for event in events:
+            with tracer.start_as_current_span(
+                f"publish {event.subject}", kind=SpanKind.PRODUCER, attributes=_span_attributes(event)
+            ):
+                headers = tracing.inject(headers_for(event))
+            pending.append(
+                await self._js.publish_async(
+                    event.subject, encode(event), stream=stream_name(event.subject), headers=headers
+                )
+            )
+            if len(pending) >= window:
+                acks.extend(await self._gather(pending))
+                pending = []
+        acks.extend(await self._gather(pending))
+        return acks
+
+    async def _gather(self, pending: list[asyncio.Future[PubAck]]) -> list[PubAck]:
+        try:
+            return list(
+                await asyncio.wait_for(asyncio.gather(*pending), timeout=self._timeout_s)
+            )
+        except (NoRespondersError, NatsTimeoutError, APIError, asyncio.TimeoutError) as exc:
+            raise PublishError(f"batch of {len(pending)} events not stored ({exc!r})") from exc
+
+
+def _span_attributes(event: Event) -> dict[str, str]:
+    return {
+        "messaging.system": "nats",
+        "messaging.destination.name": event.subject,
+        "messaging.message.id": event.msg_id,
+        "niphas.event_id": event.event_id,
+    }

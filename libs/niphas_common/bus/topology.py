@@ -1,0 +1,120 @@
+"""Streams and durable consumers, declared once and provisioned idempotently.
+
+One stream per subject so each can be sized and inspected on its own; limits retention (not
+work-queue) because several services consume the same subject (build.done: operator and mesh).
+Poison messages go to `DEAD_LETTERS` under `dead.<subject>`, where `niphas events` finds them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from niphas_common.settings import NatsSettings
+from niphas_schemas import SUBJECTS
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_STREAM = "DEAD_LETTERS"
+DEAD_LETTER_PREFIX = "dead."
+
+
+def stream_name(subject: str) -> str:
+    """`push.received` -> `PUSH_RECEIVED`."""
+    return subject.replace(".", "_").upper()
+
+
+def dead_letter_subject(subject: str) -> str:
+    return f"{DEAD_LETTER_PREFIX}{subject}"
+
+
+def stream_configs(settings: NatsSettings) -> list[StreamConfig]:
+    common = {
+        "retention": RetentionPolicy.LIMITS,
+        "storage": StorageType.FILE,
+        "discard": DiscardPolicy.OLD,
+        "num_replicas": settings.replicas,
+        "duplicate_window": settings.duplicate_window_s,
+        "max_age": settings.max_age_days * 86400.0,
+    }
+    configs = [
+        StreamConfig(name=stream_name(subject), subjects=[subject], **common)  # type: ignore[arg-type]
+        for subject in SUBJECTS
+    ]
+    configs.append(
+        StreamConfig(
+            name=DEAD_LETTER_STREAM,
+            subjects=[f"{DEAD_LETTER_PREFIX}>"],
+            description="Events no handler could use, kept for people to inspect",
+            **{**common, "max_age": 30 * 86400.0},  # type: ignore[arg-type]
+        )
+    )
+    return configs
+
+
+async def ensure_streams(js: JetStreamContext, settings: NatsSettings) -> None:
+    """Create each stream, or bring an existing one to the declared config."""
+    for config in stream_configs(settings):
+        assert config.name is not None
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+            log.info("created stream %s (%s)", config.name, ", ".join(config.subjects or []))
+        else:
+            await js.update_stream(config)
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer of one subject, shared by every replica of a service."""
+
+    durable: str
+    subject: str
+    ack_wait_s: float = 30.0
+    max_deliver: int = 8
+    backoff_s: tuple[float, ...] = field(default=(1.0, 2.0, 5.0, 15.0, 30.0, 60.0))
+    max_ack_pending: int = 1024
+
+    @property
+    def stream(self) -> str:
+        return stream_name(self.subject)
+
+    def config(self) -> ConsumerConfig:
+        return ConsumerConfig(
+            durable_name=self.durable,
+            filter_subject=self.subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_s,
+            max_deliver=self.max_deliver,
+            max_ack_pending=self.max_ack_pending,
+        )
+
+    def delay_for(self, delivered: int) -> float:
+        """Backoff before delivery number `delivered + 1`."""
+        if not self.backoff_s:
+            return 0.0
+        return self.backoff_s[min(delivered - 1, len(self.backoff_s) - 1)]
+
+
+async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
+    try:
+        await js.consumer_info(spec.stream, spec.durable)
+    except NotFoundError:
+        await js.add_consumer(spec.stream, spec.config())
+        log.info("created consumer %s on %s", spec.durable, spec.stream)
+    else:
+        await js.add_consumer(spec.stream, spec.config())  # an update when the config changed

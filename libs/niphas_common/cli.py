@@ -1,0 +1,110 @@
+"""The `niphas` command: `up`, one command per installed service, `events`, `schemas`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from niphas_common import cli_events, schema_export
+from niphas_common.logs import configure_logging
+from niphas_common.service import SERVICE_ORDER, ServiceSpec, discover, run_until_signalled
+from niphas_common.settings import CommonSettings, LogSettings
+
+app = typer.Typer(
+    help="Niphas: run Nix closures, not container images, on Kubernetes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(cli_events.app, name="events")
+schemas_app = typer.Typer(help="The event contract files under schemas/.")
+app.add_typer(schemas_app, name="schemas")
+
+
+@app.callback()
+def _setup() -> None:
+    settings = LogSettings()
+    configure_logging(settings.level, settings.format)
+
+
+@app.command()
+def up(
+    service: Annotated[
+        list[str] | None, typer.Option("--service", "-s", help="Run only these services")
+    ] = None,
+    nats_url: Annotated[
+        str | None,
+        typer.Option("--nats-url", envvar="NATS_URL", help="Use this server, not an embedded one"),
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="State directory (default: NIPHAS_STATE_DIR)")
+    ] = None,
+) -> None:
+    """Start NATS and every installed service on this machine, until Ctrl-C."""
+    from niphas_common.up import run_up
+
+    installed = list(discover())
+    chosen = service or installed
+    unknown = sorted(set(chosen) - set(installed))
+    if unknown:
+        raise typer.BadParameter(f"not installed: {', '.join(unknown)}", param_hint="--service")
+    raise typer.Exit(run_up(state_dir or CommonSettings().state_dir, chosen, nats_url))
+
+
+@schemas_app.command("export")
+def schemas_export(
+    directory: Annotated[Path, typer.Argument(help="Where the files live")] = Path("schemas"),
+) -> None:
+    """Regenerate the JSON Schema files and the AsyncAPI document from the models."""
+    for path in schema_export.write_all(directory):
+        typer.echo(f"wrote {path}")
+
+
+@schemas_app.command("check")
+def schemas_check(
+    directory: Annotated[Path, typer.Argument(help="Where the files live")] = Path("schemas"),
+) -> None:
+    """Fail when the files differ from what the models generate."""
+    stale = schema_export.drift(directory)
+    if stale:
+        typer.echo(f"out of date: {', '.join(stale)}; run `niphas schemas export`", err=True)
+        raise typer.Exit(1)
+    typer.echo("schemas up to date")
+
+
+def _service_command(spec: ServiceSpec) -> typer.models.CommandFunctionType:
+    def run() -> None:
+        asyncio.run(run_until_signalled(spec.main))
+
+    run.__doc__ = spec.summary
+    return run
+
+
+def _missing_command(name: str) -> typer.models.CommandFunctionType:
+    def missing() -> None:
+        typer.echo(f"the {name} service is not installed in this build", err=True)
+        raise typer.Exit(2)
+
+    missing.__doc__ = f"({name}: not installed)"
+    return missing
+
+
+def build_app() -> typer.Typer:
+    services = discover()
+    for name, spec in services.items():
+        app.command(name, help=spec.summary)(spec.command or _service_command(spec))
+    for name in SERVICE_ORDER:
+        if name not in services:
+            app.command(name, hidden=True)(_missing_command(name))
+    return app
+
+
+def main() -> None:
+    build_app()(prog_name="niphas")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

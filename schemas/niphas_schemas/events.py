@@ -1,0 +1,249 @@
+"""The five event bodies, one class per subject.
+
+Every event is frozen, forbids unknown fields and carries `schema_version`, `event_id` and
+`occurred_at`. `idempotency_key` is deterministic in the event's meaning (not its id or time,
+unless the event is a state announcement): it becomes the `Nats-Msg-Id`, so publishing the same
+fact twice inside the stream's duplicate window stores it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar, Literal, Self
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+
+from niphas_schemas.types import (
+    AttrName,
+    CommitSha,
+    DrvPath,
+    GitRef,
+    NarHash,
+    NarSize,
+    NixSystem,
+    NodeId,
+    StorePath,
+)
+
+SCHEMA_VERSION = 1
+
+Forge = Literal["github", "gitea", "forgejo", "gitlab", "niphas"]
+"""Where a push came from; `niphas` is the operator asking for a first evaluation."""
+
+RepoUrl = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=2048,
+        pattern=r"^(https?|ssh|git|file)://\S+$|^git@\S+:\S+$",
+        description="The repository's clone URL (https, ssh, git, file or scp-like git@host:path)",
+    ),
+]
+
+ShortText = Annotated[str, Field(max_length=65536)]
+"""Free text such as an error or a log tail; bounded so one event stays small."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _digest(*parts: str) -> str:
+    """A short stable digest for keys built from unbounded parts (paths, URLs)."""
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
+
+
+class Event(BaseModel):
+    """Fields every event carries."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_timedelta="float")
+
+    subject: ClassVar[str]
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str = Field(
+        default_factory=_new_id,
+        pattern=r"^[A-Za-z0-9._:\-]{1,128}$",
+        description="Unique id of this event, carried in logs and traces",
+    )
+    occurred_at: AwareDatetime = Field(
+        default_factory=_utcnow, description="When the fact happened (timezone-aware)"
+    )
+
+    @property
+    def idempotency_key(self) -> str:
+        """The deterministic part of `Nats-Msg-Id`; subclasses say what makes two events equal."""
+        raise NotImplementedError
+
+    @property
+    def msg_id(self) -> str:
+        return f"{self.subject}:{self.idempotency_key}"
+
+
+class PushReceived(Event):
+    """A commit of a flake repository must be evaluated."""
+
+    subject: ClassVar[str] = "push.received"
+    forge: Forge
+    repository: RepoUrl
+    ref: GitRef | None = Field(default=None, description="The pushed ref; None: default branch")
+    before: CommitSha | None = Field(default=None, description="Previous head of the ref")
+    commit: CommitSha | None = Field(
+        default=None, description="Commit to evaluate (the push's `after`); None: the ref's head"
+    )
+    pusher: str | None = Field(default=None, max_length=255)
+    delivery_id: str = Field(
+        min_length=1,
+        max_length=255,
+        description="The forge's delivery id (or the operator's request id): the idempotency key",
+    )
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.forge}:{self.delivery_id}"
+
+
+class EvaluatedAttribute(BaseModel):
+    """One attribute of the flake's `packages.<system>` (or `niphas`) output."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    attribute: AttrName
+    attr_path: str = Field(
+        max_length=1024, description="Full attribute path, e.g. packages.x86_64-linux.default"
+    )
+    name: str | None = Field(default=None, max_length=255, description="The derivation's name")
+    system: NixSystem
+    drv_path: DrvPath | None = None
+    outputs: dict[str, StorePath] = Field(default_factory=dict)
+    main_program: str | None = Field(default=None, max_length=255)
+    error: ShortText | None = Field(default=None, description="Why this attribute failed")
+
+    @model_validator(mode="after")
+    def _evaluated_or_failed(self) -> Self:
+        if self.error is None and (self.drv_path is None or not self.outputs):
+            raise ValueError("an attribute without error needs drv_path and outputs")
+        return self
+
+
+class EvalDone(Event):
+    """The flake at that commit evaluated (or failed)."""
+
+    subject: ClassVar[str] = "eval.done"
+    push_event_id: str = Field(max_length=128)
+    repository: RepoUrl
+    ref: GitRef | None = None
+    commit: CommitSha
+    locked_flake_ref: str | None = Field(default=None, max_length=4096)
+    status: Literal["succeeded", "failed"]
+    attributes: tuple[EvaluatedAttribute, ...] = ()
+    error: ShortText | None = Field(default=None, description="Why the evaluation failed")
+
+    @model_validator(mode="after")
+    def _failure_has_reason(self) -> Self:
+        if self.status == "failed" and not self.error:
+            raise ValueError("a failed evaluation needs an error")
+        return self
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{_digest(self.repository)}:{self.commit}:{self.status}"
+
+
+class BuiltOutput(BaseModel):
+    """One realised output of a derivation, as the binary cache holds it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$", description="Output name, e.g. out")
+    path: StorePath
+    nar_hash: NarHash
+    nar_size: NarSize
+    references: tuple[StorePath, ...] = ()
+
+
+class BuildDone(Event):
+    """A derivation was realised (or failed, or was already cached)."""
+
+    subject: ClassVar[str] = "build.done"
+    eval_event_id: str = Field(max_length=128)
+    repository: RepoUrl
+    commit: CommitSha
+    attribute: AttrName
+    drv_path: DrvPath
+    status: Literal["built", "cached", "failed"]
+    outputs: tuple[BuiltOutput, ...] = ()
+    closure: tuple[StorePath, ...] = Field(
+        default=(), description="Every store path in the closure of the outputs"
+    )
+    cache_url: str | None = Field(default=None, max_length=2048)
+    built_on: str | None = Field(default=None, max_length=255, description="Builder or Job name")
+    duration_s: float = Field(default=0.0, ge=0)
+    log_tail: ShortText | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.status == "failed":
+            if not self.log_tail:
+                raise ValueError("a failed build needs a log_tail")
+        elif not self.outputs:
+            raise ValueError(f"a {self.status} build needs outputs")
+        return self
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{_digest(self.drv_path, self.repository, self.commit, self.attribute)}:{self.status}"
+
+
+class PathWanted(Event):
+    """Node `node` wants the closure of `store_paths` present by `deadline`."""
+
+    subject: ClassVar[str] = "path.wanted"
+    node: NodeId
+    store_paths: tuple[StorePath, ...] = Field(min_length=1, max_length=1024)
+    deadline: AwareDatetime
+    requester: str = Field(
+        max_length=512, description="Who asks, e.g. csi:<volume id> or operator:<ns>/<name>"
+    )
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.node}:{_digest(self.requester, *sorted(self.store_paths))}"
+
+
+class PathAvailable(Event):
+    """Holder H has (or is fetching, or withdrew) store path P."""
+
+    subject: ClassVar[str] = "path.available"
+    holder_kind: Literal["node", "cache"]
+    holder: str = Field(max_length=255, description="Node name, or the cache's name")
+    holder_url: str = Field(
+        max_length=2048, pattern=r"^(https?|file)://\S+$", description="Binary cache URL to fetch from"
+    )
+    state: Literal["available", "fetching", "withdrawn"] = "available"
+    store_path: StorePath
+    nar_hash: NarHash | None = None
+    nar_size: NarSize | None = None
+    references: tuple[StorePath, ...] = ()
+
+    @model_validator(mode="after")
+    def _available_has_nar(self) -> Self:
+        if self.state == "available" and (self.nar_hash is None or self.nar_size is None):
+            raise ValueError("an available path needs nar_hash and nar_size")
+        return self
+
+    @property
+    def idempotency_key(self) -> str:
+        # A state announcement: the same holder may gain, lose and regain a path, so the time
+        # of the announcement is part of what makes it the same event.
+        stamp = self.occurred_at.isoformat()
+        return f"{_digest(self.holder_url, self.store_path, stamp)}:{self.state}"
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (PushReceived, EvalDone, BuildDone, PathWanted, PathAvailable)
+SUBJECTS: dict[str, type[Event]] = {cls.subject: cls for cls in EVENT_TYPES}
