@@ -1,0 +1,262 @@
+"""The one place that runs the nix CLI.
+
+Every call logs `$ <command>` at INFO (so a log shows exactly what to re-run by hand), has a
+timeout after which the whole process group is killed, and fails with a CommandError carrying
+the command, exit status and stderr. Output parsers cope with both Nix 2.8 and newer Nix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from niphas_schemas.types import STORE_DIR
+
+from .errors import CommandError, CommandTimeout, HashError, NixError, StorePathError
+from .hashes import Hash
+from .store_path import StorePath
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 600.0
+"""Seconds a nix command may run by default; builds pass their own, longer, timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    cmd: list[str]
+    returncode: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode()
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.stdout)
+        except ValueError as exc:
+            raise CommandError(
+                self.cmd, self.returncode, self.stderr, "output is not JSON"
+            ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class PathInfo:
+    """What `nix path-info --json` says about one valid store path."""
+
+    path: StorePath
+    nar_hash: Hash
+    nar_size: int
+    references: tuple[StorePath, ...] = ()
+    deriver: StorePath | None = None
+    signatures: tuple[str, ...] = ()
+    ca: str | None = None
+
+
+def parse_path_info(data: Any, store_dir: str = STORE_DIR) -> dict[str, PathInfo]:
+    """Parse `nix path-info --json` output: a list in Nix 2.8 (entries have `path`, invalid
+    ones `valid: false`), an object keyed by path in newer Nix (invalid ones null). Hashes may
+    be nix32 (`sha256:...`, 2.8) or SRI (newer). Invalid paths are left out of the result."""
+    if isinstance(data, list):
+        items = [(entry.get("path"), entry) for entry in data if isinstance(entry, dict)]
+    elif isinstance(data, dict):
+        items = list(data.items())
+    else:
+        raise NixError(f"unexpected path-info JSON of type {type(data).__name__}")
+    result: dict[str, PathInfo] = {}
+    try:
+        for path, entry in items:
+            if not isinstance(path, str):
+                raise NixError("path-info entry without a path")
+            if entry is None or entry.get("valid") is False or "narHash" not in entry:
+                continue
+            deriver = entry.get("deriver")
+            result[path] = PathInfo(
+                path=StorePath.parse(path, store_dir),
+                nar_hash=Hash.parse(entry["narHash"]),
+                nar_size=int(entry["narSize"]),
+                references=tuple(
+                    StorePath.parse(r, store_dir) for r in entry.get("references") or ()
+                ),
+                deriver=StorePath.parse(deriver, store_dir) if deriver else None,
+                signatures=tuple(entry.get("signatures") or ()),
+                ca=entry.get("ca") or None,
+            )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, HashError | StorePathError):
+            raise
+        raise NixError(f"unexpected path-info JSON: {exc!r}") from exc
+    return result
+
+
+@dataclass
+class NixRunner:
+    """Runs nix commands against one store.
+
+    `store` is passed as `--store` (e.g. a chroot store dir for a simulated node); `options`
+    become `--option NAME VALUE` pairs on every command.
+    """
+
+    store: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    options: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] | None = None
+
+    def command(self, program: str, *args: str) -> list[str]:
+        """The full argv for `program args...` with this runner's store and options."""
+        cmd = [program]
+        if self.store is not None:
+            cmd += ["--store", self.store]
+        for name, value in self.options.items():
+            cmd += ["--option", name, value]
+        return [*cmd, *args]
+
+    def _env(self) -> dict[str, str] | None:
+        return None if self.env is None else {**os.environ, **self.env}
+
+    def run(
+        self,
+        program: str,
+        *args: str,
+        input: bytes | None = None,
+        stdout: IO[bytes] | int | None = None,
+        timeout: float | None = None,
+        check: bool = True,
+    ) -> CommandResult:
+        """Run synchronously. `stdout` may redirect output (e.g. a NAR dump) to a file."""
+        cmd = self.command(program, *args)
+        limit = timeout or self.timeout
+        log.info("$ %s", shlex.join(cmd))
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if stdout is None else stdout,
+                stderr=subprocess.PIPE,
+                env=self._env(),
+                start_new_session=True,  # so a timeout can kill nix and its children together
+            )
+        except OSError as exc:
+            raise CommandError(cmd, None, "", f"cannot start: {exc}") from exc
+        try:
+            out, err = proc.communicate(input, timeout=limit)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            out, err = proc.communicate()
+            raise CommandTimeout(
+                cmd, None, err.decode(errors="replace"), f"timed out after {limit} s"
+            ) from None
+        except BaseException:
+            _kill_group(proc.pid)
+            proc.wait()
+            raise
+        return _result(cmd, proc.returncode, out or b"", err, check)
+
+    async def arun(
+        self,
+        program: str,
+        *args: str,
+        input: bytes | None = None,
+        # Not asyncio.timeout(): expiry must kill the process group and say which command.
+        timeout: float | None = None,  # noqa: ASYNC109
+        check: bool = True,
+    ) -> CommandResult:
+        """Run without blocking the event loop; cancellation kills the command."""
+        cmd = self.command(program, *args)
+        limit = timeout or self.timeout
+        log.info("$ %s", shlex.join(cmd))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._env(),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise CommandError(cmd, None, "", f"cannot start: {exc}") from exc
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(input), limit)
+        except TimeoutError:
+            _kill_group(proc.pid)
+            await proc.wait()
+            raise CommandTimeout(cmd, None, "", f"timed out after {limit} s") from None
+        except BaseException:
+            _kill_group(proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                await asyncio.shield(proc.wait())
+            raise
+        assert proc.returncode is not None
+        return _result(cmd, proc.returncode, out, err, check)
+
+    # -- typed helpers ----------------------------------------------------------------------
+
+    def path_info(
+        self, paths: Iterable[str | StorePath], recursive: bool = False
+    ) -> dict[str, PathInfo]:
+        """Path info of valid `paths` (and their closure with `recursive`)."""
+        return parse_path_info(self.run("nix", *_path_info_args(paths, recursive)).json())
+
+    async def apath_info(
+        self, paths: Iterable[str | StorePath], recursive: bool = False
+    ) -> dict[str, PathInfo]:
+        result = await self.arun("nix", *_path_info_args(paths, recursive))
+        return parse_path_info(result.json())
+
+    def add_to_store(self, path: str | os.PathLike[str]) -> StorePath:
+        """`nix-store --add`: copy a file or directory into the store."""
+        out = self.run("nix-store", "--add", os.fspath(path)).text.strip()
+        return StorePath.parse(out)
+
+    def add_root(self, path: str | StorePath, root: str | os.PathLike[str]) -> None:
+        """Register `root` (a symlink to `path`) as an indirect GC root."""
+        self.run("nix-store", "--add-root", os.fspath(root), "--realise", str(path))
+
+    def delete(self, paths: Sequence[str | StorePath], check: bool = True) -> CommandResult:
+        """`nix-store --delete` (refuses paths that are still alive)."""
+        return self.run("nix-store", "--delete", *map(str, paths), check=check)
+
+    async def abuild(
+        self,
+        installables: Sequence[str],
+        timeout: float | None = None,  # noqa: ASYNC109 (see arun)
+    ) -> Any:
+        """`nix build --json --no-link`: the parsed JSON (a list of {drvPath, outputs})."""
+        result = await self.arun(
+            "nix", "build", "--json", "--no-link", *installables, timeout=timeout
+        )
+        return result.json()
+
+    def build(self, installables: Sequence[str], timeout: float | None = None) -> Any:
+        return self.run(
+            "nix", "build", "--json", "--no-link", *installables, timeout=timeout
+        ).json()
+
+
+def _path_info_args(paths: Iterable[str | StorePath], recursive: bool) -> list[str]:
+    args = ["path-info", "--json", *(["--recursive"] if recursive else [])]
+    return [*args, *map(str, paths)]
+
+
+def _result(cmd: list[str], returncode: int, out: bytes, err: bytes, check: bool) -> CommandResult:
+    stderr = err.decode(errors="replace")
+    if check and returncode != 0:
+        raise CommandError(cmd, returncode, stderr)
+    return CommandResult(cmd, returncode, out, stderr)
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
