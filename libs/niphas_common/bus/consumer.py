@@ -76,7 +76,7 @@ class EventConsumer(Generic[E]):
         self._sub = subscription
         self._fetch_timeout_s = fetch_timeout_s
         self._drain_grace_s = drain_grace_s
-        self._in_flight: dict[Msg, float] = {}
+        self._in_flight: dict[int, tuple[Msg, float]] = {}  # by id(): Msg is unhashable
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -99,7 +99,7 @@ class EventConsumer(Generic[E]):
                 except (NatsTimeoutError, asyncio.TimeoutError):
                     continue
                 for msg in msgs:
-                    task = asyncio.create_task(self._handle(msg))
+                    task = asyncio.create_task(self._handle_logged(msg))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         finally:
@@ -115,12 +115,19 @@ class EventConsumer(Generic[E]):
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
-            for msg, started in list(self._in_flight.items()):
+            for msg, started in list(self._in_flight.values()):
                 if now - started >= period:
                     try:
                         await msg.in_progress()
                     except Exception:  # the connection may be reconnecting; JetStream redelivers
                         log.debug("in-progress ack failed", exc_info=True)
+
+    async def _handle_logged(self, msg: Msg) -> None:
+        try:
+            await self._handle(msg)
+        except Exception:
+            # Acking or nak'ing failed (connection lost): JetStream redelivers after ack_wait.
+            log.exception("%s: could not settle message", self._sub.spec.durable)
 
     async def _handle(self, msg: Msg) -> None:
         spec = self._sub.spec
@@ -130,7 +137,7 @@ class EventConsumer(Generic[E]):
         delivery = Delivery(msg.subject, meta.sequence.stream, delivered, headers)
         token = current_event_id.set(headers.get(HEADER_EVENT_ID))
         started = time.monotonic()
-        self._in_flight[msg] = started
+        self._in_flight[id(msg)] = (msg, started)
         span_name = f"process {msg.subject}"
         with tracing.tracer().start_as_current_span(
             span_name,
@@ -156,7 +163,7 @@ class EventConsumer(Generic[E]):
                 await msg.ack()
                 EVENTS_HANDLED.labels(msg.subject, spec.durable, "acked").inc()
             finally:
-                self._in_flight.pop(msg, None)
+                self._in_flight.pop(id(msg), None)
                 HANDLER_SECONDS.labels(msg.subject, spec.durable).observe(
                     time.monotonic() - started
                 )
