@@ -1,0 +1,154 @@
+"""Real-Nix fixtures shared by every service's tests (loaded from tests/conftest.py).
+
+- `nix_runner`: a NixRunner for the machine's store (skips the test when nix is missing).
+- `nix_tools`: a store path holding `bin/busybox`, added once per session with a GC root, so
+  offline derivations have a builder (there is no nixpkgs here).
+- `make_flake`: writes a tiny offline flake into the test's tmp dir. Its `app` output is a
+  script that references the `lib` output and the tools path: a multi-path closure.
+- `cache_key`: a fresh Nix-format signing key pair (files on disk for `nix --secret-key`).
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from niphas_common.nix.runner import NixRunner
+from niphas_common.nix.signing import PublicKey, SecretKey, TrustedKeys
+from niphas_common.nix.store_path import StorePath
+
+BUSYBOX = Path("/bin/busybox")
+
+
+def nix_system() -> str:
+    """The Nix system double of this machine (flakes cannot read builtins.currentSystem)."""
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower())
+    return f"{machine or platform.machine().lower()}-linux"
+
+
+@dataclass(frozen=True)
+class NixTools:
+    path: StorePath
+    """The store path holding bin/busybox."""
+
+    @property
+    def busybox(self) -> str:
+        return f"{self.path}/bin/busybox"
+
+
+@dataclass(frozen=True)
+class Flake:
+    dir: Path
+    name: str
+
+    @property
+    def ref(self) -> str:
+        return f"path:{self.dir}"
+
+    def installable(self, attr: str = "default") -> str:
+        return f"{self.ref}#{attr}"
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    secret: SecretKey
+    secret_file: Path
+    public_file: Path
+
+    @property
+    def public(self) -> PublicKey:
+        return self.secret.public_key
+
+    @property
+    def trusted(self) -> TrustedKeys:
+        return TrustedKeys([self.public])
+
+
+@pytest.fixture(scope="session")
+def nix_runner() -> NixRunner:
+    if shutil.which("nix") is None or shutil.which("nix-store") is None:
+        pytest.skip("nix is not installed (run scripts/setup-nix.sh)")
+    return NixRunner()
+
+
+@pytest.fixture(scope="session")
+def nix_tools(nix_runner: NixRunner, tmp_path_factory: pytest.TempPathFactory) -> NixTools:
+    if not BUSYBOX.exists():
+        pytest.skip(f"{BUSYBOX} is missing (install busybox-static)")
+    base = tmp_path_factory.mktemp("nix-tools")
+    src = base / "niphas-test-tools"
+    (src / "bin").mkdir(parents=True)
+    shutil.copy2(BUSYBOX, src / "bin" / "busybox")
+    path = nix_runner.add_to_store(src)
+    # An indirect root: alive while the session's tmp dir exists, collectable afterwards.
+    nix_runner.add_root(path, base / "gcroot")
+    return NixTools(path)
+
+
+_FLAKE = """\
+{
+  inputs.tools = { url = "path:@TOOLS@"; flake = false; };
+  outputs = { self, tools }:
+    let
+      system = "@SYSTEM@";
+      bb = "${tools}/bin/busybox";
+      lib = derivation {
+        inherit system;
+        name = "@NAME@-lib";
+        builder = bb;
+        args = [ "sh" "-c" "${bb} mkdir -p $out/share && echo '@GREETING@' > $out/share/greeting" ];
+      };
+      app = derivation {
+        inherit system;
+        name = "@NAME@";
+        builder = bb;
+        args = [ "sh" "-c" ''
+          ${bb} mkdir -p $out/bin
+          printf '#!${bb} sh\\nexec ${bb} cat ${lib}/share/greeting\\n' > $out/bin/@NAME@
+          ${bb} chmod +x $out/bin/@NAME@
+        '' ];
+      } // { meta.mainProgram = "@NAME@"; };
+    in {
+      packages.${system} = { default = app; inherit app lib; };
+    };
+}
+"""
+
+
+@pytest.fixture
+def make_flake(tmp_path: Path, nix_tools: NixTools) -> Callable[..., Flake]:
+    """Factory: `make_flake(name="demo", greeting="hello")` -> Flake in a fresh directory.
+    Different greetings give different store paths (tests that delete paths want that)."""
+    count = 0
+
+    def make(name: str = "demo", greeting: str = "hello from niphas") -> Flake:
+        nonlocal count
+        count += 1
+        directory = tmp_path / f"flake-{count}"
+        directory.mkdir()
+        text = (
+            _FLAKE.replace("@TOOLS@", str(nix_tools.path))
+            .replace("@SYSTEM@", nix_system())
+            .replace("@NAME@", name)
+            .replace("@GREETING@", greeting)
+        )
+        (directory / "flake.nix").write_text(textwrap.dedent(text))
+        return Flake(directory, name)
+
+    return make
+
+
+@pytest.fixture
+def cache_key(tmp_path: Path) -> Iterator[CacheKey]:
+    key = SecretKey.generate("niphas-test-1")
+    secret_file = tmp_path / "cache.sk"
+    public_file = tmp_path / "cache.pk"
+    secret_file.write_text(str(key))
+    public_file.write_text(str(key.public_key))
+    yield CacheKey(key, secret_file, public_file)
