@@ -13,12 +13,11 @@ from __future__ import annotations
 import platform
 import shutil
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.signing import PublicKey, SecretKey, TrustedKeys
 from niphas_common.nix.store_path import StorePath
@@ -145,10 +144,10 @@ def make_flake(tmp_path: Path, nix_tools: NixTools) -> Callable[..., Flake]:
 
 
 @pytest.fixture
-def cache_key(tmp_path: Path) -> Iterator[CacheKey]:
+def cache_key(tmp_path: Path) -> CacheKey:
     key = SecretKey.generate("niphas-test-1")
     secret_file = tmp_path / "cache.sk"
     public_file = tmp_path / "cache.pk"
     secret_file.write_text(str(key))
     public_file.write_text(str(key.public_key))
-    yield CacheKey(key, secret_file, public_file)
+    return CacheKey(key, secret_file, public_file)
