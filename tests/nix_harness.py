@@ -6,6 +6,8 @@
 - `make_flake`: writes a tiny offline flake into the test's tmp dir. Its `app` output is a
   script that references the `lib` output and the tools path: a multi-path closure.
 - `cache_key`: a fresh Nix-format signing key pair (files on disk for `nix --secret-key`).
+- `built_closure`: that flake's `app`, built, with the path info of its closure.
+- `make_file_cache`: `nix copy --to file://...` of some paths, signed, with a compression.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from niphas_common.nix.runner import NixRunner
+
+from niphas_common.nix.runner import NixRunner, PathInfo
 from niphas_common.nix.signing import PublicKey, SecretKey, TrustedKeys
 from niphas_common.nix.store_path import StorePath
 
@@ -151,3 +154,50 @@ def cache_key(tmp_path: Path) -> CacheKey:
     secret_file.write_text(str(key))
     public_file.write_text(str(key.public_key))
     return CacheKey(key, secret_file, public_file)
+
+
+@dataclass(frozen=True)
+class BuiltClosure:
+    """The `app` output of a `make_flake` flake, built, and its whole closure's path info."""
+
+    app: StorePath
+    infos: dict[str, PathInfo]
+
+    @property
+    def paths(self) -> list[StorePath]:
+        return [info.path for info in self.infos.values()]
+
+
+@pytest.fixture
+def built_closure(make_flake: Callable[..., Flake], nix_runner: NixRunner) -> BuiltClosure:
+    """A freshly built multi-path closure: app -> lib, app -> tools (busybox)."""
+    flake = make_flake()
+    out = nix_runner.build([flake.installable("app")])
+    app = StorePath.parse(out[0]["outputs"]["out"])
+    return BuiltClosure(app, nix_runner.path_info([app], recursive=True))
+
+
+@dataclass(frozen=True)
+class FileCache:
+    dir: Path
+    compression: str
+
+    @property
+    def url(self) -> str:
+        return f"file://{self.dir}"
+
+
+@pytest.fixture
+def make_file_cache(
+    tmp_path: Path, nix_runner: NixRunner, cache_key: CacheKey
+) -> Callable[..., FileCache]:
+    """Factory: `make_file_cache(paths, compression="zstd")` runs the real `nix copy --to
+    file://...` signed with `cache_key` and returns the cache directory."""
+
+    def make(paths: list[StorePath], compression: str = "zstd") -> FileCache:
+        directory = tmp_path / f"cache-{compression}"
+        url = f"file://{directory}?compression={compression}&secret-key={cache_key.secret_file}"
+        nix_runner.copy(paths, to=url)
+        return FileCache(directory, compression)
+
+    return make

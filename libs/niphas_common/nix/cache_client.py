@@ -22,6 +22,7 @@ from typing import Final
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
+
 from niphas_schemas.types import STORE_DIR
 
 from .compression import decompressor

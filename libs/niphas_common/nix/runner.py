@@ -228,6 +228,13 @@ class NixRunner:
         """`nix-store --delete` (refuses paths that are still alive)."""
         return self.run("nix-store", "--delete", *map(str, paths), check=check)
 
+    def copy(self, paths: Iterable[str | StorePath], to: str = "", src: str = "") -> None:
+        """`nix copy` to (`--to URL`) or from (`--from URL`) another store or binary cache."""
+        self.run("nix", "copy", *_copy_args(paths, to, src))
+
+    async def acopy(self, paths: Iterable[str | StorePath], to: str = "", src: str = "") -> None:
+        await self.arun("nix", "copy", *_copy_args(paths, to, src))
+
     async def abuild(
         self,
         installables: Sequence[str],
@@ -247,6 +254,11 @@ class NixRunner:
 
 def _path_info_args(paths: Iterable[str | StorePath], recursive: bool) -> list[str]:
     args = ["path-info", "--json", *(["--recursive"] if recursive else [])]
+    return [*args, *map(str, paths)]
+
+
+def _copy_args(paths: Iterable[str | StorePath], to: str, src: str) -> list[str]:
+    args = [*(["--to", to] if to else []), *(["--from", src] if src else [])]
     return [*args, *map(str, paths)]
 
 

@@ -9,6 +9,7 @@ import hashlib
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from niphas_common.nix import nix32
 from niphas_common.nix.errors import HashError
 from niphas_common.nix.hashes import Hash, HashSink

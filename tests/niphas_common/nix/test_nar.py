@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from niphas_common.nix.hashes import Hash
 from niphas_common.nix.nar import INLINE_FILE_LIMIT, iter_nar, nar_bytes, nar_hash, write_nar
 from niphas_common.nix.nar_parser import parse, restore

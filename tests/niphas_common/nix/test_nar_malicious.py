@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from niphas_common.nix.errors import NarError
 from niphas_common.nix.nar_parser import NarLimits, NarRestorer, parse, restore
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from niphas_common.nix.errors import StorePathError
 from niphas_common.nix.store_path import StoreDir, StorePath, validate_name
 
