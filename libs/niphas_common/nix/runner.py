@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 600.0
 """Seconds a nix command may run by default; builds pass their own, longer, timeout."""
+KILL_GRACE = 5.0
+"""Seconds between SIGTERM and SIGKILL. Nix must get the chance to stop its builders: they
+run in their own session (and PID namespace), out of reach of a signal to nix's group."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,14 +155,12 @@ class NixRunner:
         try:
             out, err = proc.communicate(input, timeout=limit)
         except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            out, err = proc.communicate()
+            err = _stop_sync(proc)
             raise CommandTimeout(
                 cmd, None, err.decode(errors="replace"), f"timed out after {limit} s"
             ) from None
         except BaseException:
-            _kill_group(proc.pid)
-            proc.wait()
+            _stop_sync(proc)
             raise
         return _result(cmd, proc.returncode, out or b"", err, check)
 
@@ -190,13 +191,11 @@ class NixRunner:
         try:
             out, err = await asyncio.wait_for(proc.communicate(input), limit)
         except TimeoutError:
-            _kill_group(proc.pid)
-            await proc.wait()
+            await _stop_async(proc)
             raise CommandTimeout(cmd, None, "", f"timed out after {limit} s") from None
         except BaseException:
-            _kill_group(proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                await asyncio.shield(proc.wait())
+            # Cancelled: still stop nix (shielded, so the cleanup itself is not cancelled).
+            await asyncio.shield(_stop_async(proc))
             raise
         assert proc.returncode is not None
         return _result(cmd, proc.returncode, out, err, check)
@@ -269,6 +268,26 @@ def _result(cmd: list[str], returncode: int, out: bytes, err: bytes, check: bool
     return CommandResult(cmd, returncode, out, stderr)
 
 
-def _kill_group(pid: int) -> None:
+def _signal_group(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pid, sig)
+
+
+def _stop_sync(proc: subprocess.Popen[bytes]) -> bytes:
+    """SIGTERM, a grace period for nix to stop its builders, then SIGKILL; return stderr."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+    return err or b""
+
+
+async def _stop_async(proc: asyncio.subprocess.Process) -> None:
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), KILL_GRACE)
+    except TimeoutError:
+        _signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
