@@ -27,7 +27,7 @@ from niphas_schemas.types import STORE_DIR
 
 from .compression import decompressor
 from .errors import CacheError, NarError, NarinfoError, NixError, SignatureError, VerificationError
-from .hashes import HashSink
+from .hashes import HashSink, NarVerifier
 from .nar_parser import NarLimits, NarRestorer
 from .narinfo import NarInfo
 from .signing import TrustedKeys
@@ -220,7 +220,7 @@ class BinaryCacheClient:
     async def iter_nar(self, info: NarInfo) -> AsyncIterator[bytes]:
         """The decompressed NAR, verified against NarHash/NarSize (and FileHash/FileSize)."""
         where = info.store_path
-        nar = HashSink(info.nar_hash.algo)
+        nar = NarVerifier(info.nar_hash, info.nar_size, str(where))
         packed = HashSink(info.file_hash.algo) if info.file_hash else HashSink()
         unpack = decompressor(info.compression)
         try:
@@ -230,25 +230,20 @@ class BinaryCacheClient:
                     raise VerificationError(f"larger than its FileSize {info.file_size}")
                 for piece in unpack.decompress(chunk):
                     nar.update(piece)
-                    if nar.size > info.nar_size:
-                        raise VerificationError(f"NAR larger than its NarSize {info.nar_size}")
                     yield piece
             unpack.finish()
         except VerificationError as exc:
-            raise VerificationError(f"{where}: {exc}") from exc
+            msg = str(exc)
+            raise VerificationError(
+                msg if msg.startswith(f"{where}:") else f"{where}: {msg}"
+            ) from exc
         except CacheError as exc:
             raise CacheError(f"{where}: {exc}") from exc
         if info.file_hash is not None and packed.hash() != info.file_hash:
             raise VerificationError(f"{where}: FileHash mismatch (got {packed.hash().nix32})")
         if info.file_size is not None and packed.size != info.file_size:
             raise VerificationError(f"{where}: FileSize {packed.size} != {info.file_size}")
-        if nar.size != info.nar_size:
-            raise VerificationError(f"{where}: NarSize {nar.size} != {info.nar_size}")
-        if nar.hash() != info.nar_hash:
-            raise VerificationError(
-                f"{where}: NarHash mismatch: narinfo says {info.nar_hash.nix32}, "
-                f"NAR has {nar.hash().nix32}"
-            )
+        nar.finish()
 
     async def download_nar(self, info: NarInfo, dest: str | os.PathLike[str]) -> None:
         """Write the verified, uncompressed NAR to `dest` (atomically, via a temp file)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from . import nix32
-from .errors import HashError
+from .errors import HashError, VerificationError
 
 DIGEST_SIZES: Final = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
 
@@ -129,3 +129,40 @@ class HashSink:
 
     def hash(self) -> Hash:
         return Hash(self.algo, self._hasher.digest())
+
+
+class NarVerifier:
+    """Checks a NAR stream against a narinfo's NarHash and NarSize while it passes through:
+    fails as soon as it runs long, and in `finish()` when it is short or hashes differently.
+    `what` (usually the store path) starts every error message."""
+
+    __slots__ = ("_sink", "expected_hash", "expected_size", "what")
+
+    def __init__(self, expected_hash: Hash, expected_size: int, what: str) -> None:
+        self.expected_hash = expected_hash
+        self.expected_size = expected_size
+        self.what = what
+        self._sink = HashSink(expected_hash.algo)
+
+    @property
+    def size(self) -> int:
+        return self._sink.size
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._sink.update(data)
+        if self._sink.size > self.expected_size:
+            raise VerificationError(
+                f"{self.what}: NAR larger than its NarSize {self.expected_size}"
+            )
+
+    def finish(self) -> None:
+        if self._sink.size != self.expected_size:
+            raise VerificationError(
+                f"{self.what}: NarSize {self._sink.size} != {self.expected_size}"
+            )
+        got = self._sink.hash()
+        if got != self.expected_hash:
+            raise VerificationError(
+                f"{self.what}: NarHash mismatch: narinfo says {self.expected_hash.nix32}, "
+                f"NAR has {got.nix32}"
+            )

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from niphas_common.nix import nix32
-from niphas_common.nix.errors import HashError
-from niphas_common.nix.hashes import Hash, HashSink
+from niphas_common.nix.errors import HashError, VerificationError
+from niphas_common.nix.hashes import Hash, HashSink, NarVerifier
 from niphas_common.nix.runner import NixRunner
 
 # sha256("") as Nix prints it (a fact anyone can reproduce with `nix hash file /dev/null`).
@@ -95,3 +95,22 @@ def test_conversions_agree_with_nix(nix_runner: NixRunner) -> None:
     assert b32 == [h.nix32.split(":", 1)[1] for h in hashes]
     b16 = nix_runner.run("nix", "hash", "to-base16", *(h.nix32 for h in hashes)).text.split()
     assert b16 == [h.hex for h in hashes]
+
+
+def test_nar_verifier() -> None:
+    data = b"x" * 100
+    ok = NarVerifier(Hash.of(data), 100, "/nix/store/p")
+    ok.update(data[:60])
+    ok.update(data[60:])
+    ok.finish()
+    longer = NarVerifier(Hash.of(data), 99, "/nix/store/p")
+    with pytest.raises(VerificationError, match="/nix/store/p: NAR larger"):
+        longer.update(data)
+    shorter = NarVerifier(Hash.of(data), 100, "/nix/store/p")
+    shorter.update(data[:99])
+    with pytest.raises(VerificationError, match="NarSize 99 != 100"):
+        shorter.finish()
+    other = NarVerifier(Hash.of(data), 100, "/nix/store/p")
+    other.update(b"y" * 100)
+    with pytest.raises(VerificationError, match="NarHash mismatch"):
+        other.finish()
