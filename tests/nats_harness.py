@@ -7,6 +7,7 @@ free loopback port, else a testcontainers NATS image when a Docker daemon answer
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from niphas_common.bus.bus import Bus
-from niphas_common.bus.topology import stream_configs
+from niphas_common.bus.topology import ensure_streams, stream_configs
 from niphas_common.nats_server import EmbeddedNats, NatsServerError
 from niphas_common.settings import NatsSettings
 from niphas_common.tracing import setup_tracing
@@ -80,12 +81,8 @@ async def bus(nats_settings: NatsSettings, nats_server: EmbeddedNats | None) -> 
     if nats_server is None:
         # A shared server: start from empty streams so tests cannot see each other's events.
         for config in stream_configs(nats_settings):
-            try:
+            with contextlib.suppress(NotFoundError):
                 await bus.js.delete_stream(config.name or "")
-            except NotFoundError:
-                pass
-    from niphas_common.bus.topology import ensure_streams
-
     await ensure_streams(bus.js, nats_settings)
     try:
         yield bus

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -75,7 +75,7 @@ def schemas_check(
     typer.echo("schemas up to date")
 
 
-def _service_command(spec: ServiceSpec) -> typer.models.CommandFunctionType:
+def _service_command(spec: ServiceSpec) -> Callable[[], None]:
     def run() -> None:
         asyncio.run(run_until_signalled(spec.main))
 
@@ -83,7 +83,7 @@ def _service_command(spec: ServiceSpec) -> typer.models.CommandFunctionType:
     return run
 
 
-def _missing_command(name: str) -> typer.models.CommandFunctionType:
+def _missing_command(name: str) -> Callable[[], None]:
     def missing() -> None:
         typer.echo(f"the {name} service is not installed in this build", err=True)
         raise typer.Exit(2)
@@ -107,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

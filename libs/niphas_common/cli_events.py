@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -124,7 +125,5 @@ def tail_cmd(subject: str, nats_url: NatsUrl = None) -> None:
         async for msg in inspect.tail(js, subject):
             print_message(msg)
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         with_js(nats_url, follow)
-    except KeyboardInterrupt:
-        pass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, ClassVar, Literal, Self
+from typing import Annotated, ClassVar, Final, Literal, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
@@ -27,7 +27,7 @@ from niphas_schemas.types import (
     StorePath,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 Forge = Literal["github", "gitea", "forgejo", "gitlab", "niphas"]
 """Where a push came from; `niphas` is the operator asking for a first evaluation."""
@@ -197,7 +197,9 @@ class BuildDone(Event):
 
     @property
     def idempotency_key(self) -> str:
-        return f"{_digest(self.drv_path, self.repository, self.commit, self.attribute)}:{self.status}"
+        return (
+            f"{_digest(self.drv_path, self.repository, self.commit, self.attribute)}:{self.status}"
+        )
 
 
 class PathWanted(Event):
@@ -223,7 +225,9 @@ class PathAvailable(Event):
     holder_kind: Literal["node", "cache"]
     holder: str = Field(max_length=255, description="Node name, or the cache's name")
     holder_url: str = Field(
-        max_length=2048, pattern=r"^(https?|file)://\S+$", description="Binary cache URL to fetch from"
+        max_length=2048,
+        pattern=r"^(https?|file)://\S+$",
+        description="Binary cache URL to fetch from",
     )
     state: Literal["available", "fetching", "withdrawn"] = "available"
     store_path: StorePath
@@ -245,5 +249,11 @@ class PathAvailable(Event):
         return f"{_digest(self.holder_url, self.store_path, stamp)}:{self.state}"
 
 
-EVENT_TYPES: tuple[type[Event], ...] = (PushReceived, EvalDone, BuildDone, PathWanted, PathAvailable)
+EVENT_TYPES: tuple[type[Event], ...] = (
+    PushReceived,
+    EvalDone,
+    BuildDone,
+    PathWanted,
+    PathAvailable,
+)
 SUBJECTS: dict[str, type[Event]] = {cls.subject: cls for cls in EVENT_TYPES}

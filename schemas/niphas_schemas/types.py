@@ -62,8 +62,11 @@ DrvPath = Annotated[
     AfterValidator(_check_store_path),
     AfterValidator(_check_drv_path),
     WithJsonSchema(
-        {**_STORE_PATH_SCHEMA, "pattern": STORE_PATH_RE.pattern[:-1] + r"\.drv$",
-         "description": "The store path of a derivation"}
+        {
+            **_STORE_PATH_SCHEMA,
+            "pattern": STORE_PATH_RE.pattern[:-1] + r"\.drv$",
+            "description": "The store path of a derivation",
+        }
     ),
 ]
 """A store path of a derivation (`.drv`)."""
@@ -71,7 +74,9 @@ DrvPath = Annotated[
 NarHash = Annotated[
     str,
     StringConstraints(pattern=SHA256_NIX32_RE.pattern),
-    Field(description="SHA-256 of the NAR serialisation, as Nix writes it: sha256:<52 nix32 chars>"),
+    Field(
+        description="SHA-256 of the NAR serialisation, as Nix writes it: sha256:<52 nix32 chars>"
+    ),
 ]
 
 NarSize = Annotated[int, Field(ge=0, description="Size of the NAR serialisation in bytes")]

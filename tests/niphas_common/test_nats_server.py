@@ -59,7 +59,7 @@ async def test_two_servers_get_distinct_ports_and_data_survives_restart(tmp_path
         finally:
             await bus.close()
     assert one.pid is None
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", port)
 
 

@@ -43,5 +43,7 @@ def test_asyncapi_lists_every_subject_with_its_payload() -> None:
     doc = yaml.safe_load((SCHEMAS_DIR / ASYNCAPI_FILE).read_text())
     assert doc["asyncapi"].startswith("3.")
     assert set(doc["channels"]) == {m.subject for m in EVENT_TYPES}
-    payloads = {m["payload"]["$ref"].rsplit("/", 1)[1] for m in doc["components"]["messages"].values()}
+    payloads = {
+        m["payload"]["$ref"].rsplit("/", 1)[1] for m in doc["components"]["messages"].values()
+    }
     assert payloads == {m.__name__ for m in EVENT_TYPES}

@@ -77,6 +77,9 @@ class EventConsumer(Generic[E]):
         self._fetch_timeout_s = fetch_timeout_s
         self._drain_grace_s = drain_grace_s
         self._in_flight: dict[int, tuple[Msg, float]] = {}  # by id(): Msg is unhashable
+        spec = subscription.spec
+        self._acked = EVENTS_HANDLED.labels(spec.subject, spec.durable, "acked")
+        self._handler_seconds = HANDLER_SECONDS.labels(spec.subject, spec.durable)
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -96,7 +99,7 @@ class EventConsumer(Generic[E]):
                     continue
                 try:
                     msgs = await psub.fetch(free, timeout=self._fetch_timeout_s)
-                except (NatsTimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, NatsTimeoutError):
                     continue
                 for msg in msgs:
                     task = asyncio.create_task(self._handle_logged(msg))
@@ -161,12 +164,10 @@ class EventConsumer(Generic[E]):
                 await self._retry_or_dead(msg, exc, delivered)
             else:
                 await msg.ack()
-                EVENTS_HANDLED.labels(msg.subject, spec.durable, "acked").inc()
+                self._acked.inc()
             finally:
                 self._in_flight.pop(id(msg), None)
-                HANDLER_SECONDS.labels(msg.subject, spec.durable).observe(
-                    time.monotonic() - started
-                )
+                self._handler_seconds.observe(time.monotonic() - started)
                 current_event_id.reset(token)
 
     async def _retry_or_dead(self, msg: Msg, exc: Exception, delivered: int) -> None:

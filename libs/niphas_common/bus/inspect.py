@@ -7,7 +7,6 @@ services' queues) are never touched.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -82,7 +81,7 @@ async def tail(js: JetStreamContext, subject: str) -> AsyncIterator[StoredMessag
         while True:
             try:
                 msg = await sub.next_msg(timeout=3600)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             meta = msg.metadata
             yield StoredMessage(

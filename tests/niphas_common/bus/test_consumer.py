@@ -5,6 +5,7 @@ with backoff, in-progress acks for long handlers, graceful drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -164,7 +165,7 @@ async def test_transient_failure_is_retried_with_backoff_then_succeeds(
     async with serving(bus, [Subscription(PushReceived, spec, handle)]):
         await eventually(lambda: len(attempts) == 3)
     assert [n for n, _ in attempts] == [1, 2, 3]
-    gaps = [b - a for (_, a), (_, b) in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b - a for (_, a), (_, b) in itertools.pairwise(attempts)]
     # The server holds a nak'ed message for at least the delay we asked for.
     assert gaps[0] >= backoff[0] * 0.9
     assert gaps[1] >= backoff[1] * 0.9

@@ -1,0 +1,160 @@
+"""End-to-end events/s through the spine vs raw nats-py, same server, same run.
+
+Each side publishes N ~1 KB events and a durable pull consumer receives and acks every one;
+the clock runs from the first publish to the last ack.
+- raw: `js.publish_async` + `fetch(batch)` + `ack()` with no validation, tracing or headers;
+- spine: `Publisher.publish_many` (Msg-Id, traceparent, PubAck awaited) and `Bus.serve`
+  (pydantic decode, a consumer span, per-message ack).
+Targets: spine >= 5,000 events/s and >= 0.5x raw. The spine runs as deployed by default
+(tracing off: trace ids propagated, spans not recorded); a third row records every span into
+an exporter that drops them, to show what tracing costs.
+
+Run: .venv/bin/python bench/bench_spine.py [--events N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from niphas_common.bus.bus import Bus
+from niphas_common.bus.consumer import Delivery, Subscription
+from niphas_common.bus.topology import ConsumerSpec
+from niphas_common.nats_server import EmbeddedNats
+from niphas_common.settings import NatsSettings
+from niphas_common.tracing import setup_tracing
+from niphas_schemas import PushReceived
+
+PAYLOAD_BYTES = 1024
+
+
+def make_events(n: int) -> list[PushReceived]:
+    base = PushReceived(
+        forge="github",
+        repository="https://git.example.test/acme/app.git",
+        ref="refs/heads/main",
+        commit="0123456789abcdef0123456789abcdef01234567",
+        delivery_id="x",
+    )
+    pad = PAYLOAD_BYTES - len(base.model_dump_json())
+    repo = "https://git.example.test/" + "a" * max(pad, 0) + ".git"
+    return [base.model_copy(update={"delivery_id": f"d-{i}", "repository": repo}) for i in range(n)]
+
+
+async def raw_nats(url: str, n: int) -> float:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="RAW", subjects=["raw.bench"]))
+    await js.add_consumer(
+        "RAW", ConsumerConfig(durable_name="raw", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=-1)
+    )
+    psub = await js.pull_subscribe_bind(durable="raw", stream="RAW")
+    payload = os.urandom(PAYLOAD_BYTES // 2).hex().encode()
+    received = 0
+
+    async def consume() -> None:
+        nonlocal received
+        while received < n:
+            try:
+                msgs = await psub.fetch(100, timeout=1)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in msgs:
+                await msg.ack()
+            received += len(msgs)
+
+    start = time.perf_counter()
+    consumer = asyncio.create_task(consume())
+    futures = []
+    for _ in range(n):
+        futures.append(await js.publish_async("raw.bench", payload))
+        if len(futures) >= 256:
+            await asyncio.gather(*futures)
+            futures = []
+    await asyncio.gather(*futures)
+    await consumer
+    elapsed = time.perf_counter() - start
+    await nc.close()
+    return n / elapsed
+
+
+async def spine(url: str, n: int) -> float:
+    setup_tracing("bench")
+    bus = await Bus.connect(NatsSettings(url=url), name="bench")
+    events = make_events(n)
+    done = asyncio.Event()
+    received = 0
+
+    async def handle(event: PushReceived, delivery: Delivery) -> None:
+        nonlocal received
+        received += 1
+        if received == n:
+            done.set()
+
+    spec = ConsumerSpec(durable="bench", subject="push.received", max_ack_pending=-1)
+    stop = asyncio.Event()
+    start = time.perf_counter()
+    serving = asyncio.create_task(
+        bus.serve([Subscription(PushReceived, spec, handle, concurrency=256)], stop)
+    )
+    await bus.publisher.publish_many(events)
+    await done.wait()
+    elapsed = time.perf_counter() - start
+    stop.set()
+    await serving
+    await bus.close()
+    return n / elapsed
+
+
+class _DiscardExporter(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+async def fresh(measure: Callable[[str, int], Awaitable[float]], n: int) -> float:
+    """One measurement on a new server, so no side inherits the other's stream."""
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp)) as server:
+        return await measure(server.url, n)
+
+
+async def main(n: int, rounds: int) -> None:
+    # Interleaved rounds, median of each: the two sides see the same machine noise.
+    raws, ours_all = [], []
+    for _ in range(rounds):
+        raws.append(await fresh(raw_nats, n))
+        ours_all.append(await fresh(spine, n))
+    setup_tracing("bench", _DiscardExporter())
+    traced = statistics.median([await fresh(spine, n) for _ in range(rounds)])
+    raw, ours = statistics.median(raws), statistics.median(ours_all)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    print(f"{n} events of ~{PAYLOAD_BYTES} B, publish -> durable pull consumer -> ack")
+    print(f"median of {rounds} interleaved rounds, each on a fresh nats-server\n")
+    print(f"| {'measure':<28} | {'events/s':>9} | {'ratio':>6} | target |")
+    print(f"|{'-' * 30}|{'-' * 11}|{'-' * 8}|--------|")
+    print(f"| {'raw nats-py (baseline)':<28} | {raw:>9,.0f} | {1:>6.2f} |        |")
+    ok = "ok" if ours >= 5000 and ours / raw >= 0.5 else "MISSED"
+    print(f"| {'niphas spine':<28} | {ours:>9,.0f} | {ours / raw:>6.2f} | >=5k, >=0.5x: {ok} |")
+    label = "niphas spine, spans recorded"
+    print(f"| {label:<28} | {traced:>9,.0f} | {traced / raw:>6.2f} |        |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(main(args.events, args.rounds))
