@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -68,7 +68,7 @@ class _Transport:
     async def get(self, rel: str) -> bytes | None:
         raise NotImplementedError
 
-    def stream(self, rel: str) -> AsyncIterator[bytes]:
+    def stream(self, rel: str) -> AsyncGenerator[bytes, None]:
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -87,7 +87,7 @@ class _FileTransport(_Transport):
         except OSError as exc:
             raise CacheError(f"cannot read {self.root / rel}: {exc}") from exc
 
-    async def stream(self, rel: str) -> AsyncIterator[bytes]:
+    async def stream(self, rel: str) -> AsyncGenerator[bytes, None]:
         try:
             f = await asyncio.to_thread(open, self.root / rel, "rb")
         except OSError as exc:
@@ -124,7 +124,7 @@ class _HttpTransport(_Transport):
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise CacheError(f"GET {url}: {exc!r}") from exc
 
-    async def stream(self, rel: str) -> AsyncIterator[bytes]:
+    async def stream(self, rel: str) -> AsyncGenerator[bytes, None]:
         url = f"{self.base}/{rel}"
         try:
             async with self._client().get(url) as resp:
@@ -217,20 +217,22 @@ class BinaryCacheClient:
             raise CacheError(f"{path}: not in the binary cache {self.url}")
         return info
 
-    async def iter_nar(self, info: NarInfo) -> AsyncIterator[bytes]:
+    async def iter_nar(self, info: NarInfo) -> AsyncGenerator[bytes, None]:
         """The decompressed NAR, verified against NarHash/NarSize (and FileHash/FileSize)."""
         where = info.store_path
         nar = NarVerifier(info.nar_hash, info.nar_size, str(where))
         packed = HashSink(info.file_hash.algo) if info.file_hash else HashSink()
         unpack = decompressor(info.compression)
         try:
-            async for chunk in self._transport.stream(info.url):
-                packed.update(chunk)
-                if info.file_size is not None and packed.size > info.file_size:
-                    raise VerificationError(f"larger than its FileSize {info.file_size}")
-                for piece in unpack.decompress(chunk):
-                    nar.update(piece)
-                    yield piece
+            # aclosing: an error mid-stream must release the HTTP response/file right away.
+            async with contextlib.aclosing(self._transport.stream(info.url)) as chunks:
+                async for chunk in chunks:
+                    packed.update(chunk)
+                    if info.file_size is not None and packed.size > info.file_size:
+                        raise VerificationError(f"larger than its FileSize {info.file_size}")
+                    for piece in unpack.decompress(chunk):
+                        nar.update(piece)
+                        yield piece
             unpack.finish()
         except VerificationError as exc:
             msg = str(exc)
@@ -253,8 +255,9 @@ class BinaryCacheClient:
             async with self._limit:
                 f = await asyncio.to_thread(open, tmp, "wb")
                 try:
-                    async for piece in self.iter_nar(info):
-                        await asyncio.to_thread(f.write, piece)
+                    async with contextlib.aclosing(self.iter_nar(info)) as pieces:
+                        async for piece in pieces:
+                            await asyncio.to_thread(f.write, piece)
                 finally:
                     f.close()
             os.replace(tmp, target)
@@ -275,8 +278,8 @@ class BinaryCacheClient:
         except NarError as exc:
             raise NarError(f"{info.store_path}: {exc}") from exc
         try:
-            async with self._limit:
-                async for piece in self.iter_nar(info):
+            async with self._limit, contextlib.aclosing(self.iter_nar(info)) as pieces:
+                async for piece in pieces:
                     restorer.feed(piece)
             restorer.finish()
         except NarError as exc:
