@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import nats
+from faststream import AckPolicy as FastStreamAck
+from faststream.nats import JStream, NatsBroker, PullSub
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -90,6 +92,36 @@ async def raw_nats(url: str, n: int) -> float:
     return n / elapsed
 
 
+async def faststream_pull(url: str, n: int) -> float:
+    """The same events through a faststream pull subscriber (validation, ack; no spans)."""
+    bus = await Bus.connect(NatsSettings(url=url), name="bench")
+    broker = NatsBroker(url, logger=None)
+    done = asyncio.Event()
+    received = 0
+
+    @broker.subscriber(
+        "push.received",
+        stream=JStream("PUSH_RECEIVED", declare=False),
+        durable="bench-faststream",
+        pull_sub=PullSub(batch_size=100, timeout=1.0),
+        ack_policy=FastStreamAck.ACK,
+    )
+    async def handle(event: PushReceived) -> None:
+        nonlocal received
+        received += 1
+        if received == n:
+            done.set()
+
+    await broker.start()
+    start = time.perf_counter()
+    await bus.publisher.publish_many(make_events(n))
+    await done.wait()
+    elapsed = time.perf_counter() - start
+    await broker.stop()
+    await bus.close()
+    return n / elapsed
+
+
 async def spine(url: str, n: int) -> float:
     setup_tracing("bench")
     bus = await Bus.connect(NatsSettings(url=url), name="bench")
@@ -131,13 +163,15 @@ async def fresh(measure: Callable[[str, int], Awaitable[float]], n: int) -> floa
 
 async def main(n: int, rounds: int) -> None:
     # Interleaved rounds, median of each: the two sides see the same machine noise.
-    raws, ours_all = [], []
+    raws, ours_all, fast_all = [], [], []
     for _ in range(rounds):
         raws.append(await fresh(raw_nats, n))
         ours_all.append(await fresh(spine, n))
+        fast_all.append(await fresh(faststream_pull, n))
     setup_tracing("bench", _DiscardExporter())
     traced = statistics.median([await fresh(spine, n) for _ in range(rounds)])
     raw, ours = statistics.median(raws), statistics.median(ours_all)
+    fast = statistics.median(fast_all)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
@@ -148,6 +182,8 @@ async def main(n: int, rounds: int) -> None:
     print(f"| {'raw nats-py (baseline)':<28} | {raw:>9,.0f} | {1:>6.2f} |        |")
     ok = "ok" if ours >= 5000 and ours / raw >= 0.5 else "MISSED"
     print(f"| {'niphas spine':<28} | {ours:>9,.0f} | {ours / raw:>6.2f} | >=5k, >=0.5x: {ok} |")
+    label = "faststream pull subscriber"
+    print(f"| {label:<28} | {fast:>9,.0f} | {fast / raw:>6.2f} |        |")
     label = "niphas spine, spans recorded"
     print(f"| {label:<28} | {traced:>9,.0f} | {traced / raw:>6.2f} |        |")
 

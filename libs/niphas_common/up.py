@@ -31,6 +31,7 @@ STOP_GRACE_S = 30.0
 @dataclass
 class Child:
     name: str
+    argv: list[str]
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -56,9 +57,7 @@ def supervise(children: list[Child], env: dict[str, str]) -> None:
             child.proc, child.next_start = None, now + delay
             child.restarts += 1
         if child.proc is None and now >= child.next_start:
-            child.proc = subprocess.Popen(
-                [sys.executable, "-m", "niphas_common", child.name], env=env
-            )
+            child.proc = subprocess.Popen(child.argv, env=env)
             child.started_at = now
             print(f"started {child.name} (pid {child.proc.pid})", flush=True)
         # A child that stayed up a minute has recovered: reset its backoff.
@@ -90,7 +89,9 @@ def run_up(state_dir: Path, services: list[str], nats_url: str | None) -> int:
         if not services:
             print("no services are installed; running NATS only", flush=True)
         env = {**os.environ, "NATS_URL": nats_url, "NIPHAS_STATE_DIR": str(state_dir)}
-        children = [Child(name) for name in services]
+        children = [
+            Child(name, [sys.executable, "-m", "niphas_common", name]) for name in services
+        ]
         while not stop:
             supervise(children, env)
             time.sleep(0.2)

@@ -7,9 +7,11 @@ once. Anything else is retried with `nak(delay)` following the consumer's backof
 runs long is kept alive with in-progress acks; a process killed mid-handler leaves the message
 unacked, and JetStream redelivers it to another instance after `ack_wait`.
 
-Built on nats-py rather than a faststream subscriber: per-message nak-with-delay and term,
-in-progress heartbeats and batched fetches are direct here, and faststream's pull subscriber
-measured ~3k events/s on these machines against the spine's 5k target.
+Built on nats-py rather than a faststream subscriber: the semantics above (nak with a delay
+chosen per delivery count, dead-letter-then-term, in-progress heartbeats for long handlers,
+bounded concurrency per consumer, drain on stop) are each one call here. faststream is used
+where it fits: the AsyncAPI document (`schema_export`). `bench/bench_spine.py` measures a
+faststream pull subscriber beside this consumer on the same server.
 """
 
 from __future__ import annotations

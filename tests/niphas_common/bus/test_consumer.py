@@ -246,3 +246,22 @@ async def test_sigterm_drains_in_flight_event_before_exit(
     info = await bus.js.consumer_info("PUSH_RECEIVED", "test-worker")
     assert info.num_ack_pending == 0
     assert info.num_pending == 0
+
+
+async def test_provisioning_is_idempotent_and_applies_changed_settings(bus: Bus) -> None:
+    from niphas_common.bus.topology import ensure_streams
+
+    await ensure_streams(bus.js, bus.settings)
+    await ensure_streams(bus.js, bus.settings)  # again: no error, nothing duplicated
+    assert len(await inspect.streams(bus.js)) == 6
+
+    wider = bus.settings.model_copy(update={"duplicate_window_s": 1800.0})
+    await ensure_streams(bus.js, wider)
+    info = await bus.js.stream_info("PUSH_RECEIVED")
+    assert info.config.duplicate_window == 1800.0
+
+    spec = ConsumerSpec(durable="idem", subject="push.received", ack_wait_s=10)
+    await ensure_consumer(bus.js, spec)
+    await ensure_consumer(bus.js, spec)
+    await ensure_consumer(bus.js, ConsumerSpec(durable="idem", subject="push.received", ack_wait_s=20))
+    assert (await bus.js.consumer_info("PUSH_RECEIVED", "idem")).config.ack_wait == 20.0
