@@ -89,9 +89,7 @@ def run_up(state_dir: Path, services: list[str], nats_url: str | None) -> int:
         if not services:
             print("no services are installed; running NATS only", flush=True)
         env = {**os.environ, "NATS_URL": nats_url, "NIPHAS_STATE_DIR": str(state_dir)}
-        children = [
-            Child(name, [sys.executable, "-m", "niphas_common", name]) for name in services
-        ]
+        children = [Child(name, [sys.executable, "-m", "niphas_common", name]) for name in services]
         while not stop:
             supervise(children, env)
             time.sleep(0.2)

@@ -88,7 +88,9 @@ def test_supervisor_restarts_a_dead_service(tmp_path: Path) -> None:
 
 def test_uninstalled_service_is_reported() -> None:
     installed = discover()
-    missing = [name for name in ("eval", "builder", "operator", "csi", "mesh") if name not in installed]
+    missing = [
+        name for name in ("eval", "builder", "operator", "csi", "mesh") if name not in installed
+    ]
     for name in missing:
         result = subprocess.run([NIPHAS, name], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2

@@ -263,5 +263,7 @@ async def test_provisioning_is_idempotent_and_applies_changed_settings(bus: Bus)
     spec = ConsumerSpec(durable="idem", subject="push.received", ack_wait_s=10)
     await ensure_consumer(bus.js, spec)
     await ensure_consumer(bus.js, spec)
-    await ensure_consumer(bus.js, ConsumerSpec(durable="idem", subject="push.received", ack_wait_s=20))
+    await ensure_consumer(
+        bus.js, ConsumerSpec(durable="idem", subject="push.received", ack_wait_s=20)
+    )
     assert (await bus.js.consumer_info("PUSH_RECEIVED", "idem")).config.ack_wait == 20.0
