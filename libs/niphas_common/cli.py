@@ -96,6 +96,8 @@ def build_app() -> typer.Typer:
     services = discover()
     for name, spec in services.items():
         app.command(name, help=spec.summary)(spec.command or _service_command(spec))
+        for command_name, command in spec.extra_commands:
+            app.command(command_name)(command)
     for name in SERVICE_ORDER:
         if name not in services:
             app.command(name, hidden=True)(_missing_command(name))

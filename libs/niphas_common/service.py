@@ -32,6 +32,8 @@ class ServiceSpec:
     """Runs the service until the event is set; builds every client itself (app.py)."""
     command: Callable[..., None] | None = None
     """A typer command with the service's own flags; default: run `main` with env settings."""
+    extra_commands: tuple[tuple[str, Callable[..., None]], ...] = ()
+    """More top-level `niphas` commands the service offers (e.g. operator's `rollback`)."""
 
 
 def discover() -> dict[str, ServiceSpec]:

@@ -22,8 +22,7 @@ from niphas_common.bus.dead_letters import HEADER_DELIVERIES, HEADER_REASON, HEA
 from niphas_common.bus.topology import DEAD_LETTER_STREAM, ConsumerSpec, ensure_consumer
 from niphas_common.errors import PermanentError, TransientError
 from niphas_schemas import PushReceived
-
-from .conftest import eventually, serving
+from tests.helpers import eventually, serving
 
 WORKER = Path(__file__).with_name("worker_proc.py")
 

@@ -16,8 +16,7 @@ from niphas_common.bus.consumer import Delivery, Subscription
 from niphas_common.bus.topology import ConsumerSpec
 from niphas_common.tracing import setup_tracing, tracer
 from niphas_schemas import PushReceived
-
-from .conftest import eventually, serving
+from tests.helpers import eventually, serving
 
 
 @pytest.fixture

@@ -1,0 +1,33 @@
+"""Small helpers shared by the tests of every package (import them; they are not fixtures)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from niphas_common.bus.bus import Bus
+from niphas_common.bus.consumer import Subscription
+
+
+async def eventually(check: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    """Wait until `check()` holds (a readiness wait, not a speed assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def serving(bus: Bus, subscriptions: Sequence[Subscription[Any]]) -> AsyncIterator[None]:
+    """Run consumers in this process for the duration of the block, then stop and drain."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(bus.serve(subscriptions, stop, fetch_timeout_s=0.1))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
