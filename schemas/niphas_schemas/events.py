@@ -219,7 +219,10 @@ class PathWanted(Event):
 
 
 class PathAvailable(Event):
-    """Holder H has (or is fetching, or withdrew) store path P."""
+    """Holder H has (or is fetching, or withdrew, or failed to fetch) store path P.
+
+    `failed` answers a `path.wanted` the holder could not satisfy by its deadline, with the
+    reason in `error`, so whoever waits learns the real cause at once."""
 
     subject: ClassVar[str] = "path.available"
     holder_kind: Literal["node", "cache"]
@@ -229,16 +232,19 @@ class PathAvailable(Event):
         pattern=r"^(https?|file)://\S+$",
         description="Binary cache URL to fetch from",
     )
-    state: Literal["available", "fetching", "withdrawn"] = "available"
+    state: Literal["available", "fetching", "withdrawn", "failed"] = "available"
     store_path: StorePath
     nar_hash: NarHash | None = None
     nar_size: NarSize | None = None
     references: tuple[StorePath, ...] = ()
+    error: ShortText | None = Field(default=None, description="Why a fetch failed")
 
     @model_validator(mode="after")
     def _available_has_nar(self) -> Self:
         if self.state == "available" and (self.nar_hash is None or self.nar_size is None):
             raise ValueError("an available path needs nar_hash and nar_size")
+        if self.state == "failed" and not self.error:
+            raise ValueError("a failed fetch needs an error")
         return self
 
     @property
