@@ -31,7 +31,7 @@ lint: venv ## ruff, strict mypy, import-linter contracts, schema files up to dat
 	$(BIN)/niphas schemas check schemas
 
 test: setup lint ## lint, then every test against a real nats-server and a real nix
-	$(BIN)/pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
 bench: setup ## run every benchmark under bench/ and print its table
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; echo; done
