@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic_settings import BaseSettings
 
 from niphas_common import cli_events, schema_export
 from niphas_common.logs import configure_logging
@@ -52,6 +54,30 @@ def up(
     if unknown:
         raise typer.BadParameter(f"not installed: {', '.join(unknown)}", param_hint="--service")
     raise typer.Exit(run_up(state_dir or CommonSettings().state_dir, chosen, nats_url))
+
+
+@app.command()
+def settings(
+    service: Annotated[str | None, typer.Argument(help="Only this service's settings")] = None,
+) -> None:
+    """List every environment setting with its default and meaning."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from niphas_common.settings import CommonSettings, LogSettings, NatsSettings
+    from niphas_common.settings_doc import rows
+
+    models: list[type[BaseSettings]] = []
+    if service is None:
+        models += [CommonSettings, LogSettings, NatsSettings]
+    for name, spec in discover().items():
+        if service in (None, name):
+            models += list(spec.settings)
+    table = Table("variable", "default", "meaning")
+    for model in models:
+        for row in rows(model):
+            table.add_row(" / ".join(row.variables), row.default, row.description)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 @schemas_app.command("export")

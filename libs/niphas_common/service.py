@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+from pydantic_settings import BaseSettings
+
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "niphas.services"
@@ -34,6 +36,8 @@ class ServiceSpec:
     """A typer command with the service's own flags; default: run `main` with env settings."""
     extra_commands: tuple[tuple[str, Callable[..., None]], ...] = ()
     """More top-level `niphas` commands the service offers (e.g. operator's `rollback`)."""
+    settings: tuple[type[BaseSettings], ...] = ()
+    """The service's settings classes, listed by `niphas settings`."""
 
 
 def discover() -> dict[str, ServiceSpec]:
