@@ -1,0 +1,190 @@
+"""eval.done -> build.done: the builder's handler.
+
+For each successfully evaluated attribute, in this order:
+1. a result another builder recorded for the derivation moments ago is reused (so a
+   redelivered eval.done publishes the very same build.done, which the stream de-duplicates);
+2. when the cache holds every output's closure with a trusted signature: `cached`, no build;
+3. otherwise it waits for a build slot (`max_parallel_builds`); a newer commit of the same ref
+   arriving meanwhile supersedes it (published as failed: "superseded by <commit>");
+4. single-flight: the lease holder builds through the executor and pushes the closure,
+   everyone else waiting on the same derivation gets its result;
+5. `build.done` (and `path.available` for every pushed path, holder: the cache).
+A build failure is an answer (one failed build.done, acked); trouble reaching NATS, the cache
+or the executor's machinery is a `TransientError`, retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+from niphas_common.bus.bus import Bus
+from niphas_common.bus.consumer import Delivery, Subscription
+from niphas_common.bus.topology import ConsumerSpec
+from niphas_common.errors import TransientError
+from niphas_schemas import EvalDone, EvaluatedAttribute, PathAvailable
+
+from .cache import BuildCache
+from .executor import BuildJob, Executor
+from .lease import SingleFlight
+from .metrics import BUILD_SECONDS, BUILDS, PATHS_PUSHED, PUSHES, RESULTS
+from .result import BuildResult, log_tail, outputs_from_path_infos, sorted_paths
+from .settings import BuilderSettings
+from .supersede import RefHeads
+
+log = logging.getLogger(__name__)
+
+
+class Builder:
+    def __init__(
+        self,
+        bus: Bus,
+        settings: BuilderSettings,
+        cache: BuildCache,
+        executor: Executor,
+        flight: SingleFlight,
+        heads: RefHeads | None,
+    ) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.cache = cache
+        self.executor = executor
+        self.flight = flight
+        self.heads = heads
+        self._slots = asyncio.Semaphore(settings.max_parallel_builds)
+
+    def subscription(self) -> Subscription[EvalDone]:
+        spec = ConsumerSpec(
+            durable=self.settings.durable,
+            subject=EvalDone.subject,
+            ack_wait_s=self.settings.ack_wait_s,
+            max_deliver=self.settings.max_deliver,
+        )
+        return Subscription(EvalDone, spec, self.handle, concurrency=self.settings.concurrency)
+
+    async def handle(self, event: EvalDone, delivery: Delivery) -> None:
+        if event.status != "succeeded":
+            log.info(
+                "evaluation of %s at %s failed; nothing to build", event.repository, event.commit
+            )
+            return
+        if self.heads is not None:
+            await self.heads.record(event)
+        attrs = [a for a in event.attributes if a.drv_path is not None and a.error is None]
+        outcomes = await asyncio.gather(
+            *(self._attribute(event, attr) for attr in attrs), return_exceptions=True
+        )
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        if errors:
+            # Retried as a whole; attributes already answered publish the same build.done
+            # again (a duplicate Msg-Id) or `cached`.
+            transient = [e for e in errors if isinstance(e, TransientError)]
+            raise (transient or errors)[0]
+
+    async def _attribute(self, event: EvalDone, attr: EvaluatedAttribute) -> None:
+        assert attr.drv_path is not None
+        job = BuildJob(
+            drv_path=attr.drv_path,
+            outputs=dict(attr.outputs),
+            attribute=attr.attribute,
+            repository=event.repository,
+            commit=event.commit,
+            locked_flake_ref=event.locked_flake_ref,
+            attr_path=attr.attr_path,
+        )
+        source = "shared"
+        result = await self.flight.peek(job.drv_hash)
+        if result is None:
+            result, source = await self.cache.lookup(job.outputs), "cache"
+        if result is None:
+            result, source = await self._queued(event, job)
+        RESULTS.labels(result.status, source).inc()
+        await self.bus.publish(result.to_event(event, attr, self.cache.read_url))
+
+    async def _queued(self, event: EvalDone, job: BuildJob) -> tuple[BuildResult, str]:
+        async with self._slots:
+            if self.settings.supersede and self.heads is not None:
+                newer = await self.heads.superseded_by(event)
+                if newer is not None:
+                    log.info("%s of %s superseded by %s", job.drv_path, event.commit, newer)
+                    return BuildResult.failed(f"superseded by {newer}", self.settings.name), (
+                        "superseded"
+                    )
+            ran = False
+
+            async def build() -> BuildResult:
+                nonlocal ran
+                ran = True
+                return await self._build(job)
+
+            result = await self.flight.run(
+                job.drv_hash,
+                build,
+                lambda: self.cache.lookup(job.outputs),
+                timeout_s=self.settings.build_timeout_s * 2,
+            )
+            return result, "executor" if ran else "shared"
+
+    async def _build(self, job: BuildJob) -> BuildResult:
+        """Build and push as the lease holder."""
+        log.info("build started: %s (%s of %s)", job.drv_path, job.attribute, job.commit)
+        started = time.monotonic()
+        try:
+            outcome = await self.executor.realise(job)
+        except TransientError:
+            BUILDS.labels("error").inc()
+            raise
+        elapsed = time.monotonic() - started
+        BUILD_SECONDS.observe(elapsed)
+        if not outcome.succeeded:
+            BUILDS.labels("failed").inc()
+            log.warning("build failed: %s", job.drv_path)
+            tail = log_tail(outcome.log, self.settings.log_tail_lines)
+            return BuildResult.failed(tail, outcome.built_on, elapsed)
+        BUILDS.labels("built").inc()
+        if self.executor.pushes:
+            pushed = await self.cache.lookup(job.outputs)
+            if pushed is None:
+                tail = log_tail(outcome.log, self.settings.log_tail_lines)
+                return BuildResult.failed(
+                    f"{tail}\nthe build succeeded but the cache lacks its closure",
+                    outcome.built_on,
+                    elapsed,
+                )
+            outputs, closure = pushed.outputs, pushed.closure
+        else:
+            infos = await self.cache.push(job.outputs.values())
+            PUSHES.inc()
+            PATHS_PUSHED.inc(len(infos))
+            log.info(
+                "push done: %s (%d paths to %s)", job.drv_path, len(infos), self.cache.push_url
+            )
+            await self._announce(
+                (str(i.path), i.nar_hash.nix32, i.nar_size, [str(r) for r in i.references])
+                for i in infos.values()
+            )
+            outputs, closure = outputs_from_path_infos(job.outputs, infos), sorted_paths(infos)
+        return BuildResult(
+            status="built",
+            outputs=outputs,
+            closure=closure,
+            built_on=outcome.built_on,
+            duration_s=time.monotonic() - started,
+        )
+
+    async def _announce(self, paths: Iterable[tuple[str, str, int, list[str]]]) -> None:
+        """path.available for each pushed path: the mesh learns the cache holds it."""
+        for path, nar_hash, nar_size, refs in paths:
+            await self.bus.publish(
+                PathAvailable(
+                    holder_kind="cache",
+                    holder="cache",
+                    holder_url=self.cache.read_url,
+                    store_path=path,
+                    nar_hash=nar_hash,
+                    nar_size=nar_size,
+                    references=tuple(refs),
+                )
+            )

@@ -1,0 +1,82 @@
+"""How a derivation gets realised: the executor interface and the local implementation.
+
+An executor builds one derivation and reports success or failure with the build log. The
+local one realises the `.drv` into this node's store; `kubernetes.JobExecutor` runs one Job per
+derivation. `pushes` says whether the executor also pushed the closure to the cache (a Job
+does, from its node); otherwise the builder pushes from its own store.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from niphas_common.nix.errors import CommandError, CommandTimeout
+from niphas_common.nix.runner import NixRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """One derivation to realise, and what asked for it (for labels and logs)."""
+
+    drv_path: str
+    outputs: dict[str, str]
+    attribute: str
+    repository: str
+    commit: str
+    locked_flake_ref: str | None = None
+    attr_path: str | None = None
+
+    @property
+    def drv_hash(self) -> str:
+        return self.drv_path.rsplit("/", 1)[-1].split("-", 1)[0]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    succeeded: bool
+    log: str
+    built_on: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    pushes: bool
+
+    async def realise(self, job: BuildJob) -> Outcome:
+        """Build `job`; a build failure is an Outcome, trouble reaching the machinery is a
+        `TransientError`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """`nix-store --realise` into this node's store: works with every Nix version and puts
+    the whole build log on stderr, which becomes the captured log."""
+
+    pushes = False
+
+    def __init__(self, runner: NixRunner, name: str, timeout_s: float) -> None:
+        self.runner = runner
+        self.name = name
+        self.timeout_s = timeout_s
+
+    async def realise(self, job: BuildJob) -> Outcome:
+        try:
+            result = await self.runner.arun(
+                "nix-store", "--realise", job.drv_path, timeout=self.timeout_s
+            )
+        except CommandTimeout as exc:
+            return Outcome(
+                False, f"{exc.stderr}\nbuild timed out after {self.timeout_s} s", self.name
+            )
+        except CommandError as exc:
+            return Outcome(False, exc.stderr or str(exc), self.name)
+        return Outcome(True, result.stderr, self.name)
+
+    async def close(self) -> None:
+        pass

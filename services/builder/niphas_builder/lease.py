@@ -1,0 +1,176 @@
+"""Single-flight builds across every builder, through a JetStream KV bucket.
+
+One key per derivation (its hash part). Whoever `create`s the key holds the lease and builds;
+it renews the key with compare-and-set `update(last=revision)` every third of the TTL, and
+finally replaces it with the result. The bucket's TTL (`max_age`) drops a key nobody renews:
+a killed builder's lease expires and a redelivered event builds again. Everyone else waits:
+it polls the key until it holds a result (which it reuses) or vanishes (then it checks the
+cache and competes again). Results live for one TTL, long enough for every waiter to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from niphas_common.errors import TransientError
+
+from .metrics import LEASE_WAITS
+from .result import BuildResult
+
+log = logging.getLogger(__name__)
+
+BUCKET = "niphas-builds"
+POLL_S = 0.2
+"""How often a waiter looks at the key: a KV read is cheap, a build takes seconds."""
+
+
+async def open_bucket(js: JetStreamContext, name: str, ttl_s: float, description: str) -> KeyValue:
+    """The bucket `name`, created with `ttl_s` when missing."""
+    try:
+        return await js.key_value(name)
+    except NotFoundError:
+        pass
+    try:
+        return await js.create_key_value(bucket=name, ttl=ttl_s, description=description)
+    except NatsError as exc:  # created meanwhile by another builder with the same config
+        log.debug("create bucket %s: %r", name, exc)
+        return await js.key_value(name)
+
+
+@dataclass(frozen=True)
+class _Record:
+    state: str  # building | done
+    holder: str
+    result: BuildResult | None = None
+
+    def encode(self) -> bytes:
+        body = {"state": self.state, "holder": self.holder, "at": time.time()}
+        if self.result is not None:
+            body["result"] = self.result.model_dump(mode="json")
+        return json.dumps(body).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> _Record | None:
+        try:
+            body = json.loads(raw or b"")
+            result = body.get("result")
+            return cls(
+                body["state"],
+                body.get("holder", "?"),
+                BuildResult.model_validate(result) if result else None,
+            )
+        except (ValueError, KeyError, TypeError, ValidationError):
+            return None  # unreadable (another version?): treat as held and wait it out
+
+
+class SingleFlight:
+    def __init__(self, kv: KeyValue, holder: str, ttl_s: float) -> None:
+        self.kv = kv
+        self.holder = holder
+        self.ttl_s = ttl_s
+
+    async def peek(self, key: str) -> BuildResult | None:
+        """The result recorded under `key`, if a build finished within the last TTL."""
+        try:
+            entry = await self.kv.get(key)
+        except NotFoundError:
+            return None
+        except NatsError as exc:
+            raise TransientError(f"build lease store unavailable: {exc!r}") from exc
+        record = _Record.decode(entry.value)
+        return record.result if record is not None else None
+
+    async def run(
+        self,
+        key: str,
+        build: Callable[[], Awaitable[BuildResult]],
+        recheck: Callable[[], Awaitable[BuildResult | None]],
+        *,
+        timeout_s: float,
+    ) -> BuildResult:
+        """Run `build` unless another builder is running it, then share its result.
+
+        `recheck` runs whenever a lease vanished without a result (the cache may have the
+        paths by now). A `TransientError` from `build` releases the lease and propagates."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                revision = await self.kv.create(key, _Record("building", self.holder).encode())
+            except KeyWrongLastSequenceError:
+                pass
+            except NatsError as exc:
+                raise TransientError(f"build lease store unavailable: {exc!r}") from exc
+            else:
+                return await self._lead(key, revision, build)
+            LEASE_WAITS.inc()
+            result = await self._wait(key, deadline)
+            if result is not None:
+                return result
+            if (cached := await recheck()) is not None:
+                return cached
+
+    async def _lead(
+        self, key: str, revision: int, build: Callable[[], Awaitable[BuildResult]]
+    ) -> BuildResult:
+        state = {"revision": revision}
+        renewer = asyncio.create_task(self._renew(key, state))
+        try:
+            result = await build()
+        except BaseException:
+            renewer.cancel()
+            with contextlib.suppress(Exception):
+                await self.kv.delete(key, last=state["revision"])
+            raise
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+        try:
+            await self.kv.update(
+                key, _Record("done", self.holder, result).encode(), last=state["revision"]
+            )
+        except KeyWrongLastSequenceError:
+            log.warning("lease on %s was lost during the build; result not shared", key)
+        except NatsError as exc:
+            # The result is in the cache and goes out in build.done; waiters find it there.
+            log.warning("could not record the result of %s: %r", key, exc)
+        return result
+
+    async def _renew(self, key: str, state: dict[str, int]) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            try:
+                state["revision"] = await self.kv.update(
+                    key, _Record("building", self.holder).encode(), last=state["revision"]
+                )
+            except KeyWrongLastSequenceError:
+                log.warning("lease on %s expired and was taken over; building on", key)
+                return
+            except NatsError as exc:
+                log.warning("could not renew lease on %s: %r", key, exc)
+
+    async def _wait(self, key: str, deadline: float) -> BuildResult | None:
+        """Wait for the holder: its result, or None once the key is gone."""
+        while time.monotonic() < deadline:
+            try:
+                entry = await self.kv.get(key)
+            except NotFoundError:  # deleted, purged or expired
+                return None
+            except NatsError as exc:
+                raise TransientError(f"build lease store unavailable: {exc!r}") from exc
+            record = _Record.decode(entry.value)
+            if record is not None and record.result is not None:
+                return record.result
+            await asyncio.sleep(POLL_S)
+        raise TransientError(f"gave up waiting for the build holding {key}")

@@ -1,0 +1,133 @@
+"""The builder's settings (environment variables `NIPHAS_BUILDER_*`)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from niphas_common.settings import ServiceSettings, default_state_dir
+
+
+class BuilderSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="NIPHAS_BUILDER_", extra="ignore")
+
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        validation_alias=AliasChoices("NIPHAS_BUILDER_STATE_DIR", "NIPHAS_STATE_DIR"),
+        description="Where the default cache directory and signing key live (also read from "
+        "NIPHAS_STATE_DIR, which `niphas up` sets)",
+    )
+    name: str = Field(
+        default_factory=socket.gethostname,
+        description="This builder's name: lease holder and `built_on` of local builds",
+    )
+    durable: str = Field(default="builder", description="Durable consumer name on eval.done")
+    ack_wait_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds before an unacknowledged eval.done goes to another builder; long "
+        "builds are kept alive by in-progress acks, so this bounds only a dead builder's delay",
+    )
+    max_deliver: int = Field(default=8, ge=1, description="Deliveries before dead-lettering")
+    max_parallel_builds: int = Field(
+        default=2,
+        ge=1,
+        le=256,
+        description="Builds this process runs at once; the rest wait (and may be superseded)",
+    )
+    build_timeout_s: float = Field(
+        default=3600.0, gt=0, description="Seconds one derivation may build before it fails"
+    )
+    lease_ttl_s: float = Field(
+        default=60.0,
+        ge=1.0,
+        description="Seconds a build lease lives without renewal (renewed every third of it): "
+        "how long a killed builder blocks others, and how long a result stays in the KV",
+    )
+    cache_url: str | None = Field(
+        default=None,
+        description="Binary cache to push to: any store URI `nix copy --to` accepts (file://, "
+        "s3://, ...). Default: file://<state_dir>/cache, served by the mesh agent",
+    )
+    cache_read_url: str | None = Field(
+        default=None,
+        description="Where to read the cache back (file:// or http(s)://) to skip what it "
+        "holds; default: cache_url. Also the holder_url announced in path.available",
+    )
+    compression: Literal["zstd", "none"] = Field(
+        default="zstd", description="NAR compression in the cache (never xz: ~100x slower)"
+    )
+    secret_key_file: Path | None = Field(
+        default=None,
+        description="The cluster signing key in Nix format (`nix key generate-secret`). Default: "
+        "<state_dir>/builder/cache-key.sec, generated (with .pub beside it) when missing",
+    )
+    trusted_public_keys: str = Field(
+        default="",
+        description="More public keys (space-separated, Nix format) whose signatures count "
+        "when deciding a path is already cached; the signing key's own always counts",
+    )
+    store: str | None = Field(
+        default=None, description="`--store` for nix (a simulated node's store); None: the host's"
+    )
+    log_tail_lines: int = Field(
+        default=60, ge=1, le=2000, description="Build log lines kept in a failed build.done"
+    )
+    supersede: bool = Field(
+        default=True,
+        description="Skip queued builds of a commit once a newer commit of the same ref arrived "
+        "(published as failed, log tail `superseded by <commit>`)",
+    )
+    executor: Literal["local", "kubernetes"] = Field(
+        default="local",
+        description="`local`: nix-store --realise on this node; `kubernetes`: one Job per build",
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address of /metrics, /healthz")
+
+    # -- the Kubernetes executor -------------------------------------------------------------
+    k8s_namespace: str = Field(default="niphas", description="Namespace of build Jobs")
+    k8s_image: str = Field(
+        default="nixos/nix:2.24.9",
+        description="Image of the build pod: only its `nix` is used, against the node's store",
+    )
+    k8s_cpu_request: str = Field(default="500m", description="CPU request of a build pod")
+    k8s_cpu_limit: str = Field(default="2", description="CPU limit of a build pod")
+    k8s_memory_request: str = Field(default="512Mi", description="Memory request of a build pod")
+    k8s_memory_limit: str = Field(default="4Gi", description="Memory limit of a build pod")
+    k8s_backoff_limit: int = Field(
+        default=0, ge=0, description="Job retries: a Nix build failure is deterministic"
+    )
+    k8s_ttl_after_finished_s: int = Field(
+        default=3600,
+        ge=0,
+        description="Seconds a finished Job is kept if the builder died before deleting it",
+    )
+    k8s_host_nix_dir: str = Field(
+        default="/nix", description="Node directory holding the Nix store, mounted into the pod"
+    )
+    k8s_key_secret: str = Field(
+        default="niphas-cache-key",
+        description="Secret (key `secret-key`) with the signing key the build pod pushes with",
+    )
+    k8s_service_account: str = Field(
+        default="niphas-build", description="Service account of build pods (no API access)"
+    )
+    kubeconfig: Path | None = Field(
+        default=None, description="kubeconfig file; None: in-cluster service account"
+    )
+
+    @property
+    def push_url(self) -> str:
+        return self.cache_url or f"file://{self.state_dir / 'cache'}"
+
+    @property
+    def read_url(self) -> str:
+        return self.cache_read_url or self.push_url.partition("?")[0]
+
+    @property
+    def key_file(self) -> Path:
+        return self.secret_key_file or self.state_dir / "builder" / "cache-key.sec"

@@ -1,0 +1,80 @@
+"""Which commit is the newest of each (repository, ref), so older queued builds can be dropped.
+
+A JetStream KV bucket maps a digest of (repository, ref) to the newest commit seen and when it
+was pushed (`occurred_at` of its eval.done). Updated with compare-and-set, so two builders
+learning of two commits at once keep the newer one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from datetime import datetime
+
+from nats.errors import Error as NatsError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from niphas_schemas import EvalDone
+
+log = logging.getLogger(__name__)
+
+BUCKET = "niphas-ref-heads"
+TTL_S = 7 * 86400.0
+"""A ref silent for a week forgets its head; nothing older is queued by then."""
+
+
+def _key(repository: str, ref: str) -> str:
+    return hashlib.sha256(f"{repository}\x00{ref}".encode()).hexdigest()[:40]
+
+
+class RefHeads:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def _read(self, key: str) -> tuple[str, datetime, int] | None:
+        try:
+            entry = await self.kv.get(key)
+        except NotFoundError:
+            return None
+        try:
+            body = json.loads(entry.value or b"")
+            return body["commit"], datetime.fromisoformat(body["at"]), entry.revision or 0
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def record(self, event: EvalDone) -> None:
+        """Remember `event`'s commit as its ref's head unless a newer one is known."""
+        if event.ref is None:
+            return
+        key = _key(event.repository, event.ref)
+        body = json.dumps({"commit": event.commit, "at": event.occurred_at.isoformat()}).encode()
+        try:
+            for _ in range(5):
+                current = await self._read(key)
+                if current is not None and current[1] >= event.occurred_at:
+                    return
+                try:
+                    if current is None:
+                        await self.kv.create(key, body)
+                    else:
+                        await self.kv.update(key, body, last=current[2])
+                    return
+                except KeyWrongLastSequenceError:
+                    continue  # someone else wrote meanwhile: look again
+        except NatsError as exc:
+            log.warning("could not record the head of %s: %r", event.ref, exc)
+
+    async def superseded_by(self, event: EvalDone) -> str | None:
+        """The newer commit of `event`'s ref, if one arrived after `event`."""
+        if event.ref is None:
+            return None
+        try:
+            current = await self._read(_key(event.repository, event.ref))
+        except NatsError as exc:
+            log.warning("could not read the head of %s: %r", event.ref, exc)
+            return None
+        if current is None or current[0] == event.commit or current[1] <= event.occurred_at:
+            return None
+        return current[0]
