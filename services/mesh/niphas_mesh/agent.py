@@ -1,0 +1,199 @@
+"""One node's mesh agent at run time: the cache server, the index, the fetcher, the loops.
+
+`start_agent` builds and starts everything from settings (app.py calls it; tests start several
+agents, one per simulated node, the same way); `Agent.run` keeps the store announcements and
+the disk usage in step until stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from niphas_common.bus.bus import Bus
+from niphas_common.bus.consumer import Subscription
+from niphas_common.bus.topology import ConsumerSpec
+from niphas_common.nix.errors import NixError
+from niphas_common.nix.runner import PathInfo
+from niphas_common.nix.signing import TrustedKeys
+from niphas_common.settings import NatsSettings
+from niphas_schemas import PathWanted
+
+from .announcer import Announcer
+from .cache_view import CacheView
+from .fetcher import Fetcher
+from .gc import Collector
+from .index import HolderIndex, IndexFeed
+from .last_use import LastUse
+from .metrics import INDEX_PATHS
+from .server import build_app
+from .settings import MeshSettings
+from .store import NodeStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Agent:
+    settings: MeshSettings
+    url: str
+    store: NodeStore
+    index: HolderIndex
+    feed: IndexFeed
+    announcer: Announcer
+    fetcher: Fetcher
+    collector: Collector
+    last_use: LastUse
+    bus: Bus
+    http: web.AppRunner
+    session: aiohttp.ClientSession
+    _reconciled: bool = field(default=False, init=False)
+
+    @property
+    def node(self) -> str:
+        return self.settings.node
+
+    def subscription(self) -> Subscription[PathWanted]:
+        durable = "mesh-" + self.node.replace(".", "_")
+        spec = ConsumerSpec(
+            durable=durable, subject=PathWanted.subject, ack_wait_s=30.0, max_deliver=5
+        )
+        return Subscription(PathWanted, spec, self.fetcher.handle_want, self.settings.concurrency)
+
+    async def readiness(self) -> str | None:
+        if not self.feed.caught_up:
+            return "reading path.available"
+        if not self._reconciled:
+            return "announcing the store"
+        return None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve wants and keep announcements and disk usage in step until `stop` is set."""
+        while not self.feed.caught_up and not stop.is_set():
+            await self.index.changed(0.1)
+        await self.reconcile()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.bus.serve([self.subscription()], stop))
+            tg.create_task(self._every(self.settings.rescan_interval_s, self.reconcile, stop))
+            tg.create_task(self._every(self.settings.gc_interval_s, self.collect, stop))
+
+    async def reconcile(self) -> None:
+        """Announce what the store holds and the index does not know, withdraw the reverse."""
+        change = await self.store.scan()
+        announced = self.index.held_by(self.url)
+        present = {str(i.path) for i in self.store.paths()}
+        for info in self.store.paths():
+            if str(info.path) not in announced and self.store.is_signed(info):
+                await self.announcer.available(info)
+        for path in sorted(announced - present):
+            await self.announcer.withdrawn(path)
+        if change.gained or change.lost:
+            log.info("store: %d paths gained, %d lost", len(change.gained), len(change.lost))
+        INDEX_PATHS.labels(self.node).set(len(self.index))
+        self.last_use.save()
+        self._reconciled = True
+
+    async def collect(self) -> list[PathInfo]:
+        return await self.collector.collect()
+
+    async def _every(self, seconds: float, job: object, stop: asyncio.Event) -> None:
+        assert callable(job)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), seconds)
+            if stop.is_set():
+                return
+            try:
+                await job()
+            except (NixError, OSError) as exc:
+                log.warning("%s failed: %s", getattr(job, "__name__", job), exc)
+
+    async def close(self) -> None:
+        await self.fetcher.close()
+        await self.feed.stop()
+        await self.session.close()
+        await self.http.cleanup()
+        self.last_use.save()
+        await self.bus.close()
+
+
+async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
+    """Build every part from settings, start the HTTP server and the index feed."""
+    trusted = TrustedKeys.parse(settings.trusted_public_keys)
+    store = NodeStore(settings.store_root, trusted)
+    await store.scan()
+    state = settings.node_state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    last_use = LastUse(state / "last-use.json")
+    view = CacheView(
+        node=settings.node,
+        store=store,
+        last_use=last_use,
+        compression=settings.nar_compression,
+        priority=settings.priority,
+        cache_dir=settings.effective_cache_dir,
+    )
+    agent: Agent | None = None
+
+    async def readiness() -> str | None:
+        return "starting" if agent is None else await agent.readiness()
+
+    http = web.AppRunner(build_app(view, readiness), access_log=None)
+    await http.setup()
+    host, _, port = settings.listen.rpartition(":")
+    site = web.TCPSite(http, host or "0.0.0.0", int(port))
+    await site.start()
+    bound = http.addresses[0][1] if http.addresses else int(port)
+    url = settings.public_url or f"http://{host or '127.0.0.1'}:{bound}"
+    bus = await Bus.connect(nats, name=f"mesh-{settings.node}")
+    index = HolderIndex()
+    feed = IndexFeed(bus.js, index)
+    await feed.start()
+    announcer = Announcer(bus, settings.node, url.rstrip("/"))
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.stall_timeout_s
+    )
+    session = aiohttp.ClientSession(timeout=timeout)
+    fetcher = Fetcher(
+        store=store,
+        index=index,
+        announcer=announcer,
+        last_use=last_use,
+        incoming=state / "incoming",
+        trusted=trusted,
+        session=session,
+        fallback_caches=settings.fallback_caches.split(),
+        concurrency=settings.fetch_concurrency,
+        peer_wait_s=settings.peer_wait_s,
+    )
+    collector = Collector(
+        store,
+        last_use,
+        lambda info: announcer.withdrawn(str(info.path)),
+        node=settings.node,
+        high_percent=settings.gc_high_percent,
+        low_percent=settings.gc_low_percent,
+    )
+    agent = Agent(
+        settings,
+        url.rstrip("/"),
+        store,
+        index,
+        feed,
+        announcer,
+        fetcher,
+        collector,
+        last_use,
+        bus,
+        http,
+        session,
+    )
+    log.info(
+        "mesh agent %s serving %s at %s", settings.node, settings.store_root or "/nix/store", url
+    )
+    return agent

@@ -1,0 +1,57 @@
+"""Wiring of the mesh agent: `niphas mesh` (and `niphas up`) run it from here."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Annotated
+
+import typer
+
+from niphas_common.service import ServiceSpec, run_until_signalled
+from niphas_common.settings import NatsSettings
+from niphas_common.tracing import setup_tracing
+
+from .agent import start_agent
+from .settings import MeshSettings
+
+
+async def run(settings: MeshSettings, nats: NatsSettings, stop: asyncio.Event) -> None:
+    setup_tracing("mesh")
+    agent = await start_agent(settings, nats)
+    try:
+        await agent.run(stop)
+    finally:
+        await agent.close()
+
+
+async def main(stop: asyncio.Event) -> None:
+    await run(MeshSettings(), NatsSettings(), stop)
+
+
+def command(
+    listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT to serve the binary cache on")
+    ] = None,
+    store_root: Annotated[
+        str | None, typer.Option(help="Chroot store root; empty: the host's store")
+    ] = None,
+    nats_url: Annotated[str | None, typer.Option(help="NATS server URL(s)")] = None,
+    node: Annotated[str | None, typer.Option(help="This node's name")] = None,
+) -> None:
+    """Every node a Nix binary cache: serve the store, fetch wanted closures from peers."""
+    # Flags win over the environment: set them as the variables the settings read.
+    flags = {"LISTEN": listen, "STORE_ROOT": store_root, "NODE": node}
+    os.environ.update({f"NIPHAS_MESH_{k}": v for k, v in flags.items() if v is not None})
+    settings = MeshSettings()
+    nats = NatsSettings() if nats_url is None else NatsSettings(url=nats_url)
+    asyncio.run(run_until_signalled(lambda stop: run(settings, nats, stop)))
+
+
+service = ServiceSpec(
+    name="mesh",
+    summary="Every node a Nix binary cache: peer-to-peer substitution with full verification",
+    main=main,
+    command=command,
+    settings=(MeshSettings,),
+)

@@ -1,0 +1,95 @@
+"""Downloading one NAR from one holder into the node's incoming cache, verified on the way.
+
+The holder is a transport, never a trust anchor: its narinfo must name the path and carry a
+valid signature by a trusted key (the builder's), the NAR must match the signed NarHash and
+NarSize, and it must parse as a NAR Nix itself could have written (no traversal names, no
+entries through symlinks, bounded sizes). Only then do the NAR and its narinfo land in the
+incoming directory, a file:// binary cache the importer hands to Nix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from niphas_common.nix.cache_client import BinaryCacheClient
+from niphas_common.nix.errors import (
+    CacheError,
+    NarError,
+    NarinfoError,
+    NixError,
+    SignatureError,
+    VerificationError,
+)
+from niphas_common.nix.nar_parser import NarLimits, NarParser, NullSink
+from niphas_common.nix.narinfo import NarInfo
+from niphas_common.nix.store_path import StorePath
+
+FLUSH_BYTES = 4 << 20
+"""Bytes gathered before one write to disk (fewer thread hand-offs per NAR)."""
+
+
+class Rejected(Exception):
+    """A holder could not give us a verified copy; `reason` labels metrics and logs."""
+
+    def __init__(self, holder: str, reason: str, detail: str) -> None:
+        super().__init__(f"{holder}: {reason}: {detail}")
+        self.holder = holder
+        self.reason = reason
+        self.detail = detail
+
+
+def reason_of(exc: NixError) -> str:
+    if isinstance(exc, SignatureError):
+        return "signature"
+    if isinstance(exc, VerificationError):
+        return "hash"
+    if isinstance(exc, NarError):
+        return "nar"
+    if isinstance(exc, NarinfoError):
+        return "narinfo"
+    if isinstance(exc, CacheError) and isinstance(exc.__cause__, TimeoutError):
+        return "stall"
+    return "error"
+
+
+async def fetch_narinfo(client: BinaryCacheClient, path: StorePath) -> NarInfo:
+    try:
+        info = await client.narinfo(path)
+    except NixError as exc:
+        raise Rejected(client.url, reason_of(exc), str(exc)) from exc
+    if info is None:
+        raise Rejected(client.url, "missing", f"{path} is not there")
+    return info
+
+
+async def fetch_nar(client: BinaryCacheClient, info: NarInfo, incoming: Path) -> int:
+    """Download, verify and store the NAR of `info` in `incoming`; return its size."""
+    name = f"{info.store_path.hash_part}.nar"
+    final = incoming / "nar" / name
+    tmp = final.with_name(f".{name}.partial")
+    parser = NarParser(NullSink(), NarLimits(max_nar_size=info.nar_size))
+    buf = bytearray()
+    try:
+        with open(tmp, "wb") as f:  # noqa: ASYNC230 (opening is instant; writes are threaded)
+            async with contextlib.aclosing(client.iter_nar(info)) as pieces:
+                async for piece in pieces:
+                    parser.feed(piece)
+                    buf += piece
+                    if len(buf) >= FLUSH_BYTES:
+                        await asyncio.to_thread(f.write, bytes(buf))
+                        buf.clear()
+            parser.finish()
+            await asyncio.to_thread(f.write, bytes(buf))
+        os.replace(tmp, final)
+    except NixError as exc:
+        raise Rejected(client.url, reason_of(exc), str(exc)) from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    local = replace(info, url=f"nar/{name}", compression="none", file_hash=None, file_size=None)
+    (incoming / f"{info.store_path.hash_part}.narinfo").write_text(local.render())
+    return info.nar_size

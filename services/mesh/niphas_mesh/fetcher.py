@@ -1,0 +1,239 @@
+"""Answering `path.wanted`: make a closure present on this node, from peers first.
+
+For each path of the wanted closure that the node lacks there is one *flight* (single-flight:
+however many wants ask for a path, it is downloaded once; later wants join the flight). A
+flight gets the verified narinfo from a holder, starts the flights of its references at once
+(references are imported first), downloads the NAR from the same holder, then hands it to the
+importer and announces it.
+
+Holders come from the index: peers first (shuffled, so one seed does not serve everyone), the
+cache last, plus the configured fallback caches. A holder that fails verification, stalls or
+errors is reported (log + metric) and the next one is tried. When no peer has a path yet, the
+node announces `fetching` and checks whether another node announced its own fetch earlier: if
+so it waits (up to `peer_wait_s`) for that peer instead of also pulling from the cache, which
+is what keeps the cache's egress near one copy when many nodes want the same closure at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+
+from niphas_common.bus.consumer import Delivery
+from niphas_common.nix.cache_client import BinaryCacheClient
+from niphas_common.nix.narinfo import NarInfo
+from niphas_common.nix.signing import TrustedKeys
+from niphas_common.nix.store_path import StorePath
+from niphas_schemas import PathWanted
+
+from .announcer import Announcer
+from .download import Rejected, fetch_nar, fetch_narinfo
+from .importer import Importer, ImportFailed
+from .index import HolderIndex, Holding
+from .last_use import LastUse
+from .metrics import FETCHED_BYTES, FETCHES, REJECTED, SINGLE_FLIGHT_JOINS
+from .store import NodeStore
+
+log = logging.getLogger(__name__)
+RETRY_S = 2.0
+"""Seconds between attempts at a want no holder could serve yet (bounded by its deadline)."""
+
+
+class FetchFailed(Exception):
+    pass
+
+
+class Fetcher:
+    def __init__(
+        self,
+        *,
+        store: NodeStore,
+        index: HolderIndex,
+        announcer: Announcer,
+        last_use: LastUse,
+        incoming: Path,
+        trusted: TrustedKeys,
+        session: aiohttp.ClientSession,
+        fallback_caches: Sequence[str] = (),
+        concurrency: int = 8,
+        peer_wait_s: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.index = index
+        self.announcer = announcer
+        self.last_use = last_use
+        self.importer = Importer(store, incoming)
+        self.incoming = incoming
+        self.trusted = trusted
+        self.session = session
+        self.fallback_caches = tuple(fallback_caches)
+        self.peer_wait_s = peer_wait_s
+        self._limit = asyncio.Semaphore(concurrency)
+        self._flights: dict[str, asyncio.Task[None]] = {}
+        self._clients: dict[str, BinaryCacheClient] = {}
+        self.downloads = 0
+        """NARs downloaded and verified (what single-flight keeps at one per path)."""
+
+    @property
+    def node(self) -> str:
+        return self.announcer.node
+
+    async def close(self) -> None:
+        for task in list(self._flights.values()):
+            task.cancel()
+        for client in self._clients.values():
+            await client.close()
+
+    # -- the consumer's handler --------------------------------------------------------
+
+    async def handle_want(self, event: PathWanted, delivery: Delivery) -> None:
+        if event.node != self.node:
+            return  # another node's want: every node's consumer sees (and acks) them all
+        paths = [StorePath.parse(p) for p in event.store_paths]
+        for p in paths:
+            self.last_use.touch(p.hash_part)
+        remaining = (event.deadline - datetime.now(UTC)).total_seconds()
+        error = None
+        try:
+            async with asyncio.timeout(remaining):
+                await self.ensure(paths)
+        except TimeoutError:
+            error = f"not present by the deadline {event.deadline.isoformat()}"
+        except FetchFailed as exc:
+            error = str(exc)
+        if error is not None:
+            for p in paths:
+                if p not in self.store:
+                    await self.announcer.failed(str(p), f"{event.requester}: {error}")
+
+    async def ensure(self, paths: Sequence[StorePath]) -> None:
+        """Make the closure of `paths` present, retrying until the caller's deadline."""
+        while True:
+            try:
+                await asyncio.gather(*(asyncio.shield(self.flight(p)) for p in paths))
+                return
+            except (FetchFailed, ImportFailed) as exc:
+                log.info("retrying %s in %.0fs: %s", [str(p) for p in paths], RETRY_S, exc)
+                await self.index.changed(RETRY_S)
+
+    def flight(self, path: StorePath) -> asyncio.Future[None]:
+        """The one fetch of `path` on this node (a finished future if present)."""
+        if path in self.store:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        task = self._flights.get(path.hash_part)
+        if task is not None:
+            SINGLE_FLIGHT_JOINS.labels(self.node).inc()
+            return task
+        task = asyncio.create_task(self._fetch(path), name=f"fetch {path.base_name}")
+        self._flights[path.hash_part] = task
+        task.add_done_callback(lambda t: self._landed(path, t))
+        return task
+
+    def _landed(self, path: StorePath, task: asyncio.Task[None]) -> None:
+        self._flights.pop(path.hash_part, None)
+        if not task.cancelled() and task.exception() is not None:
+            FETCHES.labels(self.node, "failed").inc()
+
+    # -- one flight --------------------------------------------------------------------
+
+    async def _fetch(self, path: StorePath) -> None:
+        refs: list[asyncio.Future[None]] = []
+
+        def start_references(info: NarInfo) -> None:
+            if not refs:
+                refs.extend(self.flight(r) for r in info.reference_paths())
+                refs.append(_done())
+
+        info = await self._download(path, start_references)
+        try:
+            await asyncio.gather(*refs)
+        except BaseException:
+            self.importer.discard(info)
+            raise
+        await self.importer.add(info)
+        FETCHES.labels(self.node, "imported").inc()
+        self.last_use.touch(path.hash_part)
+        valid = self.store.lookup(path.hash_part)
+        if valid is not None:
+            await self.announcer.available(valid)
+
+    async def _download(self, path: StorePath, on_narinfo: Callable[[NarInfo], None]) -> NarInfo:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        since = datetime.now(UTC) - timedelta(seconds=self.peer_wait_s)
+        tried: set[str] = set()
+        announced = False
+        errors: list[str] = []
+        while True:
+            holders = [h for h in self._holders(str(path)) if h.url not in tried]
+            if not any(h.kind == "node" for h in holders):
+                if not announced:
+                    announced = True
+                    seq = await self.announcer.fetching(str(path))
+                    await self.index.reached(seq, 5.0)
+                leader = self.index.first_fetcher(str(path), since)
+                waited = loop.time() - started
+                if (
+                    leader is not None
+                    and leader.url != self.announcer.url
+                    and waited < self.peer_wait_s
+                ):
+                    await self.index.changed(self.peer_wait_s - waited)
+                    continue
+            if not holders:
+                detail = "; ".join(errors) or "no holder announced it"
+                raise FetchFailed(f"{path}: {detail}")
+            holder = holders[0]
+            tried.add(holder.url)
+            try:
+                return await self._from(holder, path, on_narinfo)
+            except Rejected as exc:
+                errors.append(str(exc))
+                if exc.reason != "missing":
+                    REJECTED.labels(self.node, holder.holder, exc.reason).inc()
+                    log.warning(
+                        "rejected %s from %s (%s): %s", path, holder.url, exc.reason, exc.detail
+                    )
+
+    def _holders(self, path: str) -> list[Holding]:
+        found = self.index.available(path, exclude=self.announcer.url)
+        known = {h.url for h in found}
+        epoch = datetime.fromtimestamp(0, UTC)
+        found += [
+            Holding("cache", url, url, "available", 0, epoch)
+            for url in self.fallback_caches
+            if url not in known
+        ]
+        return found
+
+    async def _from(
+        self, holder: Holding, path: StorePath, on_narinfo: Callable[[NarInfo], None]
+    ) -> NarInfo:
+        client = self._client(holder.url)
+        async with self._limit:
+            info = await fetch_narinfo(client, path)
+            on_narinfo(info)
+            size = await fetch_nar(client, info, self.incoming)
+        self.downloads += 1
+        FETCHED_BYTES.labels(self.node, holder.kind).inc(size)
+        return info
+
+    def _client(self, url: str) -> BinaryCacheClient:
+        client = self._clients.get(url)
+        if client is None:
+            client = BinaryCacheClient(url, self.trusted, session=self.session)
+            self._clients[url] = client
+        return client
+
+
+def _done() -> asyncio.Future[None]:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_result(None)
+    return future

@@ -1,0 +1,96 @@
+"""Garbage collection by disk watermarks, least recently used first, never a leased path.
+
+When the store's file system is fuller than `high` percent, the collector deletes store paths
+until it is below `low`: oldest last use first, only paths nothing else on the node references
+any more (deleting a leaf can make its references leaves in turn), never a path in the closure
+of a lease (the CSI driver's GC roots, see `niphas_common.leases`). Deletion goes through
+`nix-store --delete`, which refuses anything still alive, so a lease created between the
+choice and the deletion is still honoured. Every deleted path is withdrawn from the mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from niphas_common.leases import leased_paths
+from niphas_common.nix.runner import PathInfo
+
+from .last_use import LastUse
+from .metrics import DISK_USED, GC_DELETED
+from .store import NodeStore
+
+log = logging.getLogger(__name__)
+
+Withdraw = Callable[[PathInfo], Awaitable[object]]
+
+
+class Collector:
+    def __init__(
+        self,
+        store: NodeStore,
+        last_use: LastUse,
+        withdraw: Withdraw,
+        *,
+        node: str,
+        high_percent: float,
+        low_percent: float,
+    ) -> None:
+        self.store = store
+        self.last_use = last_use
+        self.withdraw = withdraw
+        self.node = node
+        self.high = high_percent
+        self.low = min(low_percent, high_percent)
+
+    def protected(self) -> set[str]:
+        """Hash parts of every leased path and everything it references, transitively."""
+        todo = [p.rsplit("/", 1)[-1][:32] for p in leased_paths(self.store.root)]
+        keep: set[str] = set()
+        while todo:
+            hash_part = todo.pop()
+            if hash_part in keep:
+                continue
+            keep.add(hash_part)
+            info = self.store.lookup(hash_part)
+            if info is not None:
+                todo.extend(r.hash_part for r in info.references)
+        return keep
+
+    async def collect(self) -> list[PathInfo]:
+        """One pass: if above the high watermark, delete down to the low one."""
+        used = self.store.usage_percent()
+        DISK_USED.labels(self.node).set(used)
+        if used < self.high:
+            return []
+        log.info("store %.1f%% full (high watermark %.1f%%): collecting", used, self.high)
+        await self.store.scan()
+        keep = self.protected()
+        refused: set[str] = set()
+        deleted: list[PathInfo] = []
+        while used >= self.low:
+            referrers = self.store.referrers()
+            leaves = [
+                info
+                for info in self.store.paths()
+                if not referrers.get(info.path.hash_part)
+                and info.path.hash_part not in keep
+                and info.path.hash_part not in refused
+            ]
+            if not leaves:
+                log.warning("store %.1f%% full but nothing more is collectable", used)
+                break
+            victim = min(leaves, key=lambda i: (self.last_use.get(i.path.hash_part), i.path))
+            announced = self.store.is_signed(victim)
+            if not await self.store.delete(victim.path):
+                refused.add(victim.path.hash_part)  # alive: a GC root we did not know about
+                continue
+            deleted.append(victim)
+            self.last_use.forget(victim.path.hash_part)
+            GC_DELETED.labels(self.node).inc()
+            if announced:
+                await self.withdraw(victim)
+            used = self.store.usage_percent()
+        DISK_USED.labels(self.node).set(used)
+        self.last_use.save()
+        return deleted

@@ -1,0 +1,160 @@
+"""Who holds what: every holder's latest state for every store path, from `path.available`.
+
+The index is rebuilt on start by reading the whole PATH_AVAILABLE stream in order (an ordered,
+ephemeral consumer from the first message), then kept current by the same subscription. It is
+advice for choosing where to download from, never trusted: every narinfo and NAR is verified.
+Each entry remembers the stream sequence of its announcement, which orders concurrent
+`fetching` announcements: the first node to announce a fetch goes to the cache, the others
+wait for it (see `fetch_plan`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from niphas_common.bus.codec import decode
+from niphas_common.bus.topology import stream_name
+from niphas_common.errors import PoisonMessage
+from niphas_schemas import PathAvailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Holding:
+    """One holder's latest word about one path."""
+
+    kind: str
+    holder: str
+    url: str
+    state: str
+    seq: int
+    at: datetime
+    nar_size: int | None = None
+
+
+class HolderIndex:
+    def __init__(self) -> None:
+        self._paths: dict[str, dict[str, Holding]] = {}
+        self.last_seq = 0
+        self._changed = asyncio.Event()
+
+    def apply(self, event: PathAvailable, seq: int) -> None:
+        holders = self._paths.setdefault(event.store_path, {})
+        if event.state == "withdrawn":
+            holders.pop(event.holder_url, None)
+            if not holders:
+                del self._paths[event.store_path]
+        else:
+            holders[event.holder_url] = Holding(
+                event.holder_kind,
+                event.holder,
+                event.holder_url,
+                event.state,
+                seq,
+                event.occurred_at,
+                event.nar_size,
+            )
+        self.last_seq = max(self.last_seq, seq)
+        # Wake every waiter; each re-checks what it waits for.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def holdings(self, store_path: str) -> list[Holding]:
+        return list(self._paths.get(store_path, {}).values())
+
+    def available(self, store_path: str, exclude: str = "") -> list[Holding]:
+        """Holders to try, best first: peers (shuffled, to spread the load), then caches."""
+        found = [
+            h for h in self.holdings(store_path) if h.state == "available" and h.url != exclude
+        ]
+        peers = [h for h in found if h.kind == "node"]
+        random.shuffle(peers)
+        return peers + [h for h in found if h.kind == "cache"]
+
+    def first_fetcher(self, store_path: str, newer_than: datetime) -> Holding | None:
+        """The node whose still-current `fetching` announcement came first (since a time)."""
+        fetching = [
+            h
+            for h in self.holdings(store_path)
+            if h.state == "fetching" and h.kind == "node" and h.at >= newer_than
+        ]
+        return min(fetching, key=lambda h: h.seq, default=None)
+
+    def held_by(self, url: str) -> set[str]:
+        """Paths the holder at `url` announced as available and has not withdrawn."""
+        return {
+            path
+            for path, holders in self._paths.items()
+            if (h := holders.get(url)) is not None and h.state == "available"
+        }
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    async def changed(self, timeout: float) -> None:  # noqa: ASYNC109 (a bounded wait)
+        """Return at the next update, or after `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), max(timeout, 0.0))
+
+    async def reached(self, seq: int, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until the index has applied stream sequence `seq`."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.last_seq < seq:
+            left = end - loop.time()
+            if left <= 0:
+                return False
+            await self.changed(left)
+        return True
+
+
+class IndexFeed:
+    """Keeps a HolderIndex in step with the PATH_AVAILABLE stream."""
+
+    def __init__(self, js: JetStreamContext, index: HolderIndex) -> None:
+        self._js = js
+        self.index = index
+        self._start_seq = 0
+        self._sub: object | None = None
+
+    async def start(self) -> None:
+        subject = PathAvailable.subject
+        try:
+            info = await self._js.stream_info(stream_name(subject))
+            self._start_seq = info.state.last_seq
+        except NotFoundError:
+            self._start_seq = 0
+        self._sub = await self._js.subscribe(
+            subject, cb=self._on_msg, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+        )
+
+    @property
+    def caught_up(self) -> bool:
+        """Whether everything stored before the agent started has been read."""
+        return self.index.last_seq >= self._start_seq
+
+    async def _on_msg(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        try:
+            event = decode(PathAvailable, msg.data)
+        except PoisonMessage as exc:
+            log.warning("index: skipping unreadable path.available #%d: %s", seq, exc)
+            self.index.last_seq = max(self.index.last_seq, seq)
+            return
+        self.index.apply(event, seq)
+
+    async def stop(self) -> None:
+        sub = self._sub
+        if sub is not None:
+            await sub.unsubscribe()  # type: ignore[attr-defined]

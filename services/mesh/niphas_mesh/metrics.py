@@ -1,0 +1,40 @@
+"""The mesh agent's Prometheus metrics (served on its own /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+SERVED_BYTES = Counter(
+    "niphas_mesh_served_bytes_total",
+    "Bytes of NARs served over HTTP, by source (the node's store, or the cache directory)",
+    ["node", "source"],
+)
+FETCHED_BYTES = Counter(
+    "niphas_mesh_fetched_bytes_total",
+    "Verified NAR bytes this node fetched, by holder kind (node or cache)",
+    ["node", "holder_kind"],
+)
+FETCHES = Counter(
+    "niphas_mesh_fetches_total",
+    "Paths fetched and imported, by outcome (imported, failed)",
+    ["node", "outcome"],
+)
+REJECTED = Counter(
+    "niphas_mesh_rejected_total",
+    "Downloads rejected or abandoned, by holder and reason (signature, hash, nar, stall, error)",
+    ["node", "holder", "reason"],
+)
+SINGLE_FLIGHT_JOINS = Counter(
+    "niphas_mesh_single_flight_joins_total",
+    "Wants that joined a fetch already in progress instead of starting one",
+    ["node"],
+)
+GC_DELETED = Counter(
+    "niphas_mesh_gc_deleted_paths_total", "Store paths garbage-collected", ["node"]
+)
+DISK_USED = Gauge(
+    "niphas_mesh_disk_used_percent", "Percent of the store's file system in use", ["node"]
+)
+INDEX_PATHS = Gauge(
+    "niphas_mesh_index_paths", "Store paths with at least one known holder", ["node"]
+)

@@ -1,0 +1,36 @@
+"""`/<hash>.narinfo`: the narinfo of a path this node holds, with the builder's signatures.
+
+Only paths carrying a valid signature by a trusted key are served: the mesh never signs, so a
+path built on this node without the builder's signature would be refused by every peer and by
+Nix clients that require signatures; it gets a 404 instead and the client moves on to the next
+substituter. When the node lacks the path, the cache directory's narinfo (if any) is served, so
+`http://<node>/` also works as the cache in the embedded default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from .cache_view import VIEW
+
+NARINFO_TYPE = "text/x-nix-narinfo"
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    view = request.app[VIEW]
+    hash_part = request.match_info["hash"]
+    info = await view.store.find(hash_part)
+    if info is not None and view.store.is_signed(info):
+        narinfo = view.store.narinfo(info, view.compression)
+        return web.Response(text=narinfo.render(), content_type=NARINFO_TYPE)
+    if view.cache_dir is not None:
+        file = view.cache_dir / f"{hash_part}.narinfo"
+        try:
+            body = await asyncio.to_thread(file.read_bytes)
+        except OSError:
+            pass
+        else:
+            return web.Response(body=body, content_type=NARINFO_TYPE)
+    raise web.HTTPNotFound(text="no such path\n")

@@ -1,0 +1,118 @@
+"""The mesh agent's settings (environment `NIPHAS_MESH_...`, or `niphas mesh` flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from niphas_common.settings import ServiceSettings, default_state_dir
+
+
+class MeshSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NIPHAS_MESH_", extra="ignore", populate_by_name=True
+    )
+
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        validation_alias=AliasChoices("NIPHAS_MESH_STATE_DIR", "NIPHAS_STATE_DIR"),
+        description="Durable local state (last-use times, fetch scratch space) lives under "
+        "<state_dir>/mesh/<node>; `niphas up` sets NIPHAS_STATE_DIR",
+    )
+    node: str = Field(
+        default="local",
+        pattern=r"^[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?$",
+        description="This node's name (the Kubernetes node name): wants for it are answered here",
+    )
+    listen: str = Field(
+        default="127.0.0.1:5480", description="HOST:PORT the binary cache listens on"
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="URL peers reach this agent at (announced as holder_url); "
+        "None: http://<listen>",
+    )
+    store_root: str = Field(
+        default="",
+        description="Empty: the host's Nix store. Otherwise a chroot store rooted here "
+        "(paths stay /nix/store/..., files live under <store_root>/nix/store)",
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="A file:// binary cache directory also served over HTTP (the builder's "
+        "cache in the embedded default); None: <state_dir>/cache when it exists",
+    )
+    fallback_caches: str = Field(
+        default="",
+        description="Space-separated binary cache URLs tried after every announced holder "
+        "(e.g. the builder's cache when it does not announce on path.available)",
+    )
+    trusted_public_keys: str = Field(
+        default="",
+        description="Space-separated Nix public keys (name:base64); a fetched narinfo must carry "
+        "a valid signature by one of them, and only paths signed by one are served and announced",
+    )
+    priority: int = Field(
+        default=30, ge=0, description="Priority in nix-cache-info (lower is preferred by Nix)"
+    )
+    nar_compression: str = Field(
+        default="none",
+        pattern="^(none|zstd)$",
+        description="How NARs are served: `none` (fastest on a LAN, never compressed on the hot "
+        "path) or `zstd`",
+    )
+    fetch_concurrency: int = Field(
+        default=8, ge=1, le=256, description="NAR downloads in flight at once per node"
+    )
+    stall_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds without a byte from a holder before it is abandoned for the next",
+    )
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="Seconds to connect to a holder"
+    )
+    peer_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds to wait for a peer that announced it is fetching a path (and "
+        "started first) before fetching it from the cache ourselves",
+    )
+    rescan_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds between scans of the store for paths gained or lost outside the "
+        "agent (local builds, nix-collect-garbage); they are announced or withdrawn",
+    )
+    gc_high_percent: float = Field(
+        default=85.0,
+        gt=0,
+        le=100,
+        description="Percent of the store's file system in use above which GC starts",
+    )
+    gc_low_percent: float = Field(
+        default=70.0,
+        ge=0,
+        le=100,
+        description="Percent of the store's file system in use GC frees down to",
+    )
+    gc_interval_s: float = Field(
+        default=60.0, gt=0, description="Seconds between disk usage checks"
+    )
+
+    @property
+    def url(self) -> str:
+        return (self.public_url or f"http://{self.listen}").rstrip("/")
+
+    @property
+    def node_state_dir(self) -> Path:
+        return self.state_dir / "mesh" / self.node
+
+    @property
+    def effective_cache_dir(self) -> Path | None:
+        if self.cache_dir is not None:
+            return self.cache_dir
+        default = self.state_dir / "cache"
+        return default if default.is_dir() else None
