@@ -114,9 +114,11 @@ async def test_http_surface(
     await zst.reconcile()
     dest = tmp_path / "client-zstd"
     client = NixRunner(store=str(dest), options={"trusted-public-keys": str(cache_key.public)})
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{zst.url}/{app.hash_part}.narinfo") as resp:
-            assert "Compression: zstd" in await resp.text()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{zst.url}/{app.hash_part}.narinfo") as resp,
+    ):
+        assert "Compression: zstd" in await resp.text()
     await client.acopy([app], src=zst.url, to=str(dest))
     await client.arun("nix", "store", "verify", "--all")
 
@@ -156,4 +158,3 @@ async def test_niphas_mesh_command(
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
-

@@ -51,9 +51,19 @@ def reason_of(exc: NixError) -> str:
         return "nar"
     if isinstance(exc, NarinfoError):
         return "narinfo"
-    if isinstance(exc, CacheError) and isinstance(exc.__cause__, TimeoutError):
+    if isinstance(exc, CacheError) and _caused_by_timeout(exc):
         return "stall"
     return "error"
+
+
+def _caused_by_timeout(exc: BaseException) -> bool:
+    """Whether a socket read timed out somewhere down the cause chain (a stalled holder)."""
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, TimeoutError):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 async def fetch_narinfo(client: BinaryCacheClient, path: StorePath) -> NarInfo:

@@ -1,0 +1,150 @@
+"""HTTP servers the mesh tests fetch from: the builder's cache with a byte counter, and
+hostile peers. A hostile peer is a real adversary on a real socket, not a fake: it answers
+narinfo and NAR requests for any path of a real signed cache, tampered with in one way."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from aiohttp import web
+
+from niphas_common.nix.nar import nar_string
+from niphas_common.nix.narinfo import NarInfo
+from niphas_common.nix.signing import SecretKey
+
+
+@dataclass
+class Served:
+    """What a server sent: NAR bytes in total and requests per NAR name."""
+
+    nar_bytes: int = 0
+    nar_requests: Counter[str] = field(default_factory=Counter)
+
+
+@asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def counting_cache(directory: Path) -> AsyncIterator[tuple[str, Served]]:
+    """Serve a file cache directory like nginx would, counting the NAR bytes it sends."""
+    served = Served()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        rel = request.match_info["rel"]
+        file = directory / rel
+        if ".." in rel.split("/") or not file.is_file():
+            raise web.HTTPNotFound()
+        body = file.read_bytes()
+        if rel.startswith("nar/"):
+            served.nar_bytes += len(body)
+            served.nar_requests[rel] += 1
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_get("/{rel:.+}", handle)
+    async with serve(app) as url:
+        yield url, served
+
+
+def traversal_nar() -> bytes:
+    """A directory with an entry named `..` (would write beside the store path)."""
+    s = nar_string
+    entry = s(b"entry") + s(b"(") + s(b"name") + s(b"..") + s(b"node")
+    file = s(b"(") + s(b"type") + s(b"regular") + s(b"contents") + s(b"x") + s(b")")
+    return (
+        s(b"nix-archive-1") + s(b"(") + s(b"type") + s(b"directory")
+        + entry + file + s(b")") + s(b")")
+    )  # fmt: skip
+
+
+def escaping_symlink_nar(outside: Path) -> bytes:
+    """A symlink `a` pointing outside, then a directory `a` with a file: written naively, the
+    file would land at `<outside>/pwned`."""
+    s = nar_string
+    link = s(b"(") + s(b"type") + s(b"symlink") + s(b"target") + s(str(outside).encode()) + s(b")")
+    file = s(b"(") + s(b"type") + s(b"regular") + s(b"contents") + s(b"pwned") + s(b")")
+    inner = s(b"(") + s(b"type") + s(b"directory") + s(b"entry") + s(b"(") + s(b"name")
+    inner += s(b"pwned") + s(b"node") + file + s(b")") + s(b")")
+    entry_a = s(b"entry") + s(b"(") + s(b"name") + s(b"a") + s(b"node")
+    return (
+        s(b"nix-archive-1") + s(b"(") + s(b"type") + s(b"directory")
+        + entry_a + link + s(b")") + entry_a + inner + s(b")") + s(b")")
+    )  # fmt: skip
+
+
+MODES = ("corrupt", "wrong-narhash", "stripped", "forged", "traversal", "symlink", "stall")
+
+
+@asynccontextmanager
+async def hostile_peer(mode: str, cache_dir: Path, outside: Path) -> AsyncIterator[str]:
+    """A peer serving the cache's paths, tampered with according to `mode`."""
+    forger = SecretKey.generate("niphas-test-1")  # the trusted key's name, another key
+    release = asyncio.Event()
+
+    async def narinfo(request: web.Request) -> web.Response:
+        hash_part = request.match_info["hash"]
+        file = cache_dir / f"{hash_part}.narinfo"
+        if not file.is_file():
+            raise web.HTTPNotFound()
+        info = NarInfo.parse(file.read_text())
+        info = replace(info, url=f"nar/{hash_part}.nar", compression="none")
+        info = replace(info, file_hash=None, file_size=None)
+        if mode == "wrong-narhash":
+            digest = bytearray(info.nar_hash.digest)
+            digest[0] ^= 1
+            info = replace(info, nar_hash=type(info.nar_hash)("sha256", bytes(digest)))
+        elif mode == "stripped":
+            info = replace(info, sigs=())
+        elif mode == "forged":
+            info = replace(info, sigs=()).signed(forger)
+        return web.Response(text=info.render())
+
+    async def nar(request: web.Request) -> web.StreamResponse:
+        hash_part = request.match_info["hash"]
+        info = NarInfo.parse((cache_dir / f"{hash_part}.narinfo").read_text())
+        body = (cache_dir / info.url).read_bytes()  # the test caches are uncompressed
+        if mode == "corrupt":
+            # One byte of the first file's contents: still a well-formed NAR, another hash.
+            at = body.index(b"contents") + 16
+            body = body[:at] + bytes([body[at] ^ 0xFF]) + body[at + 1 :]
+        elif mode == "traversal":
+            body = traversal_nar()
+        elif mode == "symlink":
+            body = escaping_symlink_nar(outside)
+        if mode == "stall":
+            resp = web.StreamResponse()
+            resp.content_length = len(body)
+            await resp.prepare(request)
+            await resp.write(body[: len(body) // 2])
+            await release.wait()  # never sends the rest while the test runs
+            return resp
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_get("/nix-cache-info", cache_info)
+    app.router.add_get("/{hash:[0-9a-z]{32}}.narinfo", narinfo)
+    app.router.add_get("/nar/{hash:[0-9a-z]{32}}.nar", nar)
+    async with serve(app) as url:
+        try:
+            yield url
+        finally:
+            release.set()  # let a stalled response end before the server shuts down
+
+
+async def cache_info(_: web.Request) -> web.Response:
+    return web.Response(text="StoreDir: /nix/store\n")
