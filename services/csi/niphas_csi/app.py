@@ -1,0 +1,164 @@
+"""Wiring: builds every part of the csi service from its settings and runs it.
+
+Nothing here needs a later stage to come up: the socket serves volumes whose closures are
+already on the node even while NATS is unreachable; only fetching a missing path needs the bus
+(connected in the background, retried until it answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from niphas_common.bus.bus import Bus
+from niphas_common.http import serve_ops
+from niphas_common.nix.runner import NixRunner
+from niphas_common.nix.store_path import StoreDir
+from niphas_common.service import ServiceSpec, run_until_signalled
+from niphas_common.settings import NatsSettings
+from niphas_common.tracing import setup_tracing
+
+from .closure import NodeStore
+from .identity import IdentityService
+from .lease import Leases
+from .node import NodeService
+from .server import start_server
+from .settings import CsiSettings
+from .state import VolumeState
+from .views import Views
+from .volumes import FetchPolicy, Volumes
+from .wants import PathWants
+
+log = logging.getLogger(__name__)
+
+BUS_RETRY_S = 2.0
+
+
+def plugin_version() -> str:
+    try:
+        return version("niphas")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def endpoint_of(settings: CsiSettings) -> str:
+    return settings.endpoint or f"unix://{settings.state_dir / 'csi' / 'csi.sock'}"
+
+
+async def _connect_bus(
+    volumes: Volumes, nats: NatsSettings, node_id: str, stop: asyncio.Event
+) -> Bus | None:
+    """Connect, retrying until it works or `stop` is set (never cancelled half-way, which
+    would leave a half-open connection behind)."""
+    while not stop.is_set():
+        bus: Bus | None = None
+        try:
+            bus = await Bus.connect(nats, name=f"csi-{node_id}")
+            wants = PathWants(bus, node_id)
+            await wants.start()
+        except Exception as exc:
+            log.warning("bus not reachable yet (%s); missing paths cannot be fetched", exc)
+            if bus is not None:
+                await bus.nc.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), BUS_RETRY_S)
+            continue
+        volumes.wants = wants
+        return bus
+    return None
+
+
+async def run(settings: CsiSettings, stop: asyncio.Event, nats: NatsSettings | None = None) -> None:
+    """Serve the CSI socket until `stop` is set."""
+    if os.geteuid() != 0:
+        raise SystemExit("the csi service mounts volumes and must run as root")
+    setup_tracing("niphas-csi")
+    root = settings.state_dir / "csi"
+    store_root = settings.store_root
+    runner = NixRunner(
+        store=str(store_root) if store_root else None, timeout=settings.nix_timeout_s
+    )
+    volumes = Volumes(
+        state=VolumeState(root / "volumes"),
+        leases=Leases(store_root),
+        views=Views(root / "staging", StoreDir(root=store_root)),
+        store=NodeStore(runner, settings.concurrency),
+        wants=None,
+        fetch=FetchPolicy(settings.fetch_timeout_s, settings.presence_recheck_s),
+    )
+    await volumes.reconcile()
+    ready = True
+    server = await start_server(
+        endpoint_of(settings),
+        IdentityService(plugin_version(), lambda: ready),
+        NodeService(volumes, settings.node_id, settings.allowed_target_root),
+        settings.max_concurrent_rpcs,
+    )
+    log.info("csi node %s serving %s", settings.node_id, endpoint_of(settings))
+    bus_task = asyncio.create_task(
+        _connect_bus(volumes, nats or NatsSettings(), settings.node_id, stop)
+    )
+    ops = None
+    if settings.metrics_port is not None:
+
+        async def readiness() -> str | None:
+            return None if volumes.wants is not None else "bus not connected"
+
+        ops = await serve_ops(settings.metrics_host, settings.metrics_port, readiness)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(grace=5)
+        bus = await bus_task
+        if volumes.wants is not None:
+            await volumes.wants.stop()
+            volumes.wants = None
+        if bus is not None:
+            await bus.close()
+        if ops is not None:
+            await ops.cleanup()
+
+
+async def main(stop: asyncio.Event) -> None:
+    await run(CsiSettings(), stop)
+
+
+def command(
+    endpoint: Annotated[
+        str | None, typer.Option(help="unix:///path/csi.sock (default: <state dir>/csi/csi.sock)")
+    ] = None,
+    node_id: Annotated[str | None, typer.Option(help="This node's name")] = None,
+    store_root: Annotated[
+        Path | None, typer.Option(help="The node's Nix store root (nix --store); default: /")
+    ] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Durable state directory")] = None,
+    allowed_target_root: Annotated[
+        Path | None, typer.Option(help="Only mount below this directory (kubelet's pods dir)")
+    ] = None,
+) -> None:
+    """The CSI node plugin: mounts a read-only view of exactly a closure into pods."""
+    overrides: dict[str, object] = {
+        "endpoint": endpoint,
+        "node_id": node_id,
+        "store_root": store_root,
+        "state_dir": state_dir,
+        "allowed_target_root": allowed_target_root,
+    }
+    settings = CsiSettings.model_validate({k: v for k, v in overrides.items() if v is not None})
+    asyncio.run(run_until_signalled(lambda stop: run(settings, stop)))
+
+
+service = ServiceSpec(
+    name="csi",
+    summary="CSI node plugin: mounts a read-only view of exactly a closure into pods",
+    main=main,
+    command=command,
+    settings=(CsiSettings,),
+)

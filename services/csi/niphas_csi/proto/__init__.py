@@ -1,0 +1,1 @@
+"""The CSI v1 protobuf messages and gRPC stubs (generated from csi.proto; see generate.py)."""

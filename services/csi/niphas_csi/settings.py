@@ -1,0 +1,62 @@
+"""The csi service's settings (environment prefix `NIPHAS_CSI_`, or the `niphas csi` flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from niphas_common.settings import ServiceSettings
+
+DRIVER_NAME = "csi.niphas.io"
+"""The CSI driver name: the CSIDriver object, the registrar and every pod's volume use it."""
+
+
+class CsiSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="NIPHAS_CSI_", extra="ignore")
+
+    endpoint: str | None = Field(
+        default=None,
+        description="gRPC endpoint kubelet calls (unix:///path/csi.sock; the socket file is "
+        "replaced at start); None: unix://<state_dir>/csi/csi.sock",
+    )
+    node_id: str = Field(
+        default="localhost",
+        description="This node's name (the Kubernetes node name): NodeGetInfo's node id and the "
+        "node asked for in path.wanted",
+    )
+    store_root: Path | None = Field(
+        default=None,
+        description="Root of the node's Nix store as `nix --store` takes it (a chroot store "
+        "dir); None: the host store at /nix/store",
+    )
+    allowed_target_root: Path = Field(
+        default=Path("/var/lib/kubelet/pods"),
+        description="Volumes are only ever mounted below this directory (kubelet's pods dir); "
+        "any other target path is refused with INVALID_ARGUMENT",
+    )
+    fetch_timeout_s: float = Field(
+        default=100.0,
+        gt=0,
+        description="Seconds a publish waits for missing paths (path.wanted -> path.available) "
+        "before DEADLINE_EXCEEDED; kept under kubelet's 2-minute call timeout",
+    )
+    presence_recheck_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds between re-checks of the store while waiting for missing paths, "
+        "in case an announcement was missed",
+    )
+    max_concurrent_rpcs: int = Field(
+        default=64,
+        ge=1,
+        description="gRPC calls served at once; beyond it calls fail with RESOURCE_EXHAUSTED "
+        "and kubelet retries (thousands of unbounded calls get CANCELLED)",
+    )
+    nix_timeout_s: float = Field(
+        default=30.0, gt=0, description="Seconds a `nix path-info` of a closure may take"
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address the /healthz /readyz /metrics server binds"
+    )

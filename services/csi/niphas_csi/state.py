@@ -1,0 +1,76 @@
+"""What the driver has published, persisted so a restart knows it: one JSON file per volume.
+
+A record is written only once its mount is in place, and removed only after the mount is gone,
+so on start every record names a volume kubelet believes is published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRecord:
+    volume_id: str
+    target: str
+    store_paths: tuple[str, ...]
+    """The requested paths (what the lease holds)."""
+    view: str
+    """Key of the closure's view (views.py)."""
+    closure: tuple[str, ...]
+    """Every path of the closure, as mounted."""
+    pod: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> VolumeRecord:
+        return cls(
+            volume_id=str(data["volume_id"]),
+            target=str(data["target"]),
+            store_paths=tuple(data["store_paths"]),  # type: ignore[arg-type]
+            view=str(data["view"]),
+            closure=tuple(data["closure"]),  # type: ignore[arg-type]
+            pod=dict(data.get("pod") or {}),  # type: ignore[call-overload]
+        )
+
+
+class VolumeState:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, volume_id: str) -> Path:
+        return self.directory / f"{volume_id}.json"
+
+    def save(self, record: VolumeRecord) -> None:
+        data = json.dumps({**asdict(record), "pod": dict(record.pod)}, sort_keys=True)
+        final = self._file(record.volume_id)
+        tmp = final.with_suffix(".json.tmp")
+        with open(tmp, "w") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, final)
+
+    def get(self, volume_id: str) -> VolumeRecord | None:
+        try:
+            return VolumeRecord.from_json(json.loads(self._file(volume_id).read_text()))
+        except FileNotFoundError:
+            return None
+
+    def delete(self, volume_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._file(volume_id).unlink()
+
+    def load(self) -> dict[str, VolumeRecord]:
+        records = {}
+        for path in sorted(self.directory.glob("*.json")):
+            record = VolumeRecord.from_json(json.loads(path.read_text()))
+            records[record.volume_id] = record
+        for stale in self.directory.glob("*.json.tmp"):
+            stale.unlink()  # a save that crashed before its rename: never a published volume
+        return records
