@@ -201,3 +201,13 @@ async def driver(node: Node, nats_settings: NatsSettings) -> AsyncIterator[Drive
         yield driver
     finally:
         await driver.stop()
+
+
+@pytest.fixture
+def bare_node(mount_guard: Path) -> Node:
+    """A node whose store is empty: every path must be fetched."""
+    root = mount_guard / "node-store"
+    (root / "nix" / "store").mkdir(parents=True)
+    pods = mount_guard / "kubelet" / "pods"
+    pods.mkdir(parents=True)
+    return Node(root, NixRunner(store=str(root)), pods, mount_guard / "state")

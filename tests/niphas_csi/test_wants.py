@@ -1,0 +1,193 @@
+"""Missing paths: the driver publishes `path.wanted` for its node and waits for
+`path.available`. With the real mesh agent on the node the publish completes; with a stand-in
+that reports a failure the publish fails with the mesh's reason; with nobody answering it
+fails at the deadline, leaving nothing mounted, leased or recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from nats.js.api import DeliverPolicy
+
+from niphas_common.bus.bus import Bus
+from niphas_common.bus.codec import decode
+from niphas_common.nix.runner import NixRunner
+from niphas_common.settings import NatsSettings
+from niphas_csi import mounts
+from niphas_schemas import PathAvailable, PathWanted
+from tests.nix_harness import BuiltClosure, CacheKey, FileCache
+
+from .conftest import NODE_ID, Driver, Node, driver_settings
+
+pytestmark = [pytest.mark.root, pytest.mark.nix]
+
+
+@pytest.fixture
+def signed_cache(
+    built_closure: BuiltClosure, make_file_cache: Callable[..., FileCache]
+) -> FileCache:
+    return make_file_cache(built_closure.paths, "none")
+
+
+@pytest.fixture
+async def wanted(bus: Bus) -> AsyncIterator[list[PathWanted]]:
+    """Every path.wanted published from now on."""
+    seen: list[PathWanted] = []
+
+    async def on_message(msg: Any) -> None:
+        seen.append(decode(PathWanted, msg.data))
+
+    sub = await bus.js.subscribe(
+        PathWanted.subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, cb=on_message
+    )
+    try:
+        yield seen
+    finally:
+        await sub.unsubscribe()
+
+
+async def start_driver(node: Node, nats: NatsSettings, **overrides: object) -> Driver:
+    driver = Driver(driver_settings(node, **overrides), nats)
+    await driver.start()
+    return driver
+
+
+def assert_nothing_left(node: Node, volume_id: str, target: Path) -> None:
+    assert not target.exists()
+    assert not node.lease_dir(volume_id).exists()
+    assert not (node.state_dir / "csi" / "volumes" / f"{volume_id}.json").exists()
+    assert not [m for m in mounts.mounts() if m.mount_point.startswith(str(node.state_dir))
+                and m.source == "niphas-csi"]  # fmt: skip
+
+
+async def test_nobody_answers_deadline_exceeded_and_nothing_left(
+    bare_node: Node,
+    nats_settings: NatsSettings,
+    built_closure: BuiltClosure,
+    wanted: list[PathWanted],
+) -> None:
+    driver = await start_driver(bare_node, nats_settings, fetch_timeout_s=1.5)
+    try:
+        target = bare_node.target()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await driver.publish("csi-late", target, str(built_closure.app))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert str(built_closure.app) in (err.value.details() or "")
+        assert_nothing_left(bare_node, "csi-late", target)
+        [want] = wanted
+        assert want.node == NODE_ID
+        assert want.store_paths == (str(built_closure.app),)
+        assert want.requester == "csi:csi-late"
+    finally:
+        await driver.stop()
+
+
+async def test_a_reported_failure_fails_the_publish_with_its_reason(
+    bare_node: Node, nats_settings: NatsSettings, built_closure: BuiltClosure, bus: Bus
+) -> None:
+    async def refuse(msg: Any) -> None:
+        want = decode(PathWanted, msg.data)
+        for path in want.store_paths:
+            await bus.publish(
+                PathAvailable(
+                    holder_kind="node", holder=want.node, holder_url="http://127.0.0.1:9",
+                    state="failed", store_path=path, error="no peer and no cache has it",
+                )
+            )  # fmt: skip
+
+    sub = await bus.js.subscribe(PathWanted.subject, ordered_consumer=True, cb=refuse)
+    driver = await start_driver(bare_node, nats_settings)
+    try:
+        target = bare_node.target()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await driver.publish("csi-refused", target, str(built_closure.app))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no peer and no cache has it" in (err.value.details() or "")
+        assert_nothing_left(bare_node, "csi-refused", target)
+    finally:
+        await driver.stop()
+        await sub.unsubscribe()
+
+
+async def test_stand_in_mesh_fetches_and_the_publish_completes(
+    bare_node: Node,
+    nats_settings: NatsSettings,
+    built_closure: BuiltClosure,
+    bus: Bus,
+    signed_cache: FileCache,
+    cache_key: CacheKey,
+) -> None:
+    """A narrow stand-in for the mesh agent: copy from the cache, announce available."""
+    runner = NixRunner(
+        store=str(bare_node.store_root), options={"trusted-public-keys": str(cache_key.public)}
+    )
+
+    async def fetch(msg: Any) -> None:
+        want = decode(PathWanted, msg.data)
+        await runner.acopy(want.store_paths, src=signed_cache.url)
+        for path in want.store_paths:
+            info = built_closure.infos[path]
+            await bus.publish(
+                PathAvailable(
+                    holder_kind="node", holder=want.node, holder_url="http://127.0.0.1:9",
+                    store_path=path, nar_hash=str(info.nar_hash), nar_size=info.nar_size,
+                )
+            )  # fmt: skip
+
+    sub = await bus.js.subscribe(PathWanted.subject, ordered_consumer=True, cb=fetch)
+    driver = await start_driver(bare_node, nats_settings)
+    try:
+        target = bare_node.target()
+        await driver.publish("csi-fetched", target, str(built_closure.app))
+        assert set(os.listdir(target)) == {p.base_name for p in built_closure.paths}
+    finally:
+        await driver.stop()
+        await sub.unsubscribe()
+
+
+async def test_real_mesh_agent_fetches_and_the_publish_completes(
+    bare_node: Node,
+    nats_settings: NatsSettings,
+    built_closure: BuiltClosure,
+    signed_cache: FileCache,
+    cache_key: CacheKey,
+    tmp_path: Path,
+) -> None:
+    from niphas_mesh.agent import start_agent
+    from niphas_mesh.settings import MeshSettings
+
+    mesh_settings = MeshSettings(
+        node=NODE_ID,
+        listen="127.0.0.1:0",
+        store_root=str(bare_node.store_root),
+        state_dir=tmp_path / "mesh-state",
+        trusted_public_keys=str(cache_key.public),
+        fallback_caches=signed_cache.url,
+        gc_high_percent=100.0,
+        gc_interval_s=3600.0,
+        rescan_interval_s=3600.0,
+    )
+    agent = await start_agent(mesh_settings, nats_settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    driver = await start_driver(bare_node, nats_settings)
+    try:
+        target = bare_node.target()
+        await driver.publish("csi-mesh", target, str(built_closure.app), rpc_timeout_s=60)
+        assert set(os.listdir(target)) == {p.base_name for p in built_closure.paths}
+        program = target / built_closure.app.base_name / "bin" / "demo"
+        assert program.exists()
+        await driver.unpublish("csi-mesh", target)
+    finally:
+        await driver.stop()
+        stop.set()
+        try:
+            await asyncio.wait_for(task, 30)
+        finally:
+            await agent.close()
