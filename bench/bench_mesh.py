@@ -1,0 +1,334 @@
+"""Mesh benchmark: the agent as a binary cache vs nginx serving the same static cache, and the
+cache's egress when many nodes want one closure at once. Everything in the same run:
+
+    .venv/bin/python bench/bench_mesh.py [--size-mb 200] [--files 2500] [--repeat 3]
+
+1. `nix copy --from` of a ~size-mb, ~files-file closure (10 store paths, random contents)
+   from a mesh agent (`niphas mesh` over a chroot store holding it) vs from nginx serving a
+   `nix copy --to file://...?compression=none` cache of the same paths. Target <= 1.2x nginx.
+   Then narinfo lookups of a 500-path closure (`nix path-info --store <url>`), same comparison.
+2. Fan-out: 8 agents (chroot stores) want a new closure of size-mb/2 at once, with the cache
+   (nginx) announced as a holder. Bytes nginx sent must stay <= 2x the closure (8x without the
+   mesh) and all nodes must be done within 3x the time one node alone takes.
+
+Each timing is the median of --repeat runs with a fresh client store and narinfo cache. nginx
+comes from scripts/setup-bench-tools.sh (run when missing). Paths added to the host store are
+deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from niphas_common.bus.bus import Bus
+from niphas_common.nats_server import EmbeddedNats
+from niphas_common.nix.runner import NixRunner
+from niphas_common.nix.signing import SecretKey
+from niphas_common.nix.store_path import StorePath
+from niphas_common.settings import NatsSettings
+from niphas_schemas import PathAvailable, PathWanted
+
+ROOT = Path(__file__).resolve().parents[1]
+NGINX = "/usr/sbin/nginx"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_paths(base: Path, label: str, size: int, files: int, n_paths: int) -> list[Path]:
+    """`n_paths` directories of random files, ~size bytes and ~files files in all."""
+    dirs = []
+    per_path, per_files = size // n_paths, max(1, files // n_paths)
+    for p in range(n_paths):
+        d = base / f"{label}-{p:02}"
+        left = per_path
+        for i in range(per_files):
+            # Sizes vary (a few large, many small) around the mean.
+            n = (
+                left
+                if i == per_files - 1
+                else min(left, (per_path // per_files) * (1 + (i % 7)) // 4)
+            )
+            sub = d / f"d{i % 13}"
+            sub.mkdir(parents=True, exist_ok=True)
+            (sub / f"f{i:05}").write_bytes(os.urandom(max(n, 1)))
+            left -= n
+        dirs.append(d)
+    return dirs
+
+
+def add(host: NixRunner, dirs: list[Path]) -> list[StorePath]:
+    out = host.run("nix-store", "--add", *map(str, dirs)).text.split()
+    return [StorePath.parse(p) for p in out]
+
+
+def median_time(repeat: int, fn: object) -> float:
+    assert callable(fn)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class Nginx:
+    def __init__(self, tmp: Path, cache: Path) -> None:
+        self.port = free_port()
+        self.log = tmp / "nginx-access.log"
+        conf = tmp / "nginx.conf"
+        conf.write_text(
+            f"""
+daemon off; worker_processes 2; user root; pid {tmp}/nginx.pid; error_log {tmp}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+  log_format bench '$uri $body_bytes_sent';
+  access_log {self.log} bench;
+  sendfile on; tcp_nopush on; keepalive_requests 100000;
+  default_type application/octet-stream;
+  server {{ listen 127.0.0.1:{self.port}; root {cache}; }}
+}}
+"""
+        )
+        self.proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp)])
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_http(f"{self.url}/nix-cache-info")
+
+    def nar_bytes(self) -> int:
+        if not self.log.exists():
+            return 0
+        return sum(
+            int(line.split()[1])
+            for line in self.log.read_text().splitlines()
+            if line.startswith("/nar/")
+        )
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)
+        self.proc.wait(30)
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > end:
+            raise RuntimeError(f"{url} never answered")
+        time.sleep(0.1)
+
+
+class Agents:
+    """`niphas mesh` processes, one per simulated node."""
+
+    def __init__(self, tmp: Path, nats_url: str, public_key: str) -> None:
+        self.tmp, self.nats_url, self.public_key = tmp, nats_url, public_key
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.urls: dict[str, str] = {}
+
+    def start(self, node: str) -> str:
+        port = free_port()
+        env = {
+            **os.environ,
+            "NIPHAS_MESH_STATE_DIR": str(self.tmp / "state"),
+            "NIPHAS_MESH_TRUSTED_PUBLIC_KEYS": self.public_key,
+            "NIPHAS_LOG_LEVEL": "WARNING",
+        }
+        niphas = str(Path(sys.executable).with_name("niphas"))
+        argv = [niphas, "mesh", "--listen", f"127.0.0.1:{port}", "--node", node]
+        argv += ["--store-root", str(self.tmp / "nodes" / node), "--nats-url", self.nats_url]
+        self.procs.append(subprocess.Popen(argv, env=env))
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/readyz")
+        self.urls[node] = url
+        return url
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def nix_copy_time(tmp: Path, url: str, paths: list[StorePath], key: str, repeat: int) -> float:
+    runs = iter(range(1000))
+
+    def run() -> None:
+        i = next(runs)
+        dest = tmp / f"client-{url.rsplit(':', 1)[1]}-{i}"
+        env = {"XDG_CACHE_HOME": str(tmp / f"xdg-{dest.name}")}
+        client = NixRunner(options={"trusted-public-keys": key}, env=env)
+        client.copy(paths, src=url, to=str(dest))
+        shutil.rmtree(dest, ignore_errors=True)
+
+    return median_time(repeat, run)
+
+
+def path_info_time(tmp: Path, url: str, paths: list[StorePath], key: str, repeat: int) -> float:
+    runs = iter(range(1000))
+
+    def run() -> None:
+        env = {"XDG_CACHE_HOME": str(tmp / f"xdg-pi-{url.rsplit(':', 1)[1]}-{next(runs)}")}
+        client = NixRunner(store=url, options={"trusted-public-keys": key}, env=env)
+        client.run("nix", "path-info", *map(str, paths))
+
+    return median_time(repeat, run)
+
+
+async def fan_out(
+    nats_url: str,
+    cache_url: str,
+    closures: dict[str, list[StorePath]],
+    infos: dict[str, object],
+    single: str,
+    many: list[str],
+    agent_urls: dict[str, str],
+) -> tuple[float, float]:
+    """Announce the cache, then time one node alone, then all of `many` at once."""
+    bus = await Bus.connect(NatsSettings(url=nats_url), name="bench")
+    have: set[tuple[str, str]] = set()
+
+    async def on_msg(msg: object) -> None:
+        data = json.loads(msg.data)  # type: ignore[attr-defined]
+        if data["state"] == "available":
+            have.add((data["holder_url"], data["store_path"]))
+
+    sub = await bus.nc.subscribe(PathAvailable.subject, cb=on_msg)
+    try:
+        for info in infos.values():
+            await bus.publish(
+                PathAvailable(
+                    holder_kind="cache", holder="nginx", holder_url=cache_url,
+                    store_path=str(info.path), nar_hash=info.nar_hash.nix32,  # type: ignore[attr-defined]
+                    nar_size=info.nar_size,  # type: ignore[attr-defined]
+                )
+            )  # fmt: skip
+
+        async def want(nodes: list[str], closure: list[StorePath]) -> float:
+            start = time.perf_counter()
+            deadline = datetime.now(UTC) + timedelta(minutes=10)
+            for node in nodes:
+                await bus.publish(
+                    PathWanted(node=node, store_paths=tuple(map(str, closure)),
+                               deadline=deadline, requester="bench")
+                )  # fmt: skip
+            needed = {(agent_urls[n], str(p)) for n in nodes for p in closure}
+            while not needed <= have:
+                await asyncio.sleep(0.01)
+            return time.perf_counter() - start
+
+        t_single = await want([single], closures["single"])
+        t_many = await want(many, closures["fanout"])
+        return t_single, t_many
+    finally:
+        await sub.unsubscribe()
+        await bus.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=int, default=200)
+    parser.add_argument("--files", type=int, default=2500)
+    parser.add_argument("--narinfo-paths", type=int, default=500)
+    parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    if not os.path.exists(NGINX):
+        subprocess.run(["bash", str(ROOT / "scripts" / "setup-bench-tools.sh")], check=True)
+
+    host = NixRunner()
+    added: list[StorePath] = []
+    with tempfile.TemporaryDirectory(prefix="bench-mesh-") as tmp_name:
+        tmp = Path(tmp_name)
+        key = SecretKey.generate("bench-1")
+        (tmp / "sk").write_text(str(key))
+        public = str(key.public_key)
+        size = args.size_mb << 20
+        print(f"generating: {args.size_mb} MB / {args.files} files, {args.narinfo_paths} "
+              f"small paths, 2 x {args.size_mb // 2} MB for fan-out", flush=True)  # fmt: skip
+        src = tmp / "src"
+        copy_paths = add(host, make_paths(src, "copy", size, args.files, 10))
+        tiny = src / "tiny"
+        tiny_dirs = []
+        for i in range(args.narinfo_paths):
+            (tiny / f"t{i:04}").mkdir(parents=True)
+            (tiny / f"t{i:04}" / "x").write_text(f"{i}\n")
+            tiny_dirs.append(tiny / f"t{i:04}")
+        tiny_paths = add(host, tiny_dirs)
+        single = add(host, make_paths(src, "single", size // 2, args.files // 2, 10))
+        fanout = add(host, make_paths(src, "fanout", size // 2, args.files // 2, 10))
+        added = copy_paths + tiny_paths + single + fanout
+        shutil.rmtree(src)
+        cache = tmp / "cache"
+        host.copy(added, to=f"file://{cache}?compression=none&secret-key={tmp / 'sk'}")
+        seed = NixRunner(store=str(tmp / "nodes" / "n0"), options={"trusted-public-keys": public})
+        seed.copy(copy_paths + tiny_paths, src=f"file://{cache}", to=str(tmp / "nodes" / "n0"))
+
+        server = EmbeddedNats(tmp / "nats")
+        nats_url = server.start()
+        agents = Agents(tmp, nats_url, public)
+        nginx = Nginx(tmp, cache)
+        try:
+            agent = agents.start("n0")
+            t_agent = nix_copy_time(tmp, agent, copy_paths, public, args.repeat)
+            t_nginx = nix_copy_time(tmp, nginx.url, copy_paths, public, args.repeat)
+            ratio = t_agent / t_nginx
+            print(f"nix copy {args.size_mb} MB: agent {t_agent:.2f}s, nginx {t_nginx:.2f}s, "
+                  f"ratio {ratio:.2f}x (target <= 1.2x)", flush=True)  # fmt: skip
+            p_agent = path_info_time(tmp, agent, tiny_paths, public, args.repeat)
+            p_nginx = path_info_time(tmp, nginx.url, tiny_paths, public, args.repeat)
+            print(f"narinfo lookups ({len(tiny_paths)} paths): agent {p_agent:.2f}s, "
+                  f"nginx {p_nginx:.2f}s, ratio {p_agent / p_nginx:.2f}x", flush=True)  # fmt: skip
+
+            nodes = [f"n{i}" for i in range(1, args.nodes + 1)]
+            for node in nodes:
+                agents.start(node)
+            infos = host.path_info(single + fanout)
+            before = nginx.nar_bytes()
+            t_single, t_many = asyncio.run(
+                fan_out(nats_url, nginx.url, {"single": single, "fanout": fanout}, dict(infos),
+                        nodes[0], nodes, agents.urls)
+            )  # fmt: skip
+            single_bytes = sum(i.nar_size for i in host.path_info(single).values())
+            closure_bytes = sum(i.nar_size for i in host.path_info(fanout).values())
+            egress = nginx.nar_bytes() - before - single_bytes
+            print(f"fan-out to {len(nodes)} nodes of {closure_bytes >> 20} MB: all done in "
+                  f"{t_many:.2f}s vs {t_single:.2f}s for one node ({t_many / t_single:.2f}x, "
+                  f"target <= 3x); cache sent {egress / closure_bytes:.2f}x the closure "
+                  f"(target <= 2x, {len(nodes)}x without the mesh)", flush=True)  # fmt: skip
+        finally:
+            agents.stop()
+            nginx.stop()
+            server.stop()
+            if added:
+                host.run("nix-store", "--delete", *map(str, added), check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Tools the benchmarks compare against (idempotent): nginx serving a static binary cache.
+set -euo pipefail
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
+  # The package starts a system nginx on port 80; the benchmark runs its own.
+  if command -v systemctl >/dev/null 2>&1; then systemctl disable --now nginx >/dev/null 2>&1 || true; fi
+  if [ -f /run/nginx.pid ]; then kill "$(cat /run/nginx.pid)" 2>/dev/null || true; fi
+fi
+/usr/sbin/nginx -v
