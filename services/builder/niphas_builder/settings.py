@@ -89,7 +89,7 @@ class BuilderSettings(ServiceSettings):
     metrics_host: str = Field(default="0.0.0.0", description="Address of /metrics, /healthz")
 
     # -- the Kubernetes executor -------------------------------------------------------------
-    k8s_namespace: str = Field(default="niphas", description="Namespace of build Jobs")
+    k8s_namespace: str = Field(default="niphas-system", description="Namespace of build Jobs")
     k8s_image: str = Field(
         default="nixos/nix:2.24.9",
         description="Image of the build pod: only its `nix` is used, against the node's store",
