@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Build a real kube-apiserver for the test suite and cache it outside the checkout
+# (idempotent: with the cached binary present this returns at once).
+#
+# No package registry ships kube-apiserver, but Debian bookworm's source package
+# `kubernetes` holds the full source with vendored dependencies and builds offline
+# with Debian's Go. Also installs etcd-server (its storage) and kubectl if absent.
+#
+# Prints the binary's path as its last line. Environment:
+#   NIPHAS_KUBE_CACHE  cache root (default /var/cache/niphas/kube-apiserver); the binary
+#                      ends up in $NIPHAS_KUBE_CACHE/<debian version>/kube-apiserver and
+#                      $NIPHAS_KUBE_CACHE/current points at the newest build.
+set -euo pipefail
+
+cache_root="${NIPHAS_KUBE_CACHE:-/var/cache/niphas/kube-apiserver}"
+current="$cache_root/current/kube-apiserver"
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup-kube-apiserver.sh must run as root (it installs packages)" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt_updated=0
+apt_install() {
+  local need=()
+  for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  if [ "${#need[@]}" -gt 0 ]; then
+    if [ "$apt_updated" -eq 0 ]; then
+      apt-get update -qq
+      apt_updated=1
+    fi
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+}
+
+# Runtime pieces the test fixture needs next to the binary.
+apt_install etcd-server openssl
+command -v kubectl >/dev/null 2>&1 || apt_install kubernetes-client
+
+if [ -x "$current" ] && "$current" --version >/dev/null 2>&1; then
+  echo "$current"
+  exit 0
+fi
+
+apt_install golang-go golang-github-modern-go-reflect2-dev dpkg-dev make rsync
+
+work="$(mktemp -d /var/tmp/niphas-kube-build.XXXXXX)"
+trap 'rm -rf "$work"' EXIT
+
+# deb-src entries derived from the machine's own apt sources, in a private apt
+# config so the machine's configuration stays untouched.
+mkdir -p "$work/apt/sources.list.d" "$work/apt/lists/partial"
+: > "$work/apt/sources.list"
+for f in /etc/apt/sources.list.d/*.sources; do
+  [ -e "$f" ] || continue
+  sed -E 's/^Types:[[:space:]]*deb([[:space:]]|$)/Types: deb-src\1/' "$f" \
+    > "$work/apt/sources.list.d/$(basename "$f")"
+done
+if [ -f /etc/apt/sources.list ]; then
+  sed -nE 's/^deb([[:space:]])/deb-src\1/p' /etc/apt/sources.list > "$work/apt/sources.list"
+fi
+apt_private=(
+  -o "Dir::Etc::sourcelist=$work/apt/sources.list"
+  -o "Dir::Etc::sourceparts=$work/apt/sources.list.d"
+  -o "Dir::State::Lists=$work/apt/lists"
+  -o "APT::Sandbox::User=root"
+)
+apt-get "${apt_private[@]}" update -qq
+(cd "$work" && apt-get "${apt_private[@]}" source -qq kubernetes >/dev/null)
+
+src="$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)"
+[ -n "$src" ] || { echo "apt-get source kubernetes produced no source tree" >&2; exit 1; }
+version="$(cd "$src" && dpkg-parsechangelog -S Version)"
+
+# The vendored reflect2 1.0.1 crashes under Go >= 1.18 on the first custom-resource
+# request (fatal error: fault in mapiternext); Debian's 1.0.2 copy fixes it.
+rm -rf "$src/vendor/github.com/modern-go/reflect2"
+cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$src/vendor/github.com/modern-go/reflect2"
+
+upstream="${version#*really}"
+upstream="${upstream%%-*}"
+(
+  cd "$src"
+  export GO111MODULE=off GOPROXY=off CGO_ENABLED=0
+  export GOCACHE="$work/gocache" GOPATH="$work/gopath"
+  export KUBE_GIT_VERSION="v${upstream}" KUBE_GIT_TREE_STATE=clean
+  make WHAT=cmd/kube-apiserver
+)
+
+built="$(find "$src/_output" -type f -name kube-apiserver -perm -u+x | head -n1)"
+[ -n "$built" ] || { echo "the build produced no kube-apiserver binary" >&2; exit 1; }
+mkdir -p "$cache_root/$version"
+install -m 0755 "$built" "$cache_root/$version/kube-apiserver.tmp"
+mv -f "$cache_root/$version/kube-apiserver.tmp" "$cache_root/$version/kube-apiserver"
+ln -sfn "$version" "$cache_root/current"
+"$current" --version >&2
+echo "$current"
