@@ -23,8 +23,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     hash_part = request.match_info["hash"]
     info = await view.store.find(hash_part)
     if info is not None and view.store.is_signed(info):
-        narinfo = view.store.narinfo(info, view.compression)
-        return web.Response(text=narinfo.render(), content_type=NARINFO_TYPE)
+        body = view.store.narinfo_text(info, view.compression)
+        return web.Response(body=body, content_type=NARINFO_TYPE)
     if view.cache_dir is not None:
         file = view.cache_dir / f"{hash_part}.narinfo"
         try:

@@ -43,6 +43,7 @@ class NodeStore:
     real_store: Path = field(init=False)
     _paths: dict[str, PathInfo] = field(default_factory=dict, init=False)
     _signed: dict[str, bool] = field(default_factory=dict, init=False)
+    _rendered: dict[tuple[str, str], bytes] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         # Nix checks the builder's signatures again when it imports (trusted-public-keys).
@@ -74,6 +75,19 @@ class NodeStore:
             )
         return self._signed[key]
 
+    def narinfo_text(self, info: PathInfo, compression: str) -> bytes:
+        """The rendered narinfo, kept: a closure's lookups arrive by the hundred at once."""
+        key = (info.path.hash_part, compression)
+        text = self._rendered.get(key)
+        if text is None:
+            text = self._rendered[key] = self.narinfo(info, compression).render().encode()
+        return text
+
+    def _forget(self, hash_part: str) -> None:
+        self._signed.pop(hash_part, None)
+        self._rendered.pop((hash_part, "none"), None)
+        self._rendered.pop((hash_part, "zstd"), None)
+
     def narinfo(self, info: PathInfo, compression: str) -> NarInfo:
         """The narinfo this node serves for `info`: the builder's signatures, our NAR URL."""
         suffix = ".zst" if compression == "zstd" else ""
@@ -100,7 +114,7 @@ class NodeStore:
         lost = tuple(i for h, i in self._paths.items() if h not in fresh)
         self._paths = fresh
         for info in lost:
-            self._signed.pop(info.path.hash_part, None)
+            self._forget(info.path.hash_part)
         return Change(gained, lost)
 
     async def refresh(self, paths: Iterable[StorePath]) -> list[PathInfo]:
@@ -121,7 +135,7 @@ class NodeStore:
             if info.path.hash_part not in self._paths:
                 new.append(info)
             self._paths[info.path.hash_part] = info
-            self._signed.pop(info.path.hash_part, None)
+            self._forget(info.path.hash_part)
         return new
 
     async def find(self, hash_part: str) -> PathInfo | None:
@@ -158,7 +172,7 @@ class NodeStore:
             log.info("not deleting %s: %s", path, result.stderr.strip().splitlines()[-1:])
             return False
         info = self._paths.pop(path.hash_part, None)
-        self._signed.pop(path.hash_part, None)
+        self._forget(path.hash_part)
         return info is not None
 
     def referrers(self) -> dict[str, set[str]]:
