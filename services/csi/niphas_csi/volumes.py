@@ -122,6 +122,11 @@ class Volumes:
     async def _present_closure(
         self, request: PublishRequest, timeout_s: float | None
     ) -> tuple[str, ...]:
+        for other in self.records.values():
+            # Another volume of the same paths is mounted: its lease keeps that closure valid,
+            # and a closure never changes, so there is nothing to ask nix.
+            if other.store_paths == request.store_paths and other.view in self.views.mounted:
+                return other.closure
         presence = await self.store.presence(request.store_paths)
         if not presence.missing:
             return presence.closure
