@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv nix lint test bench demo schemas clean
+.PHONY: help setup venv nix kube lint test bench demo schemas clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -21,7 +21,10 @@ venv: $(VENV)/.installed ## the virtualenv with every package, nats-server and t
 nix: ## install and configure Nix for offline use (root, idempotent)
 	bash scripts/setup-nix.sh
 
-setup: venv nix ## everything the tests and the demo need
+kube: ## build a real kube-apiserver for the tests from Debian's source (cached in /var/cache/niphas)
+	bash scripts/setup-kube-apiserver.sh
+
+setup: venv nix ## everything the demo needs
 
 lint: venv ## ruff, strict mypy, import-linter contracts, schema files up to date
 	$(BIN)/ruff check .
@@ -30,10 +33,11 @@ lint: venv ## ruff, strict mypy, import-linter contracts, schema files up to dat
 	$(BIN)/lint-imports
 	$(BIN)/niphas schemas check schemas
 
-test: setup lint ## lint, then every test against a real nats-server and a real nix
+test: setup kube lint ## lint, then every test: real nats-server, nix, mounts, kube-apiserver
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
 bench: setup ## run every benchmark under bench/ and print its table
+	bash scripts/setup-bench-tools.sh
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; echo; done
 
 demo: setup ## the embedded default: NATS and every installed service on this machine (Ctrl-C stops)
