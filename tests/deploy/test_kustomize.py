@@ -15,6 +15,14 @@ import yaml
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kustomize"
 KUBECTL = str(Path(sys.executable).with_name("kubectl"))
 OVERLAYS = ["base", "overlays/dev", "overlays/production"]
+CLUSTER_SCOPED = {
+    "Namespace",
+    "CustomResourceDefinition",
+    "CSIDriver",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "PriorityClass",
+}
 
 
 def render(overlay: str) -> list[dict[str, Any]]:
@@ -41,7 +49,7 @@ def test_renders_and_validates(overlay: str) -> None:
         if obj["apiVersion"].split("/")[0].endswith("niphas.io"):
             continue  # our own custom resources: the CRD's schema checks them in a cluster
         kubernetes_validate.validate(obj, version, strict=True)
-        if obj["kind"] != "Namespace" and obj["kind"] != "CustomResourceDefinition":
+        if obj["kind"] not in CLUSTER_SCOPED:
             assert obj["metadata"].get("namespace") == "niphas-system", obj["metadata"]["name"]
 
 
@@ -57,3 +65,13 @@ def test_overlays_size_nats() -> None:
 def test_ingress_is_denied_by_default() -> None:
     policy = by_kind(render("base"), "NetworkPolicy", "default-deny-ingress")
     assert policy["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+
+
+def test_every_pod_template_is_selected_by_the_network_policies() -> None:
+    workloads = [
+        o for o in render("base") if o["kind"] in {"Deployment", "DaemonSet", "StatefulSet"}
+    ]
+    assert {o["metadata"]["name"] for o in workloads} >= {"nats"}
+    for obj in workloads:
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        assert labels.get("app.kubernetes.io/part-of") == "niphas", obj["metadata"]["name"]
