@@ -1,0 +1,160 @@
+"""Wiring of the eval service: one place builds every client, nothing at import.
+
+`niphas eval` runs the webhook ingress and the evaluation workers in one process (the
+embedded default); `--role ingress` / `--role workers` run one half, as the two Deployments of
+a cluster do (deploy/kustomize/base/eval/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Annotated
+
+import typer
+from aiohttp import web
+
+from niphas_common.bus.bus import Bus
+from niphas_common.bus.topology import ConsumerSpec, stream_name
+from niphas_common.http import Readiness, serve_ops
+from niphas_common.nix.runner import NixRunner
+from niphas_common.service import ServiceSpec, run_until_signalled
+from niphas_common.settings import NatsSettings
+from niphas_common.tracing import setup_tracing
+from niphas_eval.evaluator import Evaluator
+from niphas_eval.flakeref import Allowlist
+from niphas_eval.ingress import WebhookIngress
+from niphas_eval.results import ResultStore
+from niphas_eval.secrets import WebhookSecrets
+from niphas_eval.settings import EvalSettings, Role
+from niphas_eval.worker import EvalWorker, worker_name
+
+log = logging.getLogger(__name__)
+
+
+def consumer_spec(settings: EvalSettings) -> ConsumerSpec:
+    return ConsumerSpec(
+        durable=settings.durable,
+        subject="push.received",
+        ack_wait_s=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        backoff_s=(2.0, 10.0, 30.0, 60.0),
+        # Fetching is bounded by each worker's concurrency; this only caps the whole group.
+        max_ack_pending=max(64, settings.concurrency * 16),
+    )
+
+
+async def build_worker(
+    bus: Bus, settings: EvalSettings, *, runner: NixRunner | None = None
+) -> EvalWorker:
+    evaluator = Evaluator(
+        runner or NixRunner(),
+        system=settings.system,
+        work_dir=settings.state_dir / "eval",
+        timeout_s=settings.eval_timeout_s,
+        memory_limit_mb=settings.memory_limit_mb,
+        stderr_tail_bytes=settings.stderr_tail_bytes,
+        git_timeout_s=settings.git_timeout_s,
+    )
+    results = await ResultStore.open(
+        bus.js,
+        settings.results_bucket,
+        ttl_s=settings.results_ttl_days * 86400.0,
+        replicas=bus.settings.replicas,
+        worker=worker_name(),
+        stale_after_s=settings.eval_timeout_s + 60.0,
+    )
+    return EvalWorker(
+        bus,
+        evaluator,
+        Allowlist(tuple(settings.allowed_refs)),
+        results,
+        consumer_spec(settings),
+        concurrency=settings.concurrency,
+    )
+
+
+def readiness(bus: Bus, settings: EvalSettings) -> Readiness:
+    streams = [stream_name("push.received")]
+    if settings.runs_workers:
+        streams.append(stream_name("eval.done"))
+
+    async def check() -> str | None:
+        if not bus.nc.is_connected:
+            return "NATS not connected"
+        for stream in streams:
+            try:
+                await asyncio.wait_for(bus.js.stream_info(stream), 2.0)
+            except Exception as exc:
+                return f"stream {stream} unavailable ({exc.__class__.__name__})"
+        return None
+
+    return check
+
+
+async def run(settings: EvalSettings, nats: NatsSettings, stop: asyncio.Event) -> None:
+    setup_tracing("niphas-eval")
+    bus = await Bus.connect(nats, name=f"niphas-eval-{settings.role}")
+    site: web.AppRunner | None = None
+    try:
+        ready = readiness(bus, settings)
+        if settings.runs_ingress:
+            secrets = WebhookSecrets(settings.webhook_secrets_file, settings.webhook_secrets)
+            if not len(secrets):
+                log.warning("no webhook secrets configured: every webhook will be refused")
+            ingress = WebhookIngress(bus, secrets, publish_timeout_s=settings.publish_timeout_s)
+            site = web.AppRunner(
+                ingress.app(ready, max_body_bytes=settings.max_body_bytes), access_log=None
+            )
+            await site.setup()
+            await web.TCPSite(site, settings.listen_host, settings.listen_port).start()
+            log.info("webhooks on http://%s/hooks/{github,gitea,gitlab}", settings.listen)
+        elif settings.metrics_port is not None:
+            site = await serve_ops("0.0.0.0", settings.metrics_port, ready)
+        if settings.runs_workers:
+            worker = await build_worker(bus, settings)
+            if not settings.allowed_refs:
+                log.warning("NIPHAS_EVAL_ALLOWED_REFS is empty: every push will be refused")
+            await bus.serve([worker.subscription()], stop)
+        else:
+            await stop.wait()
+    finally:
+        if site is not None:
+            await site.cleanup()
+        with contextlib.suppress(Exception):
+            await bus.close()
+
+
+async def main(stop: asyncio.Event) -> None:
+    await run(EvalSettings(), NatsSettings(), stop)
+
+
+def command(
+    listen: Annotated[
+        str | None,
+        typer.Option("--listen", help="HOST:PORT for webhooks (default NIPHAS_EVAL_LISTEN)"),
+    ] = None,
+    role: Annotated[
+        str | None,
+        typer.Option("--role", help="all | ingress | workers (default NIPHAS_EVAL_ROLE)"),
+    ] = None,
+) -> None:
+    """Forge webhooks -> push.received; flake evaluation workers -> eval.done."""
+    overrides: dict[str, str] = {}
+    if listen:
+        overrides["listen"] = listen
+    if role:
+        if role not in Role.__args__:  # type: ignore[attr-defined]
+            raise typer.BadParameter("one of all, ingress, workers", param_hint="--role")
+        overrides["role"] = role
+    settings = EvalSettings(**overrides)  # type: ignore[arg-type]
+    asyncio.run(run_until_signalled(lambda stop: run(settings, NatsSettings(), stop)))
+
+
+service = ServiceSpec(
+    name="eval",
+    summary="Forge webhooks -> push.received; flake evaluation workers -> eval.done.",
+    main=main,
+    command=command,
+)

@@ -1,0 +1,81 @@
+"""Flake references for a repository at a commit, and the allowlist that guards them.
+
+The repository URL of a push becomes a git flake ref pinned to the pushed commit:
+`git+<url>?ref=<ref>&rev=<commit>` (with `allRefs=1` when the ref is unknown, so a commit on
+any branch can be fetched). An scp-like `git@host:path` becomes `git+ssh://git@host/path`.
+URLs that carry a query or fragment are refused: they could smuggle fetcher attributes
+(`rev`, `submodules`, ...) into the flake ref.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from urllib.parse import urlencode
+
+_SCP = re.compile(r"^(?P<user>[^@/\s]+)@(?P<host>[^:/\s]+):(?P<path>\S+)$")
+_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
+
+
+class UnusableRepository(ValueError):
+    """The repository URL cannot become a git flake ref."""
+
+
+def git_url(repository: str) -> str:
+    """The URL git and Nix's git fetcher use for `repository` (scp-like -> ssh://)."""
+    if "?" in repository or "#" in repository:
+        raise UnusableRepository(f"{repository}: a repository URL may not carry ? or #")
+    if any(seg in (".", "..") for seg in repository.replace(":", "/").split("/")):
+        raise UnusableRepository(f"{repository}: `.` and `..` path segments are not allowed")
+    scp = _SCP.match(repository)
+    if scp is not None:
+        path = scp["path"].lstrip("/")
+        return f"ssh://{scp['user']}@{scp['host']}/{path}"
+    if not repository.startswith(_SCHEMES):
+        raise UnusableRepository(f"{repository}: not an http(s), ssh, git or file URL")
+    return repository
+
+
+def base_flake_ref(repository: str) -> str:
+    """`git+<url>` with nothing pinned (what the allowlist also matches)."""
+    url = git_url(repository)
+    return url if url.startswith("git://") else f"git+{url}"
+
+
+def flake_ref(
+    repository: str, *, rev: str, ref: str | None = None, nar_hash: str | None = None
+) -> str:
+    """A flake ref pinned to `rev` (and fully locked with `nar_hash`)."""
+    params: dict[str, str] = {}
+    if ref is not None:
+        params["ref"] = ref
+    else:
+        params["allRefs"] = "1"
+    params["rev"] = rev
+    if nar_hash is not None:
+        params["narHash"] = nar_hash
+    return f"{base_flake_ref(repository)}?{urlencode(params)}"
+
+
+@dataclass(frozen=True)
+class Allowlist:
+    """Deny by default: a repository is evaluated only when one glob matches its URL or its
+    flake ref (`git+<url>`). Globs are fnmatch's, case-sensitive; `*` also matches `/`."""
+
+    patterns: tuple[str, ...]
+
+    def allows(self, repository: str) -> bool:
+        try:
+            candidates = (repository, git_url(repository), base_flake_ref(repository))
+        except UnusableRepository:
+            return False
+        return any(fnmatchcase(c, p) for p in self.patterns for c in candidates)
+
+    def reason(self, repository: str) -> str:
+        if not self.patterns:
+            return (
+                f"{repository} is not allowed: the allowlist is empty (deny by default; set "
+                "NIPHAS_EVAL_ALLOWED_REFS)"
+            )
+        return f"{repository} matches no pattern of NIPHAS_EVAL_ALLOWED_REFS"

@@ -1,0 +1,28 @@
+"""The eval service's own Prometheus metrics (beside niphas_common's event counters)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+WEBHOOKS = Counter(
+    "niphas_eval_webhooks_total",
+    "Webhook deliveries answered, by forge and outcome (accepted, duplicate, ignored, ping, "
+    "rejected, unavailable)",
+    ["forge", "outcome"],
+)
+EVALUATIONS = Counter(
+    "niphas_eval_evaluations_total",
+    "Evaluations finished, by status (succeeded, failed) and reason class",
+    ["status", "reason"],
+)
+EVALUATIONS_SKIPPED = Counter(
+    "niphas_eval_skipped_total",
+    "push.received events not evaluated because the commit was already evaluated or is "
+    "being evaluated by another worker",
+    ["why"],
+)
+EVAL_SECONDS = Histogram(
+    "niphas_eval_seconds",
+    "Wall time of one flake evaluation (the nix process)",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900),
+)

@@ -1,0 +1,185 @@
+"""The evaluation worker: `push.received` -> `eval.done`, once per (repository, commit).
+
+Per event: allowlist (deny: one failed eval.done, acked) -> the commit (the push's `after`;
+when absent, the ref's head now, resolved with `git ls-remote`) -> claim (repository, commit)
+in the results bucket (already done or being done elsewhere: ack, nothing more) -> `nix eval`
+at that commit -> record the eval.done -> publish it -> mark it published.
+
+Failures of the flake itself (syntax, missing attribute, a throw everywhere, timeout, memory)
+are results: a failed eval.done, acked, never redelivered. Only an unreachable repository or
+bus is a `TransientError` (nak, redelivered with backoff); on the last allowed delivery the
+push gets a failed eval.done instead, so no event loops or disappears silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from nats.errors import MaxPayloadError
+
+from niphas_common.bus.bus import Bus
+from niphas_common.bus.consumer import Delivery, Subscription
+from niphas_common.bus.topology import ConsumerSpec
+from niphas_eval.evaluator import EvalTransient, Evaluation, Evaluator, ResolveError
+from niphas_eval.flakeref import Allowlist, UnusableRepository, git_url
+from niphas_eval.forges.base import ZERO_COMMIT
+from niphas_eval.metrics import EVAL_SECONDS, EVALUATIONS, EVALUATIONS_SKIPPED
+from niphas_eval.results import Record, ResultStore, result_key
+from niphas_schemas import EvalDone, PushReceived
+
+log = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class EvalWorker:
+    def __init__(
+        self,
+        bus: Bus,
+        evaluator: Evaluator,
+        allowlist: Allowlist,
+        results: ResultStore,
+        spec: ConsumerSpec,
+        *,
+        concurrency: int,
+    ) -> None:
+        self._bus = bus
+        self._evaluator = evaluator
+        self._allowlist = allowlist
+        self._results = results
+        self.spec = spec
+        self.concurrency = concurrency
+        self.evaluated: list[tuple[str, str]] = []
+        """(repository, commit) this worker ran `nix eval` for (tests and benchmarks read it)."""
+
+    def subscription(self) -> Subscription[PushReceived]:
+        return Subscription(PushReceived, self.spec, self.handle, concurrency=self.concurrency)
+
+    async def handle(self, push: PushReceived, delivery: Delivery) -> None:
+        last_try = delivery.num_delivered >= self.spec.max_deliver
+        refusal = self._refusal(push.repository)
+        if refusal is not None:
+            await self._publish_failure(push, push.commit or ZERO_COMMIT, refusal, "disallowed")
+            return
+        commit, ref = push.commit, push.ref
+        if commit is None:
+            try:
+                commit, ref = await self._evaluator.resolve(push.repository, push.ref)
+            except ResolveError as exc:
+                await self._publish_failure(push, ZERO_COMMIT, str(exc), "no-such-ref")
+                return
+            except EvalTransient as exc:
+                if not last_try:
+                    raise
+                await self._publish_failure(push, ZERO_COMMIT, f"gave up: {exc}", "unreachable")
+                return
+            log.info("%s %s resolved to %s", push.repository, ref or "HEAD", commit)
+        await self._evaluate_once(push, commit, ref, last_try)
+
+    def _refusal(self, repository: str) -> str | None:
+        try:
+            git_url(repository)
+        except UnusableRepository as exc:
+            return str(exc)
+        if not self._allowlist.allows(repository):
+            return self._allowlist.reason(repository)
+        return None
+
+    async def _evaluate_once(
+        self, push: PushReceived, commit: str, ref: str | None, last_try: bool
+    ) -> None:
+        key = result_key(push.repository, commit)
+        claim = await self._results.claim(key, push.event_id)
+        if claim.outcome == "published":
+            EVALUATIONS_SKIPPED.labels("already-evaluated").inc()
+            log.info("%s@%s already evaluated: nothing to do", push.repository, commit)
+            return
+        if claim.outcome == "busy":
+            EVALUATIONS_SKIPPED.labels("in-progress-elsewhere").inc()
+            holder = claim.record.worker if claim.record else "another worker"
+            log.info("%s@%s is being evaluated by %s", push.repository, commit, holder)
+            return
+        if claim.outcome == "evaluated" and claim.record and claim.record.eval_done:
+            done = EvalDone.model_validate_json(claim.record.eval_done)
+            log.info("%s@%s evaluated before: publishing its result", push.repository, commit)
+        else:
+            try:
+                evaluation = await self._run(push, commit, ref)
+            except EvalTransient as exc:
+                if not last_try:
+                    raise
+                evaluation = Evaluation("failed", commit, error=f"gave up: {exc}")
+            done = self._eval_done(push, commit, ref, evaluation)
+            await self._results.record(key, self._record("evaluated", push, done))
+        await self._publish(done)
+        await self._results.record(key, self._record("published", push, done))
+
+    async def _run(self, push: PushReceived, commit: str, ref: str | None) -> Evaluation:
+        self.evaluated.append((push.repository, commit))
+        started = time.monotonic()
+        evaluation = await self._evaluator.evaluate(push.repository, commit, ref)
+        EVAL_SECONDS.observe(time.monotonic() - started)
+        EVALUATIONS.labels(evaluation.status, evaluation.reason).inc()
+        log.info(
+            "%s@%s: %s in %.2fs (%d attributes)%s",
+            push.repository, commit, evaluation.status, evaluation.duration_s,
+            len(evaluation.attributes),
+            f": {evaluation.error.splitlines()[0]}" if evaluation.error else "",
+        )  # fmt: skip
+        return evaluation
+
+    def _eval_done(
+        self, push: PushReceived, commit: str, ref: str | None, evaluation: Evaluation
+    ) -> EvalDone:
+        return EvalDone(
+            push_event_id=push.event_id,
+            repository=push.repository,
+            ref=ref,
+            commit=commit,
+            locked_flake_ref=evaluation.locked_flake_ref,
+            status=evaluation.status,
+            attributes=evaluation.attributes,
+            error=evaluation.error[:65536] if evaluation.error else None,
+        )
+
+    def _record(self, state: str, push: PushReceived, done: EvalDone) -> Record:
+        return Record(
+            state,  # type: ignore[arg-type]
+            push.event_id,
+            time.time(),
+            self._results.worker,
+            done.model_dump_json(),
+        )
+
+    async def _publish_failure(
+        self, push: PushReceived, commit: str, reason: str, kind: str
+    ) -> None:
+        EVALUATIONS.labels("failed", kind).inc()
+        log.warning("%s: not evaluated: %s", push.repository, reason)
+        done = self._eval_done(push, commit, push.ref, Evaluation("failed", commit, error=reason))
+        await self._publish(done)
+
+    async def _publish(self, done: EvalDone) -> None:
+        try:
+            await self._bus.publish(done)
+        except MaxPayloadError:
+            if done.status == "failed" and not done.attributes:
+                raise
+            # Retrying cannot shrink it: say so in a failed eval.done without the attributes.
+            size = len(done.model_dump_json())
+            log.error("eval.done of %s@%s too large: %d bytes", done.repository, done.commit, size)
+            await self._bus.publish(
+                done.model_copy(
+                    update={
+                        "status": "failed",
+                        "attributes": (),
+                        "error": f"the result ({len(done.attributes)} attributes, {size} bytes) "
+                        "exceeds the NATS server's max_payload",
+                    }
+                )
+            )
