@@ -103,4 +103,5 @@ service = ServiceSpec(
     name="builder",
     summary="Build evaluated derivations once cluster-wide and push them to the binary cache",
     main=main,
+    settings=(BuilderSettings,),
 )

@@ -30,7 +30,7 @@ from .cache import BuildCache
 from .executor import BuildJob, Executor
 from .lease import SingleFlight
 from .metrics import BUILD_SECONDS, BUILDS, PATHS_PUSHED, PUSHES, RESULTS
-from .result import BuildResult, log_tail, outputs_from_path_infos, sorted_paths
+from .result import BuildResult, built_outputs, log_tail, sorted_paths
 from .settings import BuilderSettings
 from .supersede import RefHeads
 
@@ -165,7 +165,7 @@ class Builder:
                 (str(i.path), i.nar_hash.nix32, i.nar_size, [str(r) for r in i.references])
                 for i in infos.values()
             )
-            outputs, closure = outputs_from_path_infos(job.outputs, infos), sorted_paths(infos)
+            outputs, closure = built_outputs(job.outputs, infos), sorted_paths(infos)
         return BuildResult(
             status="built",
             outputs=outputs,

@@ -23,7 +23,7 @@ from niphas_common.nix.narinfo import NarInfo
 from niphas_common.nix.runner import NixRunner, PathInfo
 from niphas_common.nix.signing import SecretKey, TrustedKeys
 
-from .result import BuildResult, outputs_from_narinfos, sorted_paths
+from .result import BuildResult, built_outputs, sorted_paths
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class BuildCache:
             return None
         return BuildResult(
             status="cached",
-            outputs=outputs_from_narinfos(outputs, infos),
+            outputs=built_outputs(outputs, infos),
             closure=sorted_paths(infos),
         )
 

@@ -56,24 +56,10 @@ class BuildResult(BaseModel):
         )
 
 
-def outputs_from_path_infos(
-    outputs: Mapping[str, str], infos: Mapping[str, PathInfo]
+def built_outputs(
+    outputs: Mapping[str, str], infos: Mapping[str, PathInfo] | Mapping[str, NarInfo]
 ) -> tuple[BuiltOutput, ...]:
-    return tuple(
-        BuiltOutput(
-            name=name,
-            path=path,
-            nar_hash=infos[path].nar_hash.nix32,
-            nar_size=infos[path].nar_size,
-            references=tuple(str(r) for r in infos[path].references),
-        )
-        for name, path in sorted(outputs.items())
-    )
-
-
-def outputs_from_narinfos(
-    outputs: Mapping[str, str], infos: Mapping[str, NarInfo]
-) -> tuple[BuiltOutput, ...]:
+    """`BuiltOutput`s from what the local store (`PathInfo`) or the cache (`NarInfo`) says."""
     return tuple(
         BuiltOutput(
             name=name,
