@@ -1,0 +1,256 @@
+"""The operator against a real kube-apiserver (+ etcd) and a real nats-server.
+
+1. N workloads (pinned store paths, so no build is involved) created at once: time from the
+   first create until every Deployment exists, and the operator's API requests per workload.
+   Baseline, same run and server: a client that server-side-applies the same N Deployments
+   directly with the same concurrency (the floor: one request per workload).
+2. `build.done` -> Deployment updated: M workloads following a repository; one build.done at
+   a time, latency until that workload's Deployment runs the new store path (p50/p99).
+   Baseline: a direct server-side apply of a changed Deployment (one API round trip).
+
+Targets: all N Deployments within 3x the direct baseline's time; <= 8 API requests per
+workload; build.done -> Deployment p99 under 1 s.
+
+Run: .venv/bin/python bench/bench_operator.py [--workloads 200] [--builds 40]
+(needs the cached kube-apiserver: scripts/setup-kube-apiserver.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kubernetes_asyncio.client import ApiClient  # noqa: E402
+from prometheus_client import REGISTRY  # noqa: E402
+
+from niphas_common.bus.bus import Bus  # noqa: E402
+from niphas_common.nats_server import EmbeddedNats  # noqa: E402
+from niphas_common.settings import NatsSettings  # noqa: E402
+from niphas_operator.app import run  # noqa: E402
+from niphas_operator.kube import Kube  # noqa: E402
+from niphas_operator.settings import OperatorSettings  # noqa: E402
+from tests.kube_harness import running_apiserver  # noqa: E402
+from tests.niphas_operator.conftest import (  # noqa: E402
+    CRD_DIR,
+    build_done,
+    commit_of,
+    store_path,
+    workload,
+)
+
+
+def _api_requests() -> float:
+    total = 0.0
+    for metric in REGISTRY.collect():
+        if metric.name == "niphas_operator_api_requests":
+            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
+    return total
+
+
+async def _create_namespace(client: ApiClient, name: str) -> None:
+    await Kube(client, "bench").request(
+        "POST", "/api/v1/namespaces", body={"metadata": {"name": name}}
+    )
+
+
+async def _deployments(kube: Kube, namespace: str) -> list[dict[str, Any]]:
+    items, _ = await kube.list(f"/apis/apps/v1/namespaces/{namespace}/deployments")
+    return items
+
+
+async def _bounded(n: int, concurrency: int, make: Any) -> None:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await make(i)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def direct_apply(client: ApiClient, namespace: str, n: int) -> float:
+    kube = Kube(client, "bench-direct")
+    start = time.perf_counter()
+
+    async def apply(i: int) -> None:
+        await kube.apply(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": f"d{i}", "namespace": namespace},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": f"d{i}"}},
+                    "template": {
+                        "metadata": {"labels": {"app": f"d{i}"}},
+                        "spec": {"containers": [{"name": "app", "image": "stub"}]},
+                    },
+                },
+            }
+        )
+
+    await _bounded(n, 16, apply)
+    return time.perf_counter() - start
+
+
+async def main(n: int, builds: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp, running_apiserver() as server:
+        server.kubectl("apply", "-k", str(CRD_DIR))
+        server.kubectl("wait", "--for=condition=Established", "crd/niphasworkloads.niphas.io")
+        nats_server = EmbeddedNats(Path(tmp) / "nats")
+        nats_server.start()
+        try:
+            await _run(server, nats_server.url, Path(tmp), n, builds)
+        finally:
+            nats_server.stop()
+
+
+async def _run(server: Any, nats_url: str, tmp: Path, n: int, builds: int) -> None:
+    nats = NatsSettings(url=nats_url)
+    bus = await Bus.connect(nats, name="bench")
+    async with server.api_client() as client:
+        kube = Kube(client, "bench")
+        for ns in ("bench-direct", "bench-create", "bench-builds"):
+            await _create_namespace(client, ns)
+        baseline_s = await direct_apply(client, "bench-direct", n)
+
+        settings = OperatorSettings(
+            kubeconfig=server.kubeconfig,
+            namespace="bench-create",
+            lease_namespace="bench-create",
+            state_dir=tmp / "state",
+            workers=16,
+            renew_period_s=1.0,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(run(settings, nats, stop))
+        await asyncio.sleep(2)  # leader elected, watches established
+        before = _api_requests()
+        start = time.perf_counter()
+
+        async def create(i: int) -> None:
+            body = workload(f"w{i}", storePath=store_path(f"w{i}-1.0"))
+            path = "/apis/niphas.io/v1alpha1/namespaces/bench-create/niphasworkloads"
+            await client.call_api(
+                path,
+                "POST",
+                body=body,
+                header_params={"Content-Type": "application/json", "Accept": "application/json"},
+                auth_settings=["BearerToken"],
+                response_types_map={201: "object"},
+            )
+
+        await _bounded(n, 16, create)
+        while len(await _deployments(kube, "bench-create")) < n:
+            await asyncio.sleep(0.05)
+        ours_s = time.perf_counter() - start
+        await asyncio.sleep(3)  # let follow-up reconciles (status, readiness) settle
+        per_workload = (_api_requests() - before) / n
+        stop.set()
+        await task
+
+        latencies, floor = await _build_latency(server, client, kube, bus, tmp, nats, builds)
+    await bus.close()
+
+    print(f"kube-apiserver 1.20 + etcd (loopback), {n} workloads, median of build rounds\n")
+    print(f"| {'measure':<44} | {'ours':>9} | {'baseline':>9} | {'ratio':>6} | target |")
+    print(f"|{'-' * 46}|{'-' * 11}|{'-' * 11}|{'-' * 8}|--------|")
+    print(
+        f"| {f'{n} workloads -> all Deployments applied (s)':<44} | {ours_s:>9.2f} | "
+        f"{baseline_s:>9.2f} | {ours_s / baseline_s:>6.2f} | <= 3x   |"
+    )
+    print(
+        f"| {'API requests per workload':<44} | {per_workload:>9.1f} | {1:>9} | "
+        f"{per_workload:>6.1f} | <= 8    |"
+    )
+    p50 = statistics.median(latencies) * 1000
+    p99 = statistics.quantiles(latencies, n=100)[98] * 1000 if len(latencies) > 1 else p50
+    fl = statistics.median(floor) * 1000
+    print(
+        f"| {'build.done -> Deployment updated p50 (ms)':<44} | {p50:>9.1f} | {fl:>9.1f} | "
+        f"{p50 / fl:>6.1f} |        |"
+    )
+    print(
+        f"| {'build.done -> Deployment updated p99 (ms)':<44} | {p99:>9.1f} | {'':>9} | "
+        f"{'':>6} | < 1000  |"
+    )
+
+
+async def _build_latency(
+    server: Any, client: ApiClient, kube: Kube, bus: Bus, tmp: Path, nats: NatsSettings, m: int
+) -> tuple[list[float], list[float]]:
+    namespace = "bench-builds"
+    workloads = 10
+    for i in range(workloads):
+        body = workload(f"b{i}", attribute=f"attr{i}")
+        path = f"/apis/niphas.io/v1alpha1/namespaces/{namespace}/niphasworkloads"
+        await kube.request("POST", path, body=body)
+    settings = OperatorSettings(
+        kubeconfig=server.kubeconfig,
+        namespace=namespace,
+        lease_namespace=namespace,
+        state_dir=tmp / "state-builds",
+        preheat_nodes=("node-a",),
+        renew_period_s=1.0,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(settings, nats, stop))
+    latencies: list[float] = []
+    floor: list[float] = []
+    try:
+        await asyncio.sleep(2)
+        for k in range(m):
+            i = k % workloads
+            name = f"b{i}-{k}"
+            event = build_done(commit_of(name), name, attribute=f"attr{i}")
+            start = time.perf_counter()
+            await bus.publish(event)
+            deployment_path = f"/apis/apps/v1/namespaces/{namespace}/deployments/b{i}"
+            while True:
+                deployment = await kube.get(deployment_path)
+                annotations = (
+                    (deployment or {}).get("spec", {}).get("template", {}).get("metadata", {})
+                ).get("annotations", {})
+                if annotations.get("niphas.io/store-path") == store_path(name):
+                    break
+                await asyncio.sleep(0.005)
+            latencies.append(time.perf_counter() - start)
+            # Floor: one direct server-side apply of a changed Deployment.
+            start = time.perf_counter()
+            await kube.apply(
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": {"name": "floor", "namespace": namespace},
+                    "spec": {
+                        "replicas": 1,
+                        "selector": {"matchLabels": {"app": "floor"}},
+                        "template": {
+                            "metadata": {"labels": {"app": "floor"}, "annotations": {"k": name}},
+                            "spec": {"containers": [{"name": "app", "image": "stub"}]},
+                        },
+                    },
+                }
+            )
+            floor.append(time.perf_counter() - start)
+    finally:
+        stop.set()
+        await task
+    return latencies, floor
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", type=int, default=200)
+    parser.add_argument("--builds", type=int, default=40)
+    args = parser.parse_args()
+    asyncio.run(main(args.workloads, args.builds))

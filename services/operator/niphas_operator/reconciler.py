@@ -1,0 +1,298 @@
+"""One reconcile of one workload: read it, make its children match, write its status.
+
+Level-triggered: the outcome depends only on what the API server holds now, never on which
+event woke the worker, so a missed or repeated event costs nothing. Which store path runs:
+a pinned `spec.storePath` (rollback) wins, else the path the latest matching `build.done`
+recorded in status. A workload with neither, or whose source changed since its path was
+built, asks the pipeline once per generation with `push.received`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prometheus_client import Counter
+
+from niphas_operator import children
+from niphas_operator.children import PodSettings
+from niphas_operator.flakeref import ref_of, repository_of
+from niphas_operator.kube import Kube, collection_path, workload_path
+from niphas_operator.status import StatusBuilder, history_entry, moved_to
+from niphas_operator.workload import FINALIZER, Workload, program_of
+from niphas_schemas import Event, PathWanted, PushReceived
+
+log = logging.getLogger(__name__)
+
+RECONCILES = Counter("niphas_operator_reconciles_total", "Reconciles run, by outcome", ["outcome"])
+REQUESTS_PUBLISHED = Counter(
+    "niphas_operator_push_requests_total", "push.received published for workloads"
+)
+
+Publish = Callable[[Event], Awaitable[object]]
+CHILD_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"))
+
+
+@dataclass(frozen=True)
+class Desired:
+    store_path: str
+    commit: str | None
+    main_program: str
+    pinned: bool
+
+
+def built_from(workload: Workload) -> str:
+    return f"{workload.spec.flake_ref}#{workload.spec.attribute}"
+
+
+def desired_path(workload: Workload) -> Desired | None:
+    pinned = workload.spec.store_path
+    if pinned:
+        entry = history_entry(workload, pinned)
+        return Desired(
+            pinned,
+            entry.commit if entry else None,
+            (entry.main_program if entry else None) or program_of(pinned),
+            pinned=True,
+        )
+    current = workload.status.store_path
+    if current:
+        return Desired(
+            current,
+            workload.status.commit,
+            workload.status.main_program or program_of(current),
+            pinned=False,
+        )
+    return None
+
+
+def needs_build(workload: Workload) -> bool:
+    """No store path yet, or the one we have was built from another source or commit."""
+    if workload.spec.store_path:
+        return False
+    status = workload.status
+    if not status.store_path:
+        return True
+    if (workload.obj.get("status") or {}).get("builtFrom") not in (None, built_from(workload)):
+        return True
+    return bool(workload.spec.revision and status.commit != workload.spec.revision)
+
+
+def push_request(workload: Workload) -> PushReceived:
+    spec = workload.spec
+    return PushReceived(
+        forge="niphas",
+        repository=repository_of(spec.flake_ref),
+        ref=spec.ref or ref_of(spec.flake_ref),
+        commit=spec.revision,
+        delivery_id=f"{workload.namespace}/{workload.name}/{workload.generation}",
+    )
+
+
+class Reconciler:
+    def __init__(
+        self,
+        kube: Kube,
+        publish: Publish,
+        pod: PodSettings,
+        *,
+        pdb_api_version: str,
+        preheat_nodes: tuple[str, ...],
+        preheat_deadline_s: float,
+    ) -> None:
+        self._kube = kube
+        self._publish = publish
+        self._pod = pod
+        self._pdb_api_version = pdb_api_version
+        self._preheat_nodes = preheat_nodes
+        self._preheat_deadline = timedelta(seconds=preheat_deadline_s)
+        self.own_writes: dict[tuple[str, str], str] = {}
+        """resourceVersion of our latest write to each workload: its watch event is ours and
+        needs no reconcile (it would find nothing to do)."""
+        self.own_deployments: dict[tuple[str, str], str] = {}
+        """The same for each workload's Deployment (its later status changes are not ours)."""
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        obj = await self._kube.get(workload_path(namespace, name))
+        if obj is None:
+            RECONCILES.labels("gone").inc()
+            return
+        workload = Workload(obj)
+        if workload.deleting:
+            await self._clean_up(workload)
+            RECONCILES.labels("deleted").inc()
+            return
+        if FINALIZER not in workload.finalizers:
+            obj = await self._kube.merge_patch(
+                workload_path(namespace, name),
+                {
+                    "metadata": {
+                        "finalizers": [*workload.finalizers, FINALIZER],
+                        "resourceVersion": workload.resource_version,
+                    }
+                },
+            )
+            workload = Workload(obj)
+            self.own_writes[workload.key] = workload.resource_version
+        status = StatusBuilder(workload)
+        if needs_build(workload) and workload.status.requested_generation != workload.generation:
+            await self._publish(push_request(workload))
+            REQUESTS_PUBLISHED.inc()
+            status.set(requestedGeneration=workload.generation)
+            status.condition(
+                "Evaluated", None, "Requested", "push.received published; waiting for eval.done"
+            )
+        desired = desired_path(workload)
+        if desired is None:
+            status.set(observedGeneration=workload.generation, phase=_phase(status, None))
+            await self._write_status(workload, status)
+            RECONCILES.labels("pending").inc()
+            return
+        deployment = await self._apply_children(workload, desired)
+        self._readiness(workload, status, deployment)
+        if workload.status.store_path != desired.store_path:
+            # A pinned path is a rollback to an entry of the history, or a path the user
+            # chose: recorded as history only when it is not there yet.
+            known = history_entry(workload, desired.store_path) is not None
+            fields = moved_to(
+                workload,
+                desired.store_path,
+                desired.commit,
+                desired.main_program,
+                record=not known,
+            )
+            status.set(**fields)
+        status.set(
+            observedGeneration=workload.generation,
+            resolvedCommand=children.resolved_command(
+                workload, desired.store_path, desired.main_program
+            ),
+            replicas=workload.spec.replicas,
+            selector=",".join(f"{k}={v}" for k, v in workload.selector().items()),
+        )
+        status.set(phase=_phase(status, deployment))
+        await self._write_status(workload, status)
+        RECONCILES.labels("applied").inc()
+
+    async def _apply_children(self, workload: Workload, desired: Desired) -> dict[str, Any]:
+        spec_changed = workload.status.observed_generation != workload.generation
+        command = children.resolved_command(workload, desired.store_path, desired.main_program)
+        manifest = children.deployment(workload, desired.store_path, command, self._pod)
+        deployment_path = (
+            f"{collection_path('apps/v1', 'Deployment', workload.namespace)}/{workload.name}"
+        )
+        if not desired.pinned:
+            # Rollbacks (pinned paths) skip preheating: they must be instant, and the CSI
+            # driver still asks for a missing closure when a pod mounts it.
+            current = await self._kube.get(deployment_path)
+            if current is None or children.store_path_of(current) != desired.store_path:
+                await self._preheat(workload, desired.store_path)
+        applied = await self._kube.apply(manifest)
+        self.own_deployments[workload.key] = applied["metadata"]["resourceVersion"]
+        optional = (
+            (children.service(workload), ("v1", "Service")),
+            (
+                children.disruption_budget(workload, self._pdb_api_version),
+                (self._pdb_api_version, "PodDisruptionBudget"),
+            ),
+        )
+        for child, (api_version, kind) in optional:
+            if child is not None:
+                await self._kube.apply(child)
+            elif spec_changed:
+                path = collection_path(api_version, kind, workload.namespace)
+                await self._kube.delete(f"{path}/{workload.name}")
+        return applied
+
+    async def _preheat(self, workload: Workload, store_path: str) -> None:
+        nodes = self._preheat_nodes or await self._nodes_running(workload)
+        deadline = datetime.now(UTC) + self._preheat_deadline
+        for node in nodes:
+            await self._publish(
+                PathWanted(
+                    node=node,
+                    store_paths=(store_path,),
+                    deadline=deadline,
+                    requester=f"operator:{workload.namespace}/{workload.name}",
+                )
+            )
+
+    async def _nodes_running(self, workload: Workload) -> tuple[str, ...]:
+        selector = ",".join(f"{k}={v}" for k, v in workload.selector().items())
+        pods, _ = await self._kube.list(
+            collection_path("v1", "Pod", workload.namespace), label_selector=selector
+        )
+        return tuple(sorted({p["spec"]["nodeName"] for p in pods if p["spec"].get("nodeName")}))
+
+    def _readiness(
+        self, workload: Workload, status: StatusBuilder, deployment: dict[str, Any]
+    ) -> None:
+        observed = deployment.get("status") or {}
+        wanted = workload.spec.replicas
+        ready = int(observed.get("readyReplicas") or 0)
+        available = int(observed.get("availableReplicas") or 0)
+        updated = int(observed.get("updatedReplicas") or 0)
+        generation = deployment["metadata"].get("generation", 0)
+        rolled = observed.get("observedGeneration", 0) >= generation and updated >= wanted
+        status.set(readyReplicas=ready)
+        if rolled:
+            status.condition("Progressing", False, "RolloutComplete", f"{updated} updated")
+        else:
+            status.condition(
+                "Progressing", True, "RollingOut", f"{updated} of {wanted} replicas updated"
+            )
+        if available >= wanted and rolled:
+            status.condition(
+                "Available", True, "MinimumReplicasAvailable", f"{available} available"
+            )
+        else:
+            status.condition(
+                "Available", False, "ReplicasUnavailable", f"{available} of {wanted} available"
+            )
+
+    async def _write_status(self, workload: Workload, status: StatusBuilder) -> None:
+        patch = status.patch()
+        if patch is None:
+            return
+        # The resourceVersion makes a concurrent status writer (a build.done handler) a 409
+        # and a retry, instead of a lost update.
+        patch["metadata"] = {"resourceVersion": workload.resource_version}
+        written = await self._kube.merge_patch(
+            f"{workload_path(workload.namespace, workload.name)}/status", patch
+        )
+        self.own_writes[workload.key] = written["metadata"]["resourceVersion"]
+
+    async def _clean_up(self, workload: Workload) -> None:
+        """Delete the children ourselves (a cluster's garbage collector would also follow the
+        owner references, but the finalizer does not rely on one), then release the object."""
+        kinds = [*CHILD_KINDS, (self._pdb_api_version, "PodDisruptionBudget")]
+        for api_version, kind in kinds:
+            path = collection_path(api_version, kind, workload.namespace)
+            await self._kube.delete(f"{path}/{workload.name}")
+        self.own_writes.pop(workload.key, None)
+        self.own_deployments.pop(workload.key, None)
+        if FINALIZER in workload.finalizers:
+            remaining = [f for f in workload.finalizers if f != FINALIZER]
+            await self._kube.merge_patch(
+                workload_path(workload.namespace, workload.name),
+                {
+                    "metadata": {
+                        "finalizers": remaining or None,
+                        "resourceVersion": workload.resource_version,
+                    }
+                },
+            )
+
+
+def _phase(status: StatusBuilder, deployment: dict[str, Any] | None) -> str:
+    conditions = {c["type"]: c["status"] for c in status.conditions()}
+    if conditions.get("Degraded") == "True":
+        return "Degraded"
+    if deployment is None:
+        return "Pending"
+    if conditions.get("Available") == "True":
+        return "Running"
+    return "Progressing"

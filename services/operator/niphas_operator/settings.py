@@ -1,0 +1,109 @@
+"""The operator's settings (environment, prefix `NIPHAS_OPERATOR_`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from niphas_common.settings import ServiceSettings
+
+
+def _default_identity() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class OperatorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="NIPHAS_OPERATOR_", extra="ignore")
+
+    kubeconfig: Path | None = Field(
+        default=None,
+        description="kubeconfig file of the cluster to reconcile; None: KUBECONFIG, then the "
+        "in-cluster service account, else render mode (no cluster)",
+    )
+    namespace: str | None = Field(
+        default=None, description="Watch only this namespace; None: every namespace"
+    )
+    render_dir: Path | None = Field(
+        default=None,
+        description="Render mode: write the manifests the operator would apply under this "
+        "directory (<namespace>/<name>/*.yaml) for GitOps; default <state_dir>/operator/render",
+    )
+    workloads_dir: Path | None = Field(
+        default=None,
+        description="Render mode: directory of NiphasWorkload YAML files to render; default "
+        "<state_dir>/operator/workloads",
+    )
+    stub_image: str = Field(
+        default="registry.k8s.io/pause:3.9",
+        description="The fixed image every pod's container uses; the closure brings everything "
+        "else. Never changes with the app",
+    )
+    csi_driver: str = Field(default="csi.niphas.io", description="CSI driver of the closure mount")
+    store_node_label: str = Field(
+        default="niphas.io/store=true",
+        description="key=value merged into every pod's nodeSelector: nodes running csi and mesh",
+    )
+    field_manager: str = Field(
+        default="niphas-operator", description="Server-side apply field manager"
+    )
+    identity: str = Field(
+        default_factory=_default_identity,
+        description="This replica's name in the leader Lease (default hostname-pid)",
+    )
+    lease_name: str = Field(default="niphas-operator", description="Leader election Lease name")
+    lease_namespace: str = Field(
+        default="niphas-system", description="Namespace of the leader election Lease"
+    )
+    lease_duration_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="Seconds a leader's Lease stays valid without renewal: the longest pause "
+        "after a leader dies before another replica takes over",
+    )
+    renew_period_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds between Lease renewals (and standby attempts); well below the "
+        "duration so one slow request does not lose leadership",
+    )
+    workers: int = Field(
+        default=4, ge=1, le=256, description="Workloads reconciled at once (never one twice)"
+    )
+    retry_base_s: float = Field(
+        default=0.5, gt=0, description="First retry delay of a failed reconcile, doubled each time"
+    )
+    retry_max_s: float = Field(default=60.0, gt=0, description="Longest retry delay (seconds)")
+    resync_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds between full relists: level-triggered repair of anything missed",
+    )
+    preheat_nodes: tuple[str, ...] = Field(
+        default=(),
+        description="Nodes that get path.wanted before a rollout (JSON list). Empty: the nodes "
+        "the workload's pods run on now",
+    )
+    preheat_deadline_s: float = Field(
+        default=300.0, gt=0, description="Deadline given in path.wanted, seconds from now"
+    )
+    build_consumer: str = Field(
+        default="operator-build-done", description="Durable consumer name on build.done"
+    )
+    eval_consumer: str = Field(
+        default="operator-eval-done", description="Durable consumer name on eval.done"
+    )
+
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address of /healthz /readyz /metrics (0.0.0.0 in a pod, for scraping)",
+    )
+
+    def resolved_render_dir(self) -> Path:
+        return self.render_dir or self.state_dir / "operator" / "render"
+
+    def resolved_workloads_dir(self) -> Path:
+        return self.workloads_dir or self.state_dir / "operator" / "workloads"
