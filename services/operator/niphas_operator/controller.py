@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 KeyOf = Callable[[dict[str, object]], Key | None]
+OwnCheck = Callable[[dict[str, object]], bool]
+"""Whether a watched object is exactly what this operator last wrote."""
 _WATCH_TIMEOUT_S = 240
 
 
@@ -47,6 +49,7 @@ class Controller:
             retry_base_s=settings.retry_base_s, retry_max_s=settings.retry_max_s
         )
         self.events = PipelineEvents(kube, self.queue.add, settings.namespace)
+        self._deferred: dict[Key, list[tuple[OwnCheck, dict[str, object]]]] = {}
         self.synced = asyncio.Event()
         """Set once the first list of workloads is queued."""
 
@@ -103,7 +106,10 @@ class Controller:
             else:
                 self.queue.forget(key)
             finally:
+                deferred = self._deferred.pop(key, [])
                 self.queue.done(key)
+                if any(not is_ours(obj) for is_ours, obj in deferred):
+                    self.queue.add(key)
 
     async def _watch_workloads(self) -> None:
         path = workloads_path(self._settings.namespace)
@@ -124,7 +130,7 @@ class Controller:
         path: str,
         selector: str | None,
         key_of: KeyOf,
-        skip: Callable[[dict[str, object]], bool] | None = None,
+        skip: OwnCheck | None = None,
     ) -> None:
         failures = 0
         while True:
@@ -143,9 +149,8 @@ class Controller:
                         label_selector=selector,
                     ):
                         version = obj.get("metadata", {}).get("resourceVersion", version)
-                        ours = skip is not None and kind in ("ADDED", "MODIFIED") and skip(obj)
-                        if kind != "BOOKMARK" and not ours:
-                            self._add(key_of(obj))
+                        if kind != "BOOKMARK":
+                            self._on_event(kind, obj, key_of(obj), skip)
                     failures = 0
             except Gone:
                 log.info("watch %s: resourceVersion expired, relisting", path)
@@ -155,18 +160,33 @@ class Controller:
                 log.warning("watch %s failed (%s); relist in %.1fs", path, exc, delay)
                 await asyncio.sleep(delay)
 
+    def _on_event(
+        self, kind: str, obj: dict[str, object], key: Key | None, skip: OwnCheck | None
+    ) -> None:
+        if key is None:
+            return
+        if skip is not None and kind in ("ADDED", "MODIFIED"):
+            if skip(obj):
+                return
+            if self.queue.processing(key):
+                # Possibly the write the worker is making right now, its response not yet
+                # back: decide once that worker is done.
+                self._deferred.setdefault(key, []).append((skip, obj))
+                return
+        self.queue.add(key)
+
     def _own_write(self, obj: dict[str, object]) -> bool:
         """A watch event caused by the reconciler's own latest write (relists ignore this)."""
         key, meta = _own_key(obj), obj.get("metadata")
         if key is None or not isinstance(meta, dict):
             return False
-        return self._reconciler.own_writes.get(key) == meta.get("resourceVersion")
+        return (key, meta.get("resourceVersion")) in self._reconciler.own_writes
 
     def _own_apply(self, obj: dict[str, object]) -> bool:
         key, meta = _owner_key(obj), obj.get("metadata")
         if key is None or not isinstance(meta, dict):
             return False
-        return self._reconciler.own_deployments.get(key) == meta.get("resourceVersion")
+        return (key, meta.get("resourceVersion")) in self._reconciler.own_deployments
 
     def _add(self, key: Key | None) -> None:
         if key is not None:

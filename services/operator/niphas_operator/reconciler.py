@@ -10,6 +10,7 @@ built, asks the pipeline once per generation with `push.received`.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,24 @@ REQUESTS_PUBLISHED = Counter(
 
 Publish = Callable[[Event], Awaitable[object]]
 CHILD_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"))
+
+
+class OwnWrites:
+    """The last few resourceVersions this operator wrote, per object."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self._versions: dict[tuple[str, str], deque[str]] = {}
+        self._keep = keep
+
+    def add(self, key: tuple[str, str], resource_version: str) -> None:
+        self._versions.setdefault(key, deque(maxlen=self._keep)).append(resource_version)
+
+    def __contains__(self, item: tuple[tuple[str, str], object]) -> bool:
+        key, resource_version = item
+        return resource_version in self._versions.get(key, ())
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self._versions.pop(key, None)
 
 
 @dataclass(frozen=True)
@@ -109,10 +128,10 @@ class Reconciler:
         self._pdb_api_version = pdb_api_version
         self._preheat_nodes = preheat_nodes
         self._preheat_deadline = timedelta(seconds=preheat_deadline_s)
-        self.own_writes: dict[tuple[str, str], str] = {}
-        """resourceVersion of our latest write to each workload: its watch event is ours and
-        needs no reconcile (it would find nothing to do)."""
-        self.own_deployments: dict[tuple[str, str], str] = {}
+        self.own_writes = OwnWrites()
+        """Our writes to each workload: their watch events need no reconcile (it would find
+        nothing to do)."""
+        self.own_deployments = OwnWrites()
         """The same for each workload's Deployment (its later status changes are not ours)."""
 
     async def reconcile(self, namespace: str, name: str) -> None:
@@ -136,7 +155,7 @@ class Reconciler:
                 },
             )
             workload = Workload(obj)
-            self.own_writes[workload.key] = workload.resource_version
+            self.own_writes.add(workload.key, workload.resource_version)
         status = StatusBuilder(workload)
         if needs_build(workload) and workload.status.requested_generation != workload.generation:
             await self._publish(push_request(workload))
@@ -178,7 +197,10 @@ class Reconciler:
         RECONCILES.labels("applied").inc()
 
     async def _apply_children(self, workload: Workload, desired: Desired) -> dict[str, Any]:
-        spec_changed = workload.status.observed_generation != workload.generation
+        # Optional children can only have been dropped by a spec change after an earlier
+        # reconcile; a new workload has none to delete.
+        observed = workload.status.observed_generation
+        spec_changed = observed is not None and observed != workload.generation
         command = children.resolved_command(workload, desired.store_path, desired.main_program)
         manifest = children.deployment(workload, desired.store_path, command, self._pod)
         deployment_path = (
@@ -191,7 +213,7 @@ class Reconciler:
             if current is None or children.store_path_of(current) != desired.store_path:
                 await self._preheat(workload, desired.store_path)
         applied = await self._kube.apply(manifest)
-        self.own_deployments[workload.key] = applied["metadata"]["resourceVersion"]
+        self.own_deployments.add(workload.key, applied["metadata"]["resourceVersion"])
         optional = (
             (children.service(workload), ("v1", "Service")),
             (
@@ -263,7 +285,7 @@ class Reconciler:
         written = await self._kube.merge_patch(
             f"{workload_path(workload.namespace, workload.name)}/status", patch
         )
-        self.own_writes[workload.key] = written["metadata"]["resourceVersion"]
+        self.own_writes.add(workload.key, written["metadata"]["resourceVersion"])
 
     async def _clean_up(self, workload: Workload) -> None:
         """Delete the children ourselves (a cluster's garbage collector would also follow the
@@ -272,8 +294,8 @@ class Reconciler:
         for api_version, kind in kinds:
             path = collection_path(api_version, kind, workload.namespace)
             await self._kube.delete(f"{path}/{workload.name}")
-        self.own_writes.pop(workload.key, None)
-        self.own_deployments.pop(workload.key, None)
+        self.own_writes.forget(workload.key)
+        self.own_deployments.forget(workload.key)
         if FINALIZER in workload.finalizers:
             remaining = [f for f in workload.finalizers if f != FINALIZER]
             await self._kube.merge_patch(

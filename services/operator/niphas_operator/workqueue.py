@@ -43,6 +43,9 @@ class WorkQueue(Generic[K]):
         self._processing.add(key)
         return key
 
+    def processing(self, key: K) -> bool:
+        return key in self._processing
+
     def done(self, key: K) -> None:
         self._processing.discard(key)
         if key in self._dirty:
