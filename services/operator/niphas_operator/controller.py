@@ -48,8 +48,10 @@ class Controller:
         self.queue: WorkQueue[Key] = WorkQueue(
             retry_base_s=settings.retry_base_s, retry_max_s=settings.retry_max_s
         )
-        self.events = PipelineEvents(kube, self.queue.add, settings.namespace)
+        self.events = PipelineEvents(kube, self._enqueue_latest, settings.namespace)
         self._deferred: dict[Key, list[tuple[OwnCheck, dict[str, object]]]] = {}
+        self._objects: dict[Key, dict[str, Any]] = {}
+        """The latest copy of each workload the watch delivered."""
         self.synced = asyncio.Event()
         """Set once the first list of workloads is queued."""
 
@@ -91,7 +93,9 @@ class Controller:
         while True:
             key = await self.queue.get()
             try:
-                await self._reconciler.reconcile(*key)
+                # The watch's latest copy on a first attempt; a retry reads afresh.
+                known = None if self.queue.failures(key) else self._objects.get(key)
+                await self._reconciler.reconcile(*key, known)
             except (Invalid, ValueError) as exc:
                 # The object cannot become valid by retrying; it is retried at the slowest
                 # pace so a fix (a new generation) is still picked up by the watch at once.
@@ -136,6 +140,8 @@ class Controller:
         while True:
             try:
                 items, version = await self._kube.list(path, label_selector=selector)
+                if selector is None:
+                    self._objects = {k: o for o in items if (k := _own_key(o)) is not None}
                 for obj in items:
                     self._add(key_of(obj))
                 if selector is None:
@@ -150,7 +156,10 @@ class Controller:
                     ):
                         version = obj.get("metadata", {}).get("resourceVersion", version)
                         if kind != "BOOKMARK":
-                            self._on_event(kind, obj, key_of(obj), skip)
+                            key = key_of(obj)
+                            if selector is None and key is not None:
+                                self._remember(kind, key, obj)
+                            self._on_event(kind, obj, key, skip)
                     failures = 0
             except Gone:
                 log.info("watch %s: resourceVersion expired, relisting", path)
@@ -159,6 +168,18 @@ class Controller:
                 delay = min(self._settings.retry_base_s * 2**failures, self._settings.retry_max_s)
                 log.warning("watch %s failed (%s); relist in %.1fs", path, exc, delay)
                 await asyncio.sleep(delay)
+
+    def _enqueue_latest(self, key: Key, obj: dict[str, Any] | None) -> None:
+        # The copy a status write returned: newer than the watch may have delivered yet.
+        if obj is not None:
+            self._objects[key] = obj
+        self.queue.add(key)
+
+    def _remember(self, kind: str, key: Key, obj: dict[str, Any]) -> None:
+        if kind == "DELETED":
+            self._objects.pop(key, None)
+        else:
+            self._objects[key] = obj
 
     def _on_event(
         self, kind: str, obj: dict[str, object], key: Key | None, skip: OwnCheck | None

@@ -27,7 +27,8 @@ from niphas_schemas import BuildDone, EvalDone
 
 log = logging.getLogger(__name__)
 
-Enqueue = Callable[[tuple[str, str]], None]
+Enqueue = Callable[[tuple[str, str], dict[str, Any] | None], None]
+"""Hand a workload to the reconciler, with its latest copy when we have one."""
 _ATTEMPTS = 5
 
 
@@ -70,13 +71,14 @@ class PipelineEvents:
         self, workload: Workload, compute: Callable[[Workload], dict[str, Any] | None]
     ) -> None:
         path = workload_path(workload.namespace, workload.name)
+        written: dict[str, Any] | None = None
         for _ in range(_ATTEMPTS):
             patch = compute(workload)
             if patch is None:
                 break
             patch["metadata"] = {"resourceVersion": workload.resource_version}
             try:
-                await self._kube.merge_patch(f"{path}/status", patch)
+                written = await self._kube.merge_patch(f"{path}/status", patch)
                 break
             except Conflict:
                 fresh = await self._kube.get(path)
@@ -85,7 +87,7 @@ class PipelineEvents:
                 workload = Workload(fresh)
         else:
             raise Conflict(409, f"{path}: status kept changing")
-        self._enqueue(workload.key)
+        self._enqueue(workload.key, written)
 
 
 def _build_status(workload: Workload, event: BuildDone) -> dict[str, Any] | None:

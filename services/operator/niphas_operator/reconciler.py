@@ -134,8 +134,13 @@ class Reconciler:
         self.own_deployments = OwnWrites()
         """The same for each workload's Deployment (its later status changes are not ours)."""
 
-    async def reconcile(self, namespace: str, name: str) -> None:
-        obj = await self._kube.get(workload_path(namespace, name))
+    async def reconcile(
+        self, namespace: str, name: str, known: dict[str, Any] | None = None
+    ) -> None:
+        """`known`: the object as the watch last delivered it, saving a read. Every write
+        carries its resourceVersion, so a stale copy costs a 409 and a retry, never a
+        lost update; retries read afresh."""
+        obj = known or await self._kube.get(workload_path(namespace, name))
         if obj is None:
             RECONCILES.labels("gone").inc()
             return
@@ -175,13 +180,13 @@ class Reconciler:
         if workload.status.store_path != desired.store_path:
             # A pinned path is a rollback to an entry of the history, or a path the user
             # chose: recorded as history only when it is not there yet.
-            known = history_entry(workload, desired.store_path) is not None
+            in_history = history_entry(workload, desired.store_path) is not None
             fields = moved_to(
                 workload,
                 desired.store_path,
                 desired.commit,
                 desired.main_program,
-                record=not known,
+                record=not in_history,
             )
             status.set(**fields)
         status.set(

@@ -64,6 +64,10 @@ class WorkQueue(Generic[K]):
         self._timers[key] = loop.call_later(delay, self._fire, key)
         return delay
 
+    def failures(self, key: K) -> int:
+        """How many times in a row `key` failed."""
+        return self._failures.get(key, 0)
+
     def forget(self, key: K) -> None:
         """The key succeeded: its next failure starts from the base delay again."""
         self._failures.pop(key, None)
