@@ -290,3 +290,18 @@ async def test_eval_done_is_readable_json_with_the_contract_fields(
     assert done.repository == repo.url
     body = json.loads(done.model_dump_json())
     assert body["attributes"][0]["outputs"]["out"].startswith("/nix/store/")
+
+
+async def test_result_too_large_for_the_bus_is_one_failed_eval_done(
+    bus: Bus, worker: EvalWorker, make_repo: Callable[..., GitRepo], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "_limit", lambda: 2000)  # as if max_payload were tiny
+    repo = make_repo()
+    many = " ".join(f"copy{i} = app;" for i in range(20))
+    commit = repo.commit(flake_nix(repo.tools, packages=many))
+    async with serving(bus, [worker.subscription()]):
+        await bus.publish(push_for(repo, commit))
+        [done] = await wait_for_dones(bus, 1)
+    assert done.status == "failed"
+    assert "exceeds the NATS server's max_payload" in (done.error or "")
+    await settled(bus)

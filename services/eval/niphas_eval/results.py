@@ -3,9 +3,9 @@
 `eval.done`'s Msg-Id (repository + commit + status) already makes a re-published result a
 duplicate inside the stream's duplicate window. This bucket makes the guarantee outlive the
 window and covers evaluation itself: before evaluating, a worker *claims* the key with an
-atomic create; the record then moves `evaluating` -> `evaluated` (the eval.done is stored in
-the record before publishing, so a publish that failed is retried without evaluating again)
--> `published`.
+atomic create (`evaluating`), and marks it `published` once JetStream stored the eval.done.
+The result itself is not kept here (it can be 1 MB): if publishing fails, the push is
+redelivered and evaluated again, and the eval.done's Msg-Id stores it once.
 
 A claim held by another push event is respected while it is fresh (that event's worker is
 evaluating; if it dies, its own event is redelivered and takes the claim over); a claim older
@@ -28,7 +28,7 @@ from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
-State = Literal["evaluating", "evaluated", "published"]
+State = Literal["evaluating", "published"]
 
 
 def result_key(repository: str, commit: str) -> str:
@@ -42,8 +42,6 @@ class Record:
     push_event_id: str
     at: float
     worker: str
-    eval_done: str | None = None
-    """The eval.done JSON, once evaluated."""
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__).encode()
@@ -58,9 +56,9 @@ class Record:
 
 @dataclass(frozen=True)
 class Claim:
-    outcome: Literal["mine", "busy", "evaluated", "published"]
+    outcome: Literal["mine", "busy", "published"]
     record: Record | None = None
-    """The record found (for `evaluated`: holds the eval.done to publish)."""
+    """The record found, or ours."""
 
 
 class ResultStore:
@@ -110,8 +108,8 @@ class ResultStore:
             except KeyNotFoundError:
                 continue  # deleted or expired between the two calls
             found = Record.decode(entry.value)
-            if found is not None and found.state in ("evaluated", "published"):
-                return Claim(found.state, found)
+            if found is not None and found.state == "published":
+                return Claim("published", found)
             fresh = found is not None and time.time() - found.at < self.stale_after_s
             if found is not None and fresh and found.push_event_id != push_event_id:
                 return Claim("busy", found)

@@ -3,7 +3,7 @@
 Per event: allowlist (deny: one failed eval.done, acked) -> the commit (the push's `after`;
 when absent, the ref's head now, resolved with `git ls-remote`) -> claim (repository, commit)
 in the results bucket (already done or being done elsewhere: ack, nothing more) -> `nix eval`
-at that commit -> record the eval.done -> publish it -> mark it published.
+at that commit -> publish the eval.done -> mark the claim published.
 
 Failures of the flake itself (syntax, missing attribute, a throw everywhere, timeout, memory)
 are results: a failed eval.done, acked, never redelivered. Only an unreachable repository or
@@ -17,8 +17,6 @@ import logging
 import os
 import socket
 import time
-
-from nats.errors import MaxPayloadError
 
 from niphas_common.bus.bus import Bus
 from niphas_common.bus.consumer import Delivery, Subscription
@@ -104,20 +102,16 @@ class EvalWorker:
             holder = claim.record.worker if claim.record else "another worker"
             log.info("%s@%s is being evaluated by %s", push.repository, commit, holder)
             return
-        if claim.outcome == "evaluated" and claim.record and claim.record.eval_done:
-            done = EvalDone.model_validate_json(claim.record.eval_done)
-            log.info("%s@%s evaluated before: publishing its result", push.repository, commit)
-        else:
-            try:
-                evaluation = await self._run(push, commit, ref)
-            except EvalTransient as exc:
-                if not last_try:
-                    raise
-                evaluation = Evaluation("failed", commit, error=f"gave up: {exc}")
-            done = self._eval_done(push, commit, ref, evaluation)
-            await self._results.record(key, self._record("evaluated", push, done))
+        try:
+            evaluation = await self._run(push, commit, ref)
+        except EvalTransient as exc:
+            if not last_try:
+                raise
+            evaluation = Evaluation("failed", commit, error=f"gave up: {exc}")
+        done = self._fitting(self._eval_done(push, commit, ref, evaluation))
         await self._publish(done)
-        await self._results.record(key, self._record("published", push, done))
+        published = Record("published", push.event_id, time.time(), self._results.worker)
+        await self._results.record(key, published)
 
     async def _run(self, push: PushReceived, commit: str, ref: str | None) -> Evaluation:
         self.evaluated.append((push.repository, commit))
@@ -147,14 +141,23 @@ class EvalWorker:
             error=evaluation.error[:65536] if evaluation.error else None,
         )
 
-    def _record(self, state: str, push: PushReceived, done: EvalDone) -> Record:
-        return Record(
-            state,  # type: ignore[arg-type]
-            push.event_id,
-            time.time(),
-            self._results.worker,
-            done.model_dump_json(),
+    def _limit(self) -> int:
+        """Largest message body the server takes, less room for headers."""
+        return max(self._bus.nc.max_payload - 4096, 4096)
+
+    def _fitting(self, done: EvalDone) -> EvalDone:
+        """`done`, or, when it exceeds the server's max_payload (thousands of attributes),
+        a failed eval.done saying so: retrying could never publish it."""
+        size = len(done.model_dump_json())
+        if size <= self._limit():
+            return done
+        log.error("eval.done of %s@%s too large: %d bytes", done.repository, done.commit, size)
+        error = (
+            f"the result ({len(done.attributes)} attributes, {size} bytes) exceeds the NATS "
+            f"server's max_payload ({self._bus.nc.max_payload} bytes): split the flake's "
+            "packages or raise max_payload"
         )
+        return done.model_copy(update={"status": "failed", "attributes": (), "error": error})
 
     async def _publish_failure(
         self, push: PushReceived, commit: str, reason: str, kind: str
@@ -165,21 +168,4 @@ class EvalWorker:
         await self._publish(done)
 
     async def _publish(self, done: EvalDone) -> None:
-        try:
-            await self._bus.publish(done)
-        except MaxPayloadError:
-            if done.status == "failed" and not done.attributes:
-                raise
-            # Retrying cannot shrink it: say so in a failed eval.done without the attributes.
-            size = len(done.model_dump_json())
-            log.error("eval.done of %s@%s too large: %d bytes", done.repository, done.commit, size)
-            await self._bus.publish(
-                done.model_copy(
-                    update={
-                        "status": "failed",
-                        "attributes": (),
-                        "error": f"the result ({len(done.attributes)} attributes, {size} bytes) "
-                        "exceeds the NATS server's max_payload",
-                    }
-                )
-            )
+        await self._bus.publish(done)
