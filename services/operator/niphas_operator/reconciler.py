@@ -166,9 +166,12 @@ class Reconciler:
             await self._publish(push_request(workload))
             REQUESTS_PUBLISHED.inc()
             status.set(requestedGeneration=workload.generation)
-            status.condition(
-                "Evaluated", None, "Requested", "push.received published; waiting for eval.done"
-            )
+            if not status.current("Evaluated", workload.generation):
+                # An eval.done may already have answered this generation (a retried reconcile
+                # after a 409 with the pipeline's write): never hide its answer.
+                status.condition(
+                    "Evaluated", None, "Requested", "push.received published; waiting for eval.done"
+                )
         desired = desired_path(workload)
         if desired is None:
             status.set(observedGeneration=workload.generation, phase=_phase(status, None))

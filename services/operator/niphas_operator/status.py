@@ -45,6 +45,11 @@ class StatusBuilder:
             condition["message"] = message[:1024]
         self._conditions[type_] = condition
 
+    def current(self, type_: str, generation: int) -> bool:
+        """Whether condition `type_` was set for this generation (or a later one)."""
+        observed = self._conditions.get(type_, {}).get("observedGeneration")
+        return isinstance(observed, int) and observed >= generation
+
     def conditions(self) -> list[dict[str, Any]]:
         return sorted(self._conditions.values(), key=lambda c: str(c["type"]))
 
