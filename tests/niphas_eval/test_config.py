@@ -118,3 +118,13 @@ def test_stderr_tail_drops_lock_chatter_and_keeps_the_end() -> None:
     assert "lock file" not in kept and "Added input" not in kept
     assert len(kept.encode()) <= 1003 and kept.startswith("...")
     assert tail("error: boom", 1000) == "error: boom"
+
+
+def test_secrets_file_that_appears_later_is_picked_up(tmp_path: Path) -> None:
+    path = tmp_path / "mounted" / "secrets.yaml"
+    secrets = WebhookSecrets(path)  # an optional Secret not created yet
+    assert secrets.lookup(["acme/app"], "github") is None
+    assert len(secrets) == 0
+    path.parent.mkdir()
+    path.write_text("acme/app: {forge: github, secret: now}\n")
+    assert secrets.lookup(["acme/app"], "github").secret == "now"  # type: ignore[union-attr]

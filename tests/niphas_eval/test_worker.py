@@ -7,6 +7,7 @@ it is pushed, and two workers share the load without evaluating any event twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from niphas_common.nix.runner import NixRunner
 from niphas_eval.app import build_worker
 from niphas_eval.settings import EvalSettings
 from niphas_eval.worker import EvalWorker
-from niphas_schemas import EvalDone
+from niphas_schemas import EvalDone, PushReceived
 from tests.helpers import serving
 from tests.niphas_eval.conftest import GitRepo, eval_dones, flake_nix, push_for
 from tests.nix_harness import nix_system
@@ -305,3 +306,27 @@ async def test_result_too_large_for_the_bus_is_one_failed_eval_done(
     assert done.status == "failed"
     assert "exceeds the NATS server's max_payload" in (done.error or "")
     await settled(bus)
+
+
+async def test_unreachable_repository_is_retried_then_answered_once(
+    bus: Bus, worker: EvalWorker, tmp_path: Path
+) -> None:
+    # Allowed by the glob, but there is no repository: `git ls-remote` fails like a network
+    # error would. Retried with backoff, then on the last delivery one failed eval.done.
+    worker.spec = dataclasses.replace(worker.spec, backoff_s=(0.1,))
+    missing = PushReceived(
+        forge="niphas", repository=f"file://{tmp_path}/forge/missing", delivery_id="op-1"
+    )
+    async with serving(bus, [worker.subscription()]):
+        await bus.publish(missing)
+        [done] = await wait_for_dones(bus, 1, timeout_s=30)
+        await asyncio.sleep(0.5)
+    assert done.status == "failed"
+    assert "gave up" in (done.error or "") and "ls-remote" in (done.error or "")
+    assert done.commit == "0" * 40
+    info = await bus.js.consumer_info("PUSH_RECEIVED", "eval-workers")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+    assert info.delivered.consumer_seq == worker.spec.max_deliver  # retried, then answered
+    assert len(await eval_dones(bus)) == 1
+    dead = await bus.js.stream_info("DEAD_LETTERS")
+    assert dead.state.messages == 0

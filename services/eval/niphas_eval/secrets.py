@@ -105,6 +105,7 @@ class WebhookSecrets:
             self._env = parse_secrets(loaded, origin="NIPHAS_EVAL_WEBHOOK_SECRETS")
         self._file_entries: dict[str, RepositorySecret] = {}
         self._file_stamp: tuple[int, int] | None = None
+        self._file_missing = False
         self._reload()
 
     @classmethod
@@ -117,10 +118,11 @@ class WebhookSecrets:
         try:
             stat = self._file.stat()
         except OSError as exc:
-            if self._file_stamp is not None or not self._file_entries:
+            if not self._file_missing:  # once per disappearance, not once per request
                 log.error("webhook secrets file %s unreadable: %s", self._file, exc)
-            self._file_entries, self._file_stamp = {}, None
+            self._file_entries, self._file_stamp, self._file_missing = {}, None, True
             return
+        self._file_missing = False
         stamp = (stat.st_mtime_ns, stat.st_size)
         if stamp == self._file_stamp:
             return
