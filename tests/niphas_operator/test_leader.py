@@ -41,7 +41,7 @@ class OperatorProcess:
             "NIPHAS_OPERATOR_NAMESPACE": str(settings.namespace),
             "NIPHAS_OPERATOR_LEASE_NAMESPACE": settings.lease_namespace,
             "NIPHAS_OPERATOR_IDENTITY": identity,
-            "NIPHAS_OPERATOR_LEASE_DURATION_S": "3",
+            "NIPHAS_OPERATOR_LEASE_DURATION_S": "5",
             "NIPHAS_OPERATOR_RENEW_PERIOD_S": "0.5",
             "NIPHAS_OPERATOR_METRICS_PORT": str(self.port),
             "NIPHAS_OPERATOR_STATE_DIR": str(settings.state_dir),
