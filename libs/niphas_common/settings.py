@@ -13,9 +13,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_state_dir() -> Path:
-    """Where the embedded default keeps its data (NATS store, cache, leases)."""
+    """Where the embedded default keeps its data (NATS store, cache, leases): NIPHAS_STATE_DIR
+    (which `niphas up` sets for every service it starts), else the XDG state directory."""
     import os
 
+    if explicit := os.environ.get("NIPHAS_STATE_DIR"):
+        return Path(explicit)
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "niphas"
 
