@@ -36,12 +36,13 @@ lint: venv ## ruff, strict mypy, import-linter contracts, schema files up to dat
 test: setup kube lint ## lint, then every test: real nats-server, nix, mounts, kube-apiserver
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
-bench: setup ## run every benchmark under bench/ and print its table
+bench: setup ## run every benchmark under bench/ (tables printed), write bench/RESULTS.md + plots
 	bash scripts/setup-bench-tools.sh
-	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; echo; done
+	$(BIN)/python bench/results.py --run --out bench/out --results bench/RESULTS.md
 
-demo: setup ## the embedded default: NATS and every installed service on this machine (Ctrl-C stops)
-	$(BIN)/niphas up
+demo: setup ## push -> build -> the app served from its mounted closure, v2, rollback (root)
+	command -v git >/dev/null || { apt-get update -qq && apt-get install -y -qq git >/dev/null; }
+	PYTHONPATH=demo $(BIN)/python -m niphas_demo $(DEMO_ARGS)
 
 schemas: venv ## regenerate schemas/ (JSON Schema per subject, AsyncAPI) from the models
 	$(BIN)/niphas schemas export schemas

@@ -20,6 +20,7 @@ import contextlib
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -33,6 +34,9 @@ from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.signing import SecretKey
 from niphas_common.settings import NatsSettings
 from niphas_schemas import BuildDone, EvalDone, EvaluatedAttribute
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
+from bench.report import Report, add_json_option
 
 REPO = "https://forge.example/bench.git"
 
@@ -185,12 +189,24 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         "baselines: `nix path-info --store file://cache PATH` (cached rows); "
         "`nix-store --realise` + `nix copy --to file://...?compression=zstd` (uncached row)"
     )
+    report = Report("builder", "Builder: per-derivation overhead, cached and uncached")
+    check_name = "nix path-info --store file://<cache> PATH"
+    for name, value, base, target in rows:
+        report.row(name.rsplit(" (", 1)[0], value * 1000, "ms", baseline=base * 1000,
+                   baseline_name=check_name if target is None else
+                   "nix-store --realise + nix copy --to file://...?compression=zstd",
+                   target=f"<= {target}x" if target else None,
+                   met=value / base <= target if target else None)  # fmt: skip
+    report.note(f"{args.cached} cached derivations one at a time; {args.uncached} uncached "
+                "rounds alternating with the bare commands")  # fmt: skip
+    report.write(args.json)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cached", type=int, default=200, help="cached derivations to time")
     parser.add_argument("--uncached", type=int, default=5, help="uncached rounds")
+    add_json_option(parser)
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory(prefix="niphas-bench-builder-") as tmp,

@@ -37,6 +37,9 @@ from niphas_csi.app import run
 from niphas_csi.proto import csi_pb2, csi_pb2_grpc
 from niphas_csi.settings import CsiSettings
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
+from bench.report import Report, add_json_option
+
 GEN_NIX = """\
 let
   leaf = i: builtins.path { path = ./trees + "/t${toString i}"; name = "leaf-${toString i}"; };
@@ -167,6 +170,22 @@ async def measure(args: argparse.Namespace, work: Path) -> int:
           f"pods of the closure: {mount_count} mounts on the whole machine")  # fmt: skip
     ok = percentile(first_pub, 0.5) <= 0.100 and ratio >= 10 and percentile(unpub, 0.5) <= 0.050
     print("targets (p50 <= 100 ms, >= 10x, unpublish p50 <= 50 ms):", "met" if ok else "MISSED")
+    report = Report("csi", f"CSI: publish/unpublish of a {len(closure)}-path, {files}-file closure")
+    farm_ms = {
+        "baseline": percentile(baseline, 0.5) * 1000,
+        "baseline_name": "hardlink farm of the closure (cp -al), p50",
+    }
+    first = percentile(first_pub, 0.5) * 1000
+    report.row("NodePublishVolume p50, first pod (builds the view)", first, "ms", **farm_ms,
+               target="<= 100 ms and <= 0.1x", met=first <= 100 and ratio >= 10)  # fmt: skip
+    more = percentile(more_pub, 0.5) * 1000
+    report.row("NodePublishVolume p50, more pods (shared view)", more, "ms", **farm_ms)
+    gone = percentile(unpub, 0.5) * 1000
+    report.row("NodeUnpublishVolume p50 (last user)", gone, "ms", target="<= 50 ms",
+               met=gone <= 50)  # fmt: skip
+    report.note(f"{args.repeat} publishes per row through the real unix socket; "
+                f"{mount_count} mounts on the machine for {args.repeat + 1} pods")  # fmt: skip
+    report.write(args.json)
     return 0 if ok else 1
 
 
@@ -175,6 +194,7 @@ def main() -> None:
     parser.add_argument("--paths", type=int, default=500)
     parser.add_argument("--files-per-path", type=int, default=40)
     parser.add_argument("--repeat", type=int, default=30)
+    add_json_option(parser)
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_csi needs root (it mounts)")

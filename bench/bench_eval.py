@@ -51,6 +51,9 @@ from niphas_eval.app import build_worker
 from niphas_eval.settings import EvalSettings, this_system
 from niphas_schemas import PushReceived
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
+from bench.report import Report, add_json_option
+
 SECRET = "bench-secret"
 CLONE = "https://git.example.test/acme/app.git"
 BARE_SERVER = """
@@ -141,7 +144,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def bench_ingress(n: int, concurrency: int) -> None:
+async def bench_ingress(n: int, concurrency: int, report: Report) -> None:
     print(f"== webhook ingress: {n} signed GitHub pushes, {concurrency} in flight")
     rows = []
     with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp) / "nats") as server:
@@ -189,6 +192,13 @@ async def bench_ingress(n: int, concurrency: int) -> None:
     expected = n + min(200, n)
     print(f"push.received stored: {stored} (expected {expected}: every 202 was a stored event)")
     assert stored == expected
+    (_, floor_rate, floor_lat, _), (_, rate, lat, _) = rows
+    bare = "bare aiohttp server answering 202"
+    report.row("webhook deliveries/s (signed -> push.received acked)", rate, "deliveries/s",
+               baseline=floor_rate, baseline_name=bare)  # fmt: skip
+    for q in (0.5, 0.99):
+        report.row(f"webhook latency p{q * 100:.0f}", pct(lat, q) * 1e3, "ms",
+                   baseline=pct(floor_lat, q) * 1e3, baseline_name=bare)  # fmt: skip
 
 
 # -- evaluation overhead -------------------------------------------------------------------
@@ -338,17 +348,29 @@ async def main(args: argparse.Namespace) -> None:
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
-    await bench_ingress(args.deliveries, args.concurrency)
+    report = Report("eval", "Eval: webhook ingress and evaluation overhead")
+    report.note(f"ingress: {args.deliveries} signed GitHub pushes, {args.concurrency} in flight")
+    await bench_ingress(args.deliveries, args.concurrency, report)
     if shutil.which("nix") is None:
         print("\nnix is not installed: evaluation benchmark skipped (run scripts/setup-nix.sh)")
+        report.note("nix is not installed: evaluation benchmark skipped")
+        report.write(args.json)
         return
     bare, worker = await bench_eval(args.packages, args.work, args.rounds)
-    await bench_eval(args.wide, 0, args.rounds)
+    wide_bare, wide_worker = await bench_eval(args.wide, 0, args.rounds)
     verdict = "ok" if worker / bare <= 1.3 else "MISSED"
     print(
         f"\nevaluation overhead, {args.packages} packages with mkDerivation-like work: worker / "
         f"bare = {worker / bare:.2f} (target <= 1.3: {verdict})"
     )
+    bare_name = "bare nix eval --apply of the same flake"
+    report.row(f"evaluation, {args.packages} packages (push.received -> eval.done)", worker, "s",
+               baseline=bare, baseline_name=bare_name, target="<= 1.3x",
+               met=worker / bare <= 1.3)  # fmt: skip
+    report.row(f"evaluation, {args.wide} trivial packages (worst case)", wide_worker, "s",
+               baseline=wide_bare, baseline_name=bare_name)  # fmt: skip
+    report.note(f"evaluation: median of {args.rounds} commits, alternating order, both warm")
+    report.write(args.json)
 
 
 if __name__ == "__main__":
@@ -361,4 +383,5 @@ if __name__ == "__main__":
     )
     parser.add_argument("--wide", type=int, default=2000, help="trivial packages (worst case)")
     parser.add_argument("--rounds", type=int, default=7)
+    add_json_option(parser)
     asyncio.run(main(parser.parse_args()))

@@ -25,6 +25,9 @@ from niphas_common.nix.nar import iter_nar, nar_hash, write_nar
 from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.store_path import StorePath
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
+from bench.report import Report, add_json_option
+
 SMALL_SHARE = 0.2
 """Fraction of the bytes in small files (4 KiB-64 KiB): the per-file overhead matters too."""
 
@@ -63,6 +66,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=200, help="tree size in MiB (default 200)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per measurement (default 3)")
+    add_json_option(ap)
     args = ap.parse_args()
     runner = NixRunner()
     size = args.size_mb << 20
@@ -73,12 +77,15 @@ def main() -> int:
         generate_tree(tree, size)
         store_path: StorePath = runner.add_to_store(tree)
         try:
-            return run(runner, str(store_path), args.repeat)
+            report = Report("nar", f"NAR: serialiser and verification, {args.size_mb} MiB tree")
+            code = run(runner, str(store_path), args.repeat, report)
+            report.write(args.json)
+            return code
         finally:
             runner.delete([store_path], check=False)
 
 
-def run(runner: NixRunner, path: str, repeat: int) -> int:
+def run(runner: NixRunner, path: str, repeat: int, report: Report) -> int:
     info = runner.path_info([path])[path]
     nar_size = info.nar_size
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -132,6 +139,14 @@ def run(runner: NixRunner, path: str, repeat: int) -> int:
         print(f"{name:<34} {secs:>8.3f} {mb / secs:>8.0f} {shown:>7}")
     ser, ver = t_nix / t_fd, t_raw / t_verify
     ok = ser >= 0.5 and ver >= 0.8
+    dump = {"baseline": mb / t_nix, "baseline_name": "nix-store --dump > /dev/null"}
+    sha = {"baseline": mb / t_raw, "baseline_name": "raw hashlib.sha256"}
+    report.row("serialiser write_nar (fd, sendfile)", mb / t_fd, "MB/s", **dump,
+               target=">= 0.5x", met=ser >= 0.5)  # fmt: skip
+    report.row("serialiser iter_nar chunks", mb / t_iter, "MB/s", **dump)
+    report.row("streaming NAR verification (sha256 + size)", mb / t_verify, "MB/s", **sha,
+               target=">= 0.8x", met=ver >= 0.8)  # fmt: skip
+    report.note(f"NAR of {mb:.1f} MB; best of {repeat} runs, warm page cache")
     print(
         f"\nserializer {ser:.2f}x nix-store --dump (target >= 0.5x); "
         f"verification {ver:.2f}x raw sha256 (target >= 0.8x): {'OK' if ok else 'MISSED'}"

@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from kubernetes_asyncio.client import ApiClient  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 
+from bench.report import Report, add_json_option  # noqa: E402
 from niphas_common.bus.bus import Bus  # noqa: E402
 from niphas_common.nats_server import EmbeddedNats  # noqa: E402
 from niphas_common.settings import NatsSettings  # noqa: E402
@@ -110,14 +111,15 @@ async def direct_apply(client: ApiClient, namespace: str, n: int) -> float:
     return time.perf_counter() - start
 
 
-async def main(n: int, builds: int, rounds: int) -> None:
+async def main(n: int, builds: int, rounds: int, json_path: Path | None) -> None:
     with tempfile.TemporaryDirectory() as tmp, running_apiserver() as server:
         server.kubectl("apply", "-k", str(CRD_DIR))
         server.kubectl("wait", "--for=condition=Established", "crd/niphasworkloads.niphas.io")
         nats_server = EmbeddedNats(Path(tmp) / "nats")
         nats_server.start()
         try:
-            await _run(server, nats_server.url, Path(tmp), n, builds, rounds)
+            report = await _run(server, nats_server.url, Path(tmp), n, builds, rounds)
+            report.write(json_path)
         finally:
             nats_server.stop()
 
@@ -169,7 +171,7 @@ async def _create_round(
     return ours_s, baseline_s, verbs
 
 
-async def _run(server: Any, nats_url: str, tmp: Path, n: int, builds: int, rounds: int) -> None:
+async def _run(server: Any, nats_url: str, tmp: Path, n: int, builds: int, rounds: int) -> Report:
     nats = NatsSettings(url=nats_url)
     bus = await Bus.connect(nats, name="bench")
     async with server.api_client() as client:
@@ -209,6 +211,19 @@ async def _run(server: Any, nats_url: str, tmp: Path, n: int, builds: int, round
         f"| {f'build.done -> Deployment p99 (ms, {builds} builds)':<44} | {p99:>9.1f} | "
         f"{'':>9} | {'':>6} | < 1000 |"
     )
+    report = Report("operator", f"Operator: {n} workloads, build.done -> Deployment")
+    direct = "a client creating the workloads and applying Deployments itself"
+    report.row(f"{n} workloads -> all Deployments applied", ours_s, "s", baseline=baseline_s,
+               baseline_name=direct, ratio=ratio, target="<= 3x", met=ratio <= 3)  # fmt: skip
+    report.row("operator API requests per workload", per_workload, "requests", baseline=2,
+               baseline_name="the direct client's floor (create + apply)", target="<= 8",
+               met=per_workload <= 8)  # fmt: skip
+    apply = "one direct server-side apply of a changed Deployment"
+    report.row("build.done -> Deployment p50", p50, "ms", baseline=fl, baseline_name=apply)
+    report.row("build.done -> Deployment p99", p99, "ms", target="< 1000 ms", met=p99 < 1000)
+    report.note(f"kube-apiserver 1.20 + etcd on loopback; median of {rounds} rounds; "
+                f"{builds} build.done events one at a time")  # fmt: skip
+    return report
 
 
 async def _build_latency(
@@ -279,5 +294,6 @@ if __name__ == "__main__":
     parser.add_argument("--workloads", type=int, default=200)
     parser.add_argument("--builds", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    add_json_option(parser)
     args = parser.parse_args()
-    asyncio.run(main(args.workloads, args.builds, args.rounds))
+    asyncio.run(main(args.workloads, args.builds, args.rounds, args.json))

@@ -19,6 +19,7 @@ import asyncio
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,9 @@ from niphas_common.nats_server import EmbeddedNats
 from niphas_common.settings import NatsSettings
 from niphas_common.tracing import setup_tracing
 from niphas_schemas import PushReceived
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
+from bench.report import Report, add_json_option
 
 PAYLOAD_BYTES = 1024
 
@@ -161,7 +165,7 @@ async def fresh(measure: Callable[[str, int], Awaitable[float]], n: int) -> floa
         return await measure(server.url, n)
 
 
-async def main(n: int, rounds: int) -> None:
+async def main(n: int, rounds: int, json_path: Path | None) -> None:
     # Interleaved rounds, median of each: the two sides see the same machine noise.
     raws, ours_all, fast_all = [], [], []
     for _ in range(rounds):
@@ -187,10 +191,20 @@ async def main(n: int, rounds: int) -> None:
     label = "niphas spine, spans recorded"
     print(f"| {label:<28} | {traced:>9,.0f} | {traced / raw:>6.2f} |        |")
 
+    report = Report("spine", f"Event spine: {n} events of ~1 KB, publish -> pull consumer -> ack")
+    base = {"baseline": raw, "baseline_name": "raw nats-py (publish_async + fetch + ack)"}
+    report.row("spine events/s", ours, "events/s", **base, target=">= 5,000/s and >= 0.5x",
+               met=ours >= 5000 and ours / raw >= 0.5)  # fmt: skip
+    report.row("faststream pull subscriber events/s", fast, "events/s", **base)
+    report.row("spine events/s, spans recorded", traced, "events/s", **base)
+    report.note(f"median of {rounds} interleaved rounds, each on a fresh nats-server")
+    report.write(json_path)
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
+    add_json_option(parser)
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.rounds))
+    asyncio.run(main(args.events, args.rounds, args.json))
