@@ -29,6 +29,9 @@ POD_KEYS = {
     "csi.storage.k8s.io/pod.uid": "uid",
     "csi.storage.k8s.io/serviceAccount.name": "service_account",
 }
+TRACEPARENT_ATTRIBUTE = "traceparent"
+"""volumeAttributes key (optional): the W3C trace context of the build that moved the workload
+(the operator sets it), so the mount and the fetch it causes join the trace of the push."""
 MAX_STORE_PATHS = 1024
 """As many as one path.wanted event may carry."""
 
@@ -44,6 +47,7 @@ class PublishRequest:
     """The requested paths (logical, sorted, unique); the volume is their closure."""
     pod: Mapping[str, str] = field(default_factory=dict)
     """name, namespace, uid of the pod (podInfoOnMount), for logs and the state record."""
+    traceparent: str | None = None
 
 
 def validate_volume_id(volume_id: str) -> str:
@@ -113,4 +117,5 @@ def validate_publish(
         raise InvalidRequest("staging_target_path is set, but this driver has no staging step")
     store_paths = parse_store_paths(volume_context.get(STORE_PATH_ATTRIBUTE))
     pod = {short: volume_context[key] for key, short in POD_KEYS.items() if key in volume_context}
-    return PublishRequest(volume_id, target, store_paths, pod)
+    traceparent = volume_context.get(TRACEPARENT_ATTRIBUTE) or None
+    return PublishRequest(volume_id, target, store_paths, pod, traceparent)

@@ -14,7 +14,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Histogram
+
+from niphas_common import tracing
 
 from . import mounts
 from .closure import NodeStore
@@ -75,12 +78,26 @@ class Volumes:
     async def publish(self, request: PublishRequest, timeout_s: float | None = None) -> None:
         started = time.perf_counter()
         outcome = "error"
-        try:
-            async with self._locked(request.volume_id):
-                await self._publish(request, timeout_s)
-            outcome = "ok"
-        finally:
-            PUBLISH_SECONDS.labels(outcome).observe(time.perf_counter() - started)
+        # A span under the trace the volume attributes carry: the path.wanted published for
+        # missing paths (and so the mesh's fetch) joins the trace that began at the push.
+        parent = tracing.extract(
+            {"traceparent": request.traceparent} if request.traceparent else {}
+        )
+        with tracing.tracer().start_as_current_span(
+            "NodePublishVolume",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"csi.volume_id": request.volume_id, "csi.paths": len(request.store_paths)},
+        ) as span:
+            try:
+                async with self._locked(request.volume_id):
+                    await self._publish(request, timeout_s)
+                outcome = "ok"
+            except Exception as exc:
+                span.set_status(Status(StatusCode.ERROR, repr(exc)))
+                raise
+            finally:
+                PUBLISH_SECONDS.labels(outcome).observe(time.perf_counter() - started)
 
     async def _publish(self, request: PublishRequest, timeout_s: float | None) -> None:
         known = self.records.get(request.volume_id)

@@ -90,9 +90,20 @@ async def _render(settings: OperatorSettings, bus: Bus, stop: asyncio.Event) -> 
         pod_settings(settings),
         bus.publish,
     )
-    await renderer.render_all()
-    spec = ConsumerSpec(durable=f"{settings.build_consumer}-render", subject=BuildDone.subject)
-    await bus.serve([Subscription(BuildDone, spec, renderer.on_build_done)], stop)
+
+    async def readiness() -> str | None:
+        return None if bus.nc.is_connected else "not connected to NATS"
+
+    ops = None
+    if settings.metrics_port is not None:
+        ops = await serve_ops(settings.metrics_host, settings.metrics_port, readiness)
+    try:
+        await renderer.render_all()
+        spec = ConsumerSpec(durable=f"{settings.build_consumer}-render", subject=BuildDone.subject)
+        await bus.serve([Subscription(BuildDone, spec, renderer.on_build_done)], stop)
+    finally:
+        if ops is not None:
+            await ops.cleanup()
 
 
 async def main(stop: asyncio.Event) -> None:

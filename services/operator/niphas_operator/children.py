@@ -43,10 +43,22 @@ def _metadata(workload: Workload, name: str) -> dict[str, Any]:
     }
 
 
+TRACEPARENT_ATTRIBUTE = "traceparent"
+"""Volume attribute carrying the trace of the build that moved the workload, so the CSI
+driver's mount (and the fetch it asks the mesh for) joins the trace that began at the push."""
+
+
 def deployment(
-    workload: Workload, store_path: str, command: list[str], pod: PodSettings
+    workload: Workload,
+    store_path: str,
+    command: list[str],
+    pod: PodSettings,
+    traceparent: str | None = None,
 ) -> dict[str, Any]:
     spec = workload.spec
+    attributes = {"storePath": store_path}
+    if traceparent:
+        attributes[TRACEPARENT_ATTRIBUTE] = traceparent
     container: dict[str, Any] = {
         "name": "app",
         "image": pod.stub_image,
@@ -77,7 +89,7 @@ def deployment(
                 "csi": {
                     "driver": pod.csi_driver,
                     "readOnly": True,
-                    "volumeAttributes": {"storePath": store_path},
+                    "volumeAttributes": attributes,
                 },
             }
         ],

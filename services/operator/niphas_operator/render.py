@@ -8,6 +8,11 @@ path comes from `spec.storePath`, else from the latest matching `build.done`, re
 `<render_dir>/.niphas-state.json`; a workload with neither asks the pipeline with
 `push.received` (once: its msg id is deterministic). Files are written only when their
 content changes, so a GitOps repository sees no churn.
+
+The state file also keeps each workload's history, a pin (what `niphas rollback` sets when no
+cluster is configured: the workload file is the user's and stays untouched) and the
+`traceparent` of the build that moved it (carried into the volume attributes, so the mount
+joins the push's trace).
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from typing import Any
 
 import yaml
 
+from niphas_common import tracing
 from niphas_common.bus.consumer import Delivery
 from niphas_operator import children
 from niphas_operator.children import PodSettings
 from niphas_operator.pipeline import matches
 from niphas_operator.reconciler import Publish, desired_path, push_request
+from niphas_operator.status import moved_to
 from niphas_operator.workload import Workload, program_of
 from niphas_schemas import BuildDone
 
@@ -51,7 +58,10 @@ class Renderer:
                 meta = doc.setdefault("metadata", {})
                 meta.setdefault("namespace", "default")
                 meta.setdefault("uid", "")
-                doc["status"] = self._state().get(f"{meta['namespace']}/{meta['name']}", {})
+                entry = dict(self._state().get(f"{meta['namespace']}/{meta['name']}", {}))
+                if pinned := entry.pop("pinned", None):
+                    doc.setdefault("spec", {})["storePath"] = pinned
+                doc["status"] = entry
                 found.append(Workload(doc))
         return found
 
@@ -63,9 +73,10 @@ class Renderer:
                 await self._publish(push_request(workload))
                 continue
             command = children.resolved_command(workload, desired.store_path, desired.main_program)
+            traceparent = None if desired.pinned else workload.obj["status"].get("traceparent")
             manifests = {
                 "deployment.yaml": children.deployment(
-                    workload, desired.store_path, command, self._pod
+                    workload, desired.store_path, command, self._pod, traceparent
                 ),
                 "service.yaml": children.service(workload),
                 "pdb.yaml": children.disruption_budget(workload, "policy/v1"),
@@ -90,16 +101,40 @@ class Renderer:
             return
         out = next((o for o in event.outputs if o.name == "out"), event.outputs[0])
         state = self._state()
+        traceparent = tracing.inject({}).get("traceparent")
         for workload in self.workloads():
             if matches(workload, event.repository, event.commit, event.attribute):
-                state[f"{workload.namespace}/{workload.name}"] = {
-                    "storePath": out.path,
-                    "commit": event.commit,
+                key = f"{workload.namespace}/{workload.name}"
+                state[key] = {
+                    **state.get(key, {}),
+                    **moved_to(workload, out.path, event.commit, program_of(out.path)),
                     "mainProgram": program_of(out.path),
+                    "traceparent": traceparent,
                 }
+        self._save(state)
+        await self.render_all()
+
+    def pin(self, namespace: str, name: str, store_path: str | None) -> None:
+        """Rollback without a cluster: pin the workload to `store_path` (None: unpin, it
+        follows builds again). The caller re-renders."""
+        self.find(namespace, name)
+        state = self._state()
+        entry = state.setdefault(f"{namespace}/{name}", {})
+        if store_path is None:
+            entry.pop("pinned", None)
+        else:
+            entry["pinned"] = store_path
+        self._save(state)
+
+    def find(self, namespace: str, name: str) -> Workload:
+        for workload in self.workloads():
+            if (workload.namespace, workload.name) == (namespace, name):
+                return workload
+        raise LookupError(f"no NiphasWorkload {namespace}/{name} in {self._workloads_dir}")
+
+    def _save(self, state: dict[str, Any]) -> None:
         self._render_dir.mkdir(parents=True, exist_ok=True)
         _write_if_changed(self._state_path, json.dumps(state, indent=1, sort_keys=True))
-        await self.render_all()
 
     def _state(self) -> dict[str, Any]:
         if not self._state_path.exists():

@@ -1,0 +1,1 @@
+"""The main job end to end on the embedded default: `make demo` (see demo/README.md)."""

@@ -1,0 +1,3 @@
+from niphas_demo.cli import main
+
+main()
