@@ -40,8 +40,12 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def counting_cache(directory: Path) -> AsyncIterator[tuple[str, Served]]:
-    """Serve a file cache directory like nginx would, counting the NAR bytes it sends."""
+async def counting_cache(
+    directory: Path, hold: asyncio.Event | None = None
+) -> AsyncIterator[tuple[str, Served]]:
+    """Serve a file cache directory like nginx would, counting the NAR bytes it sends.
+
+    With `hold`, every NAR stops after its first half until `hold` is set."""
     served = Served()
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -53,6 +57,15 @@ async def counting_cache(directory: Path) -> AsyncIterator[tuple[str, Served]]:
         if rel.startswith("nar/"):
             served.nar_bytes += len(body)
             served.nar_requests[rel] += 1
+            if hold is not None:
+                resp = web.StreamResponse()
+                resp.content_length = len(body)
+                await resp.prepare(request)
+                await resp.write(body[: len(body) // 2])
+                await hold.wait()
+                await resp.write(body[len(body) // 2 :])
+                await resp.write_eof()
+                return resp
         return web.Response(body=body)
 
     app = web.Application()

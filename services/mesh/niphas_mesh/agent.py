@@ -29,6 +29,7 @@ from .cache_view import CacheView
 from .fetcher import Fetcher
 from .gc import Collector
 from .index import HolderIndex, IndexFeed
+from .inflight import Inflight
 from .last_use import LastUse
 from .metrics import INDEX_PATHS
 from .server import build_app
@@ -130,6 +131,7 @@ async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
     state = settings.node_state_dir
     state.mkdir(parents=True, exist_ok=True)
     last_use = LastUse(state / "last-use.json")
+    inflight = Inflight()
     view = CacheView(
         node=settings.node,
         store=store,
@@ -137,6 +139,8 @@ async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
         compression=settings.nar_compression,
         priority=settings.priority,
         cache_dir=settings.effective_cache_dir,
+        inflight=inflight,
+        partial_wait_s=settings.stall_timeout_s / 2,
     )
     agent: Agent | None = None
 
@@ -167,6 +171,7 @@ async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
         incoming=state / "incoming",
         trusted=trusted,
         session=session,
+        inflight=inflight,
         fallback_caches=settings.fallback_caches.split(),
         concurrency=settings.fetch_concurrency,
         peer_wait_s=settings.peer_wait_s,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
+from .inflight import Inflight
 from .last_use import LastUse
 from .store import NodeStore
 
@@ -21,6 +22,10 @@ class CacheView:
     compression: str = "none"
     priority: int = 30
     cache_dir: Path | None = None
+    inflight: Inflight = field(default_factory=Inflight)
+    """Downloads in progress, served to peers while they arrive."""
+    partial_wait_s: float = 2.0
+    """Seconds a narinfo request for a path being fetched waits for its verified narinfo."""
 
 
 VIEW = web.AppKey("view", CacheView)

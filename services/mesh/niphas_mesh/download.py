@@ -14,6 +14,7 @@ import contextlib
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import BinaryIO
 
 from niphas_common.nix.cache_client import BinaryCacheClient
 from niphas_common.nix.errors import (
@@ -28,8 +29,11 @@ from niphas_common.nix.nar_parser import NarLimits, NarParser, NullSink
 from niphas_common.nix.narinfo import NarInfo
 from niphas_common.nix.store_path import StorePath
 
-FLUSH_BYTES = 4 << 20
-"""Bytes gathered before one write to disk (fewer thread hand-offs per NAR)."""
+from .inflight import Partial
+
+FLUSH_BYTES = 1 << 20
+"""Bytes gathered before one write to disk (fewer thread hand-offs per NAR; followers streaming
+the download from this node see it advance in steps of this size)."""
 
 
 class Rejected(Exception):
@@ -76,8 +80,12 @@ async def fetch_narinfo(client: BinaryCacheClient, path: StorePath) -> NarInfo:
     return info
 
 
-async def fetch_nar(client: BinaryCacheClient, info: NarInfo, incoming: Path) -> int:
-    """Download, verify and store the NAR of `info` in `incoming`; return its size."""
+async def fetch_nar(
+    client: BinaryCacheClient, info: NarInfo, incoming: Path, partial: Partial
+) -> int:
+    """Download, verify and store the NAR of `info` in `incoming`; return its size.
+
+    `partial` follows the bytes written, so peers can stream them before the end."""
     name = f"{info.store_path.hash_part}.nar"
     final = incoming / "nar" / name
     tmp = final.with_name(f".{name}.partial")
@@ -85,21 +93,37 @@ async def fetch_nar(client: BinaryCacheClient, info: NarInfo, incoming: Path) ->
     buf = bytearray()
     try:
         with open(tmp, "wb") as f:  # noqa: ASYNC230 (opening is instant; writes are threaded)
+            partial.writing(tmp)
             async with contextlib.aclosing(client.iter_nar(info)) as pieces:
                 async for piece in pieces:
                     parser.feed(piece)
                     buf += piece
                     if len(buf) >= FLUSH_BYTES:
-                        await asyncio.to_thread(f.write, bytes(buf))
-                        buf.clear()
+                        await _flush(f, buf, partial)
             parser.finish()
-            await asyncio.to_thread(f.write, bytes(buf))
+            await _flush(f, buf, partial)
         os.replace(tmp, final)
-    except NixError as exc:
-        raise Rejected(client.url, reason_of(exc), str(exc)) from exc
+        partial.moved(final)
+    except BaseException as exc:
+        partial.fail()
+        if isinstance(exc, NixError):
+            raise Rejected(client.url, reason_of(exc), str(exc)) from exc
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     local = replace(info, url=f"nar/{name}", compression="none", file_hash=None, file_size=None)
     (incoming / f"{info.store_path.hash_part}.narinfo").write_text(local.render())
     return info.nar_size
+
+
+async def _flush(f: BinaryIO, buf: bytearray, partial: Partial) -> None:
+    data = bytes(buf)
+    buf.clear()
+    await asyncio.to_thread(_write, f, data)
+    partial.advance(len(data))
+
+
+def _write(f: BinaryIO, data: bytes) -> None:
+    f.write(data)
+    f.flush()  # readers of the partial file use their own descriptor

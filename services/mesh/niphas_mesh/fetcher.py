@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,6 +36,7 @@ from .announcer import Announcer
 from .download import Rejected, fetch_nar, fetch_narinfo
 from .importer import Importer, ImportFailed
 from .index import HolderIndex, Holding
+from .inflight import Inflight
 from .last_use import LastUse
 from .metrics import FETCHED_BYTES, FETCHES, REJECTED, SINGLE_FLIGHT_JOINS
 from .store import NodeStore
@@ -59,6 +61,7 @@ class Fetcher:
         incoming: Path,
         trusted: TrustedKeys,
         session: aiohttp.ClientSession,
+        inflight: Inflight,
         fallback_caches: Sequence[str] = (),
         concurrency: int = 8,
         peer_wait_s: float = 30.0,
@@ -71,6 +74,7 @@ class Fetcher:
         self.incoming = incoming
         self.trusted = trusted
         self.session = session
+        self.inflight = inflight
         self.fallback_caches = tuple(fallback_caches)
         self.peer_wait_s = peer_wait_s
         self._limit = asyncio.Semaphore(concurrency)
@@ -151,13 +155,16 @@ class Fetcher:
                 refs.extend(self.flight(r) for r in info.reference_paths())
                 refs.append(_done())
 
-        info = await self._download(path, start_references)
         try:
-            await asyncio.gather(*refs)
-        except BaseException:
-            self.importer.discard(info)
-            raise
-        await self.importer.add(info)
+            info = await self._download(path, start_references)
+            try:
+                await asyncio.gather(*refs)
+            except BaseException:
+                self.importer.discard(info)
+                raise
+            await self.importer.add(info)
+        finally:
+            self.inflight.end(path.hash_part)
         FETCHES.labels(self.node, "imported").inc()
         self.last_use.touch(path.hash_part)
         valid = self.store.lookup(path.hash_part)
@@ -168,30 +175,34 @@ class Fetcher:
         loop = asyncio.get_running_loop()
         started = loop.time()
         since = datetime.now(UTC) - timedelta(seconds=self.peer_wait_s)
-        tried: set[str] = set()
-        announced = False
+        tried: set[tuple[str, str]] = set()  # (url, state): a fetching peer may come back
+        mine: int | None = None
         errors: list[str] = []
         while True:
-            holders = [h for h in self._holders(str(path)) if h.url not in tried]
+            holders = [h for h in self._holders(str(path)) if (h.url, h.state) not in tried]
             if not any(h.kind == "node" for h in holders):
-                if not announced:
-                    announced = True
-                    seq = await self.announcer.fetching(str(path))
-                    await self.index.reached(seq, 5.0)
-                leader = self.index.first_fetcher(str(path), since)
+                # No peer has it yet: announce our fetch; stream from a node that announced
+                # its own fetch earlier (never a later one: no cycles), else go to the cache.
+                if mine is None:
+                    mine = await self.announcer.fetching(str(path))
+                    await self.index.reached(mine, 5.0)
+                ahead = [
+                    h
+                    for h in self.index.fetchers(str(path), since, before=mine)
+                    if h.url != self.announcer.url
+                ]
+                fresh = [h for h in ahead if (h.url, h.state) not in tried]
                 waited = loop.time() - started
-                if (
-                    leader is not None
-                    and leader.url != self.announcer.url
-                    and waited < self.peer_wait_s
-                ):
-                    await self.index.changed(self.peer_wait_s - waited)
+                if fresh:
+                    holders = [random.choice(fresh)]
+                elif ahead and waited < self.peer_wait_s:
+                    await self.index.changed(min(RETRY_S, self.peer_wait_s - waited))
                     continue
             if not holders:
                 detail = "; ".join(errors) or "no holder announced it"
                 raise FetchFailed(f"{path}: {detail}")
             holder = holders[0]
-            tried.add(holder.url)
+            tried.add((holder.url, holder.state))
             try:
                 return await self._from(holder, path, on_narinfo)
             except Rejected as exc:
@@ -217,10 +228,12 @@ class Fetcher:
         self, holder: Holding, path: StorePath, on_narinfo: Callable[[NarInfo], None]
     ) -> NarInfo:
         client = self._client(holder.url)
+        partial = self.inflight.begin(path.hash_part)
         async with self._limit:
             info = await fetch_narinfo(client, path)
             on_narinfo(info)
-            size = await fetch_nar(client, info, self.incoming)
+            partial.known(info)
+            size = await fetch_nar(client, info, self.incoming, partial)
         self.downloads += 1
         FETCHED_BYTES.labels(self.node, holder.kind).inc(size)
         return info

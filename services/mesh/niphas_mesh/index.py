@@ -5,7 +5,7 @@ ephemeral consumer from the first message), then kept current by the same subscr
 advice for choosing where to download from, never trusted: every narinfo and NAR is verified.
 Each entry remembers the stream sequence of its announcement, which orders concurrent
 `fetching` announcements: the first node to announce a fetch goes to the cache, the others
-wait for it (see `fetch_plan`).
+stream from nodes that announced before them (see `Fetcher._download`).
 """
 
 from __future__ import annotations
@@ -82,14 +82,14 @@ class HolderIndex:
         random.shuffle(peers)
         return peers + [h for h in found if h.kind == "cache"]
 
-    def first_fetcher(self, store_path: str, newer_than: datetime) -> Holding | None:
-        """The node whose still-current `fetching` announcement came first (since a time)."""
-        fetching = [
+    def fetchers(self, store_path: str, newer_than: datetime, before: int) -> list[Holding]:
+        """Nodes whose still-current `fetching` announcement (since a time) came before
+        stream sequence `before`."""
+        return [
             h
             for h in self.holdings(store_path)
-            if h.state == "fetching" and h.kind == "node" and h.at >= newer_than
+            if h.state == "fetching" and h.kind == "node" and h.at >= newer_than and h.seq < before
         ]
-        return min(fetching, key=lambda h: h.seq, default=None)
 
     def held_by(self, url: str) -> set[str]:
         """Paths the holder at `url` announced as available and has not withdrawn."""

@@ -3,13 +3,17 @@
 `<hash>.nar` (and `.nar.zst` when the node serves zstd) is streamed straight from the store path
 through the NAR serialiser: nothing is stored twice and nothing is compressed unless asked for.
 Uncompressed NARs have a known length (NarSize), so HEAD and single byte ranges are answered
-exactly (a peer can fetch parts of one large NAR from several holders). Any other name is a file
-of the cache directory, served as a static file (which handles Range and HEAD itself).
+exactly (a peer can fetch parts of one large NAR from several holders). A NAR the node is
+fetching right now is streamed from its partial download, the rest following as it lands
+(see `inflight`). Any other name is a file of the cache directory, served as a static file
+(which handles Range and HEAD itself).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +24,15 @@ from aiohttp import web
 from niphas_common.nix.nar import iter_nar
 
 from .cache_view import HASH_RE, VIEW
+from .inflight import Partial
 from .metrics import SERVED_BYTES
 
 _OWN_RE = re.compile(rf"^({HASH_RE})\.nar(\.zst)?$")
 _CACHE_FILE_RE = re.compile(r"^[A-Za-z0-9+\-_=][A-Za-z0-9+\-._=]*$")
 CHUNK = 4 << 20
 """Bytes per hand-off from the serialiser thread (fewer hops for closures of small files)."""
+PARTIAL_IDLE_S = 60.0
+"""Seconds a stream of a download in progress waits for new bytes before giving up."""
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -33,11 +40,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     own = _OWN_RE.match(name)
     if own is not None:
-        info = view.store.lookup(own.group(1))
-        zst = own.group(2) is not None
+        hash_part, zst = own.group(1), own.group(2) is not None
+        info = view.store.lookup(hash_part)
         if info is not None and view.store.is_signed(info) and zst == (view.compression == "zstd"):
             view.last_use.touch(info.path.hash_part)
             return await _stream(request, view.store.real_path(info.path), info.nar_size, zst)
+        partial = view.inflight.get(hash_part)
+        if partial is not None and not zst:
+            resp = await _stream_partial(request, partial)
+            if resp is not None:
+                return resp
     elif view.cache_dir is not None and _CACHE_FILE_RE.match(name):
         file = view.cache_dir / "nar" / name
         if file.is_file():
@@ -46,23 +58,30 @@ async def handle(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound(text="no such NAR\n")
 
 
+def _ranged(request: web.Request, resp: web.StreamResponse, size: int) -> tuple[int, int]:
+    """Honour a single byte range of an uncompressed NAR: set status and headers."""
+    start, stop = 0, size
+    resp.headers["Accept-Ranges"] = "bytes"
+    try:
+        wanted = request.http_range
+    except ValueError:
+        raise web.HTTPRequestRangeNotSatisfiable(
+            headers={"Content-Range": f"bytes */{size}"}
+        ) from None
+    if wanted.start is not None or wanted.stop is not None:
+        start, stop = _bounds(wanted, size)
+        resp.set_status(206)
+        resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    resp.content_length = stop - start
+    return start, stop
+
+
 async def _stream(request: web.Request, path: Path, size: int, zst: bool) -> web.StreamResponse:
     view = request.app[VIEW]
     start, stop = 0, size
     resp = web.StreamResponse(headers={"Content-Type": "application/x-nix-nar"})
     if not zst:
-        resp.headers["Accept-Ranges"] = "bytes"
-        try:
-            wanted = request.http_range
-        except ValueError:
-            raise web.HTTPRequestRangeNotSatisfiable(
-                headers={"Content-Range": f"bytes */{size}"}
-            ) from None
-        if wanted.start is not None or wanted.stop is not None:
-            start, stop = _bounds(wanted, size)
-            resp.set_status(206)
-            resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-        resp.content_length = stop - start
+        start, stop = _ranged(request, resp, size)
     await resp.prepare(request)
     if request.method == "HEAD":
         return resp
@@ -76,6 +95,58 @@ async def _stream(request: web.Request, path: Path, size: int, zst: bool) -> web
     SERVED_BYTES.labels(view.node, "store").inc(sent)
     await resp.write_eof()
     return resp
+
+
+class UpstreamFailed(Exception):
+    """The download being streamed failed here: the peer's connection is cut short."""
+
+
+async def _stream_partial(request: web.Request, partial: Partial) -> web.StreamResponse | None:
+    """Stream a NAR this node is still downloading: bytes so far, then the rest as it lands.
+
+    The peer verifies NarHash/NarSize itself; if our download fails, its stream is cut."""
+    view = request.app[VIEW]
+    attempt, info = partial.attempt, partial.info
+    f = None
+    for _ in range(2):  # the file may be renamed from .partial to its final name meanwhile
+        if partial.file is None or info is None:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            f = open(partial.file, "rb")  # noqa: ASYNC230, SIM115 (instant; closed below)
+            break
+    if f is None or info is None:
+        return None
+    with f:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-nix-nar"})
+        start, stop = _ranged(request, resp, info.nar_size)
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            return resp
+        pos = start
+        partial.readers += 1
+        try:
+            idle = 0.0
+            while pos < stop:
+                if partial.attempt != attempt or (partial.failed and pos >= partial.written):
+                    raise UpstreamFailed(f"{info.store_path}: the download from upstream failed")
+                if pos < partial.written:
+                    n = min(CHUNK, min(partial.written, stop) - pos)
+                    chunk = await asyncio.to_thread(os.pread, f.fileno(), n, pos)
+                    if not chunk:
+                        raise UpstreamFailed(f"{info.store_path}: the partial file shrank")
+                    await resp.write(chunk)
+                    pos += len(chunk)
+                    idle = 0.0
+                elif idle >= PARTIAL_IDLE_S:
+                    raise UpstreamFailed(f"{info.store_path}: no progress upstream")
+                else:
+                    await partial.changed(1.0)
+                    idle += 1.0
+        finally:
+            partial.readers -= 1
+            SERVED_BYTES.labels(view.node, "fetching").inc(pos - start)
+        await resp.write_eof()
+        return resp
 
 
 def _bounds(wanted: slice, size: int) -> tuple[int, int]:

@@ -1,0 +1,86 @@
+"""NARs this node is downloading right now, served to peers while they arrive.
+
+A node that is fetching a path from the cache (or from another peer) announces `fetching`;
+followers may download that path from it before it has finished: the verified narinfo is
+served as soon as the node has it, and the NAR bytes written so far are streamed, the rest
+following as they land (byte ranges too). The follower verifies the signature, NarHash and
+NarSize itself, exactly as for any holder: if the upstream copy turns out bad, this node
+aborts every stream of it, and a follower that got all the bytes would see the mismatch anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from niphas_common.nix.narinfo import NarInfo
+
+
+@dataclass(eq=False)
+class Partial:
+    """One NAR on its way in: its verified narinfo, the file it is written to, bytes so far."""
+
+    hash_part: str
+    info: NarInfo | None = None
+    file: Path | None = None
+    written: int = 0
+    attempt: int = 0
+    """Bumped for every download started: a stream serves the bytes of one attempt only."""
+    failed: bool = False
+    readers: int = 0
+    """Streams of it being served to peers (for metrics and tests)."""
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def known(self, info: NarInfo) -> None:
+        self.info = info
+        self._wake()
+
+    def writing(self, file: Path) -> None:
+        self.file = file
+        self.written = 0
+        self.attempt += 1
+        self.failed = False
+        self._wake()
+
+    def advance(self, n: int) -> None:
+        self.written += n
+        self._wake()
+
+    def moved(self, file: Path) -> None:
+        self.file = file
+
+    def fail(self) -> None:
+        """The download from this holder went wrong: abort the streams, await a retry."""
+        self.failed = True
+        self._wake()
+
+    async def changed(self, timeout: float) -> None:  # noqa: ASYNC109 (a bounded wait)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), max(timeout, 0.0))
+
+
+class Inflight:
+    """hash part -> Partial, for every flight of this node that has not been imported yet."""
+
+    def __init__(self) -> None:
+        self._partials: dict[str, Partial] = {}
+
+    def begin(self, hash_part: str) -> Partial:
+        partial = self._partials.get(hash_part)
+        if partial is None:
+            partial = self._partials[hash_part] = Partial(hash_part)
+        return partial
+
+    def get(self, hash_part: str) -> Partial | None:
+        return self._partials.get(hash_part)
+
+    def end(self, hash_part: str) -> None:
+        partial = self._partials.pop(hash_part, None)
+        if partial is not None:
+            partial.fail()  # wakes readers still waiting for bytes that will not come
