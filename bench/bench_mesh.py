@@ -1,7 +1,7 @@
 """Mesh benchmark: the agent as a binary cache vs nginx serving the same static cache, and the
 cache's egress when many nodes want one closure at once. Everything in the same run:
 
-    .venv/bin/python bench/bench_mesh.py [--size-mb 200] [--files 2500] [--repeat 3]
+    .venv/bin/python bench/bench_mesh.py [--size-mb 200] [--files 2500] [--repeat 3] [--json PATH]
 
 1. `nix copy --from` of a ~size-mb, ~files-file closure (10 store paths, random contents)
    from a mesh agent (`niphas mesh` over a chroot store holding it) vs from nginx serving a
@@ -11,7 +11,9 @@ cache's egress when many nodes want one closure at once. Everything in the same 
    (nginx) announced as a holder. Bytes nginx sent must stay <= 2x the closure (8x without the
    mesh) and all nodes must be done within 3x the time one node alone takes.
 
-Each timing is the median of --repeat runs with a fresh client store and narinfo cache. nginx
+Each timing is the median of --repeat runs with a fresh client store and narinfo cache; the
+agent's and nginx's runs alternate (the machine's cores are shared, so load hits both alike).
+`--json PATH` writes the rows (measure, ours, baseline, ratio, target, met) for reports. nginx
 comes from scripts/setup-bench-tools.sh (run when missing). Paths added to the host store are
 deleted at the end.
 """
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -79,14 +82,40 @@ def add(host: NixRunner, dirs: list[Path]) -> list[StorePath]:
     return [StorePath.parse(p) for p in out]
 
 
-def median_time(repeat: int, fn: object) -> float:
-    assert callable(fn)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_times(repeat: int, fns: list[Callable[[], None]]) -> list[float]:
+    """The median time of each of `fns`, their runs interleaved (order alternating)."""
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeat):
+        order = list(range(len(fns)))
+        if r % 2:
+            order.reverse()
+        for i in order:
+            start = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def row(
+    measure: str,
+    ours: float,
+    baseline: float | None,
+    baseline_name: str | None,
+    unit: str,
+    target: float | None,
+) -> dict[str, object]:
+    """One result row; `target` is the highest acceptable ours/baseline ratio."""
+    ratio = ours / baseline if baseline else None
+    return {
+        "measure": measure,
+        "ours": round(ours, 4),
+        "baseline": None if baseline is None else round(baseline, 4),
+        "baseline_name": baseline_name,
+        "unit": unit,
+        "ratio": None if ratio is None else round(ratio, 3),
+        "target": None if target is None else f"<= {target:g}x",
+        "met": None if ratio is None or target is None else ratio <= target,
+    }
 
 
 class Nginx:
@@ -175,7 +204,7 @@ class Agents:
                 proc.wait()
 
 
-def nix_copy_time(tmp: Path, url: str, paths: list[StorePath], key: str, repeat: int) -> float:
+def nix_copy(tmp: Path, url: str, paths: list[StorePath], key: str) -> Callable[[], None]:
     runs = iter(range(1000))
 
     def run() -> None:
@@ -186,10 +215,10 @@ def nix_copy_time(tmp: Path, url: str, paths: list[StorePath], key: str, repeat:
         client.copy(paths, src=url, to=str(dest))
         shutil.rmtree(dest, ignore_errors=True)
 
-    return median_time(repeat, run)
+    return run
 
 
-def path_info_time(tmp: Path, url: str, paths: list[StorePath], key: str, repeat: int) -> float:
+def path_info(tmp: Path, url: str, paths: list[StorePath], key: str) -> Callable[[], None]:
     runs = iter(range(1000))
 
     def run() -> None:
@@ -197,7 +226,7 @@ def path_info_time(tmp: Path, url: str, paths: list[StorePath], key: str, repeat
         client = NixRunner(store=url, options={"trusted-public-keys": key}, env=env)
         client.run("nix", "path-info", *map(str, paths))
 
-    return median_time(repeat, run)
+    return run
 
 
 async def fan_out(
@@ -257,7 +286,9 @@ def main() -> int:
     parser.add_argument("--narinfo-paths", type=int, default=500)
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the results here (JSON)")
     args = parser.parse_args()
+    rows: list[dict[str, object]] = []
     if not os.path.exists(NGINX):
         subprocess.run(["bash", str(ROOT / "scripts" / "setup-bench-tools.sh")], check=True)
 
@@ -295,15 +326,23 @@ def main() -> int:
         nginx = Nginx(tmp, cache)
         try:
             agent = agents.start("n0")
-            t_agent = nix_copy_time(tmp, agent, copy_paths, public, args.repeat)
-            t_nginx = nix_copy_time(tmp, nginx.url, copy_paths, public, args.repeat)
+            t_agent, t_nginx = median_times(
+                args.repeat,
+                [nix_copy(tmp, u, copy_paths, public) for u in (agent, nginx.url)],
+            )
             ratio = t_agent / t_nginx
             print(f"nix copy {args.size_mb} MB: agent {t_agent:.2f}s, nginx {t_nginx:.2f}s, "
                   f"ratio {ratio:.2f}x (target <= 1.2x)", flush=True)  # fmt: skip
-            p_agent = path_info_time(tmp, agent, tiny_paths, public, args.repeat)
-            p_nginx = path_info_time(tmp, nginx.url, tiny_paths, public, args.repeat)
+            rows.append(row(f"nix copy --from, {args.size_mb} MB / {args.files} files",
+                            t_agent, t_nginx, "nginx", "s", 1.2))  # fmt: skip
+            p_agent, p_nginx = median_times(
+                args.repeat,
+                [path_info(tmp, u, tiny_paths, public) for u in (agent, nginx.url)],
+            )
             print(f"narinfo lookups ({len(tiny_paths)} paths): agent {p_agent:.2f}s, "
                   f"nginx {p_nginx:.2f}s, ratio {p_agent / p_nginx:.2f}x", flush=True)  # fmt: skip
+            rows.append(row(f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)",
+                            p_agent, p_nginx, "nginx", "s", 1.2))  # fmt: skip
 
             nodes = [f"n{i}" for i in range(1, args.nodes + 1)]
             for node in nodes:
@@ -321,12 +360,28 @@ def main() -> int:
                   f"{t_many:.2f}s vs {t_single:.2f}s for one node ({t_many / t_single:.2f}x, "
                   f"target <= 3x); cache sent {egress / closure_bytes:.2f}x the closure "
                   f"(target <= 2x, {len(nodes)}x without the mesh)", flush=True)  # fmt: skip
+            rows.append(row(f"fan-out: {len(nodes)} nodes want {closure_bytes >> 20} MB, all done",
+                            t_many, t_single, "one node alone", "s", 3.0))  # fmt: skip
+            share = egress / closure_bytes
+            rows.append(row("fan-out: bytes the cache sent", share, None, None, "x closure", None))
+            rows[-1].update(target="<= 2x closure", met=share <= 2)
         finally:
             agents.stop()
             nginx.stop()
             server.stop()
             if added:
                 host.run("nix-store", "--delete", *map(str, added), check=False)
+    if args.json is not None:
+        report = {
+            "bench": "mesh",
+            "title": "mesh agent as a binary cache vs nginx; fan-out to many nodes",
+            "rows": rows,
+            "notes": [
+                f"medians of {args.repeat} interleaved runs; 2 shared cores",
+                f"fan-out without the mesh: the cache sends {args.nodes}x the closure",
+            ],
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 
