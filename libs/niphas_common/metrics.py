@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_HANDLED = Counter(
     "niphas_events_handled_total",
@@ -19,4 +19,15 @@ HANDLER_SECONDS = Histogram(
     "Time spent in an event handler",
     ["subject", "consumer"],
     buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 2, 10, 60, 300, 1800),
+)
+CONSUMER_PENDING = Gauge(
+    "niphas_consumer_pending",
+    "Messages of the stream not yet delivered to this durable consumer (queue depth), as last "
+    "read from JetStream",
+    ["stream", "consumer"],
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "niphas_consumer_ack_pending",
+    "Messages delivered to this durable consumer and not yet acknowledged (being handled)",
+    ["stream", "consumer"],
 )

@@ -34,12 +34,21 @@ from niphas_common.bus.dead_letters import record_dead_letter
 from niphas_common.bus.topology import ConsumerSpec
 from niphas_common.errors import PermanentError
 from niphas_common.logs import current_event_id
-from niphas_common.metrics import EVENTS_HANDLED, HANDLER_SECONDS
+from niphas_common.metrics import (
+    CONSUMER_ACK_PENDING,
+    CONSUMER_PENDING,
+    EVENTS_HANDLED,
+    HANDLER_SECONDS,
+)
 from niphas_schemas import Event
 
 log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Event)
+
+PENDING_REPORT_S = 5.0
+"""Seconds between reads of the consumer's pending counts (one `consumer_info` request each):
+queue depth on /metrics, so a wedged queue shows without anyone asking the server."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,7 @@ class EventConsumer(Generic[E]):
         spec = self._sub.spec
         psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
         heartbeat = asyncio.create_task(self._heartbeat(stop), name=f"{spec.durable}-heartbeat")
+        pending = asyncio.create_task(self._report_pending(), name=f"{spec.durable}-pending")
         try:
             while not stop.is_set():
                 free = self._sub.concurrency - len(self._tasks)
@@ -112,7 +122,22 @@ class EventConsumer(Generic[E]):
                 log.info("%s: draining %d in-flight events", spec.durable, len(self._tasks))
                 await asyncio.wait(self._tasks, timeout=self._drain_grace_s)
             heartbeat.cancel()
+            pending.cancel()
             await psub.unsubscribe()
+
+    async def _report_pending(self) -> None:
+        spec = self._sub.spec
+        depth = CONSUMER_PENDING.labels(spec.stream, spec.durable)
+        in_handling = CONSUMER_ACK_PENDING.labels(spec.stream, spec.durable)
+        while True:
+            try:
+                info = await self._js.consumer_info(spec.stream, spec.durable)
+            except Exception:  # reconnecting: the next read catches up
+                log.debug("consumer_info of %s failed", spec.durable, exc_info=True)
+            else:
+                depth.set(info.num_pending or 0)
+                in_handling.set(info.num_ack_pending or 0)
+            await asyncio.sleep(PENDING_REPORT_S)
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         """Tell JetStream that long handlers are still working, so it does not redeliver."""
