@@ -75,3 +75,40 @@ def test_every_pod_template_is_selected_by_the_network_policies() -> None:
     for obj in workloads:
         labels = obj["spec"]["template"]["metadata"]["labels"]
         assert labels.get("app.kubernetes.io/part-of") == "niphas", obj["metadata"]["name"]
+
+
+def _pod_templates(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    kinds = {"Deployment", "DaemonSet", "StatefulSet"}
+    return [
+        (o["metadata"]["name"], o["spec"]["template"]["spec"])
+        for o in objects
+        if o["kind"] in kinds
+    ]
+
+
+def test_least_privilege_and_secret_references() -> None:
+    """Only the operator and the builder talk to the API (each with its own service account
+    and RBAC); every other pod gets no token. Every service container reaches NATS with the
+    user/password from the `niphas-nats` Secret the NATS servers use."""
+    objects = render("base")
+    bound = {
+        s["name"]
+        for o in objects
+        if o["kind"] in {"RoleBinding", "ClusterRoleBinding"}
+        for s in o["subjects"]
+    }
+    for name, pod in _pod_templates(objects):
+        if name == "nats":
+            continue
+        account = pod.get("serviceAccountName")
+        if account is None:
+            assert pod.get("automountServiceAccountToken") is False, name
+        else:
+            assert account in bound, name
+        for container in pod["containers"]:
+            if container["name"] == "node-driver-registrar":
+                continue
+            env = {e["name"]: e for e in container.get("env", [])}
+            secret = env["NIPHAS_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+            assert (secret["name"], secret["key"]) == ("niphas-nats", "password"), name
+            assert "NIPHAS_NATS_USER" in env, name
