@@ -157,4 +157,5 @@ service = ServiceSpec(
     summary="Forge webhooks -> push.received; flake evaluation workers -> eval.done.",
     main=main,
     command=command,
+    settings=(EvalSettings,),
 )
