@@ -287,6 +287,7 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results here (JSON)")
+    parser.add_argument("--skip-copy", action="store_true", help="only the fan-out part")
     args = parser.parse_args()
     rows: list[dict[str, object]] = []
     if not os.path.exists(NGINX):
@@ -325,24 +326,26 @@ def main() -> int:
         agents = Agents(tmp, nats_url, public)
         nginx = Nginx(tmp, cache)
         try:
-            agent = agents.start("n0")
-            t_agent, t_nginx = median_times(
-                args.repeat,
-                [nix_copy(tmp, u, copy_paths, public) for u in (agent, nginx.url)],
-            )
-            ratio = t_agent / t_nginx
-            print(f"nix copy {args.size_mb} MB: agent {t_agent:.2f}s, nginx {t_nginx:.2f}s, "
-                  f"ratio {ratio:.2f}x (target <= 1.2x)", flush=True)  # fmt: skip
-            rows.append(row(f"nix copy --from, {args.size_mb} MB / {args.files} files",
-                            t_agent, t_nginx, "nginx", "s", 1.2))  # fmt: skip
-            p_agent, p_nginx = median_times(
-                args.repeat,
-                [path_info(tmp, u, tiny_paths, public) for u in (agent, nginx.url)],
-            )
-            print(f"narinfo lookups ({len(tiny_paths)} paths): agent {p_agent:.2f}s, "
-                  f"nginx {p_nginx:.2f}s, ratio {p_agent / p_nginx:.2f}x", flush=True)  # fmt: skip
-            rows.append(row(f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)",
-                            p_agent, p_nginx, "nginx", "s", 1.2))  # fmt: skip
+            if not args.skip_copy:
+                agent = agents.start("n0")
+                t_agent, t_nginx = median_times(
+                    args.repeat,
+                    [nix_copy(tmp, u, copy_paths, public) for u in (agent, nginx.url)],
+                )
+                ratio = t_agent / t_nginx
+                print(f"nix copy {args.size_mb} MB: agent {t_agent:.2f}s, nginx {t_nginx:.2f}s, "
+                      f"ratio {ratio:.2f}x (target <= 1.2x)", flush=True)  # fmt: skip
+                rows.append(row(f"nix copy --from, {args.size_mb} MB / {args.files} files",
+                                t_agent, t_nginx, "nginx", "s", 1.2))  # fmt: skip
+                p_agent, p_nginx = median_times(
+                    args.repeat,
+                    [path_info(tmp, u, tiny_paths, public) for u in (agent, nginx.url)],
+                )
+                print(f"narinfo lookups ({len(tiny_paths)} paths): agent {p_agent:.2f}s, "
+                      f"nginx {p_nginx:.2f}s, ratio {p_agent / p_nginx:.2f}x",
+                      flush=True)  # fmt: skip
+                rows.append(row(f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)",
+                                p_agent, p_nginx, "nginx", "s", 1.2))  # fmt: skip
 
             nodes = [f"n{i}" for i in range(1, args.nodes + 1)]
             for node in nodes:

@@ -24,6 +24,7 @@ class Served:
 
     nar_bytes: int = 0
     nar_requests: Counter[str] = field(default_factory=Counter)
+    range_requests: int = 0
 
 
 @asynccontextmanager
@@ -98,6 +99,54 @@ def escaping_symlink_nar(outside: Path) -> bytes:
         s(b"nix-archive-1") + s(b"(") + s(b"type") + s(b"directory")
         + entry_a + link + s(b")") + entry_a + inner + s(b")") + s(b")")
     )  # fmt: skip
+
+
+def uncompressed_narinfo(cache_dir: Path, hash_part: str) -> NarInfo | None:
+    """The cache's narinfo as a node would serve it: `nar/<hash>.nar`, uncompressed."""
+    file = cache_dir / f"{hash_part}.narinfo"
+    if not file.is_file():
+        return None
+    info = NarInfo.parse(file.read_text())
+    return replace(
+        info, url=f"nar/{hash_part}.nar", compression="none", file_hash=None, file_size=None
+    )
+
+
+@asynccontextmanager
+async def range_peer(cache_dir: Path, corrupt: bool = False) -> AsyncIterator[tuple[str, Served]]:
+    """A peer answering byte ranges of the cache's NARs, counting its requests; `corrupt`
+    flips one byte in the middle of every range it sends."""
+    served = Served()
+
+    async def narinfo(request: web.Request) -> web.Response:
+        info = uncompressed_narinfo(cache_dir, request.match_info["hash"])
+        if info is None:
+            raise web.HTTPNotFound()
+        return web.Response(text=info.render())
+
+    async def nar(request: web.Request) -> web.Response:
+        hash_part = request.match_info["hash"]
+        info = NarInfo.parse((cache_dir / f"{hash_part}.narinfo").read_text())
+        body = (cache_dir / info.url).read_bytes()  # the test caches are uncompressed
+        served.nar_requests[hash_part] += 1
+        wanted = request.http_range
+        start, stop = wanted.start or 0, len(body) if wanted.stop is None else wanted.stop
+        part = bytearray(body[start:stop])
+        if corrupt and part:
+            part[len(part) // 2] ^= 0xFF
+        served.nar_bytes += len(part)
+        if wanted.start is None and wanted.stop is None:
+            return web.Response(body=bytes(part))
+        served.range_requests += 1
+        headers = {"Content-Range": f"bytes {start}-{stop - 1}/{len(body)}"}
+        return web.Response(status=206, body=bytes(part), headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/nix-cache-info", cache_info)
+    app.router.add_get("/{hash:[0-9a-z]{32}}.narinfo", narinfo)
+    app.router.add_get("/nar/{hash:[0-9a-z]{32}}.nar", nar)
+    async with serve(app) as url:
+        yield url, served
 
 
 MODES = ("corrupt", "wrong-narhash", "stripped", "forged", "traversal", "symlink", "stall")

@@ -175,6 +175,8 @@ async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
         fallback_caches=settings.fallback_caches.split(),
         concurrency=settings.fetch_concurrency,
         peer_wait_s=settings.peer_wait_s,
+        range_min_bytes=settings.range_min_bytes,
+        range_bytes=settings.range_bytes,
     )
     collector = Collector(
         store,

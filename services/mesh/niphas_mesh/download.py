@@ -86,9 +86,7 @@ async def fetch_nar(
     """Download, verify and store the NAR of `info` in `incoming`; return its size.
 
     `partial` follows the bytes written, so peers can stream them before the end."""
-    name = f"{info.store_path.hash_part}.nar"
-    final = incoming / "nar" / name
-    tmp = final.with_name(f".{name}.partial")
+    tmp = partial_file(info, incoming)
     parser = NarParser(NullSink(), NarLimits(max_nar_size=info.nar_size))
     buf = bytearray()
     try:
@@ -102,8 +100,7 @@ async def fetch_nar(
                         await _flush(f, buf, partial)
             parser.finish()
             await _flush(f, buf, partial)
-        os.replace(tmp, final)
-        partial.moved(final)
+        land(info, incoming, tmp, partial)
     except BaseException as exc:
         partial.fail()
         if isinstance(exc, NixError):
@@ -112,9 +109,21 @@ async def fetch_nar(
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+    return info.nar_size
+
+
+def partial_file(info: NarInfo, incoming: Path) -> Path:
+    """Where the NAR of `info` is written while it arrives."""
+    return incoming / "nar" / f".{info.store_path.hash_part}.nar.partial"
+
+
+def land(info: NarInfo, incoming: Path, tmp: Path, partial: Partial) -> None:
+    """Move a verified NAR into the incoming cache, with the narinfo pointing at it."""
+    name = f"{info.store_path.hash_part}.nar"
+    os.replace(tmp, incoming / "nar" / name)
+    partial.moved(incoming / "nar" / name)
     local = replace(info, url=f"nar/{name}", compression="none", file_hash=None, file_size=None)
     (incoming / f"{info.store_path.hash_part}.narinfo").write_text(local.render())
-    return info.nar_size
 
 
 async def _flush(f: BinaryIO, buf: bytearray, partial: Partial) -> None:

@@ -33,17 +33,20 @@ from niphas_common.nix.store_path import StorePath
 from niphas_schemas import PathWanted
 
 from .announcer import Announcer
-from .download import Rejected, fetch_nar, fetch_narinfo
+from .download import Rejected, fetch_nar, fetch_narinfo, land, partial_file
 from .importer import Importer, ImportFailed
 from .index import HolderIndex, Holding
 from .inflight import Inflight
 from .last_use import LastUse
 from .metrics import FETCHED_BYTES, FETCHES, REJECTED, SINGLE_FLIGHT_JOINS
+from .ranges import RangedDownload, Source
 from .store import NodeStore
 
 log = logging.getLogger(__name__)
 RETRY_S = 2.0
 """Seconds between attempts at a want no holder could serve yet (bounded by its deadline)."""
+MAX_RANGE_PEERS = 8
+"""Peers one NAR is fetched from at once in ranges."""
 
 
 class FetchFailed(Exception):
@@ -65,6 +68,8 @@ class Fetcher:
         fallback_caches: Sequence[str] = (),
         concurrency: int = 8,
         peer_wait_s: float = 30.0,
+        range_min_bytes: int = 64 << 20,
+        range_bytes: int = 16 << 20,
     ) -> None:
         self.store = store
         self.index = index
@@ -77,6 +82,8 @@ class Fetcher:
         self.inflight = inflight
         self.fallback_caches = tuple(fallback_caches)
         self.peer_wait_s = peer_wait_s
+        self.range_min_bytes = range_min_bytes
+        self.range_bytes = range_bytes
         self._limit = asyncio.Semaphore(concurrency)
         self._flights: dict[str, asyncio.Task[None]] = {}
         self._clients: dict[str, BinaryCacheClient] = {}
@@ -149,6 +156,8 @@ class Fetcher:
 
     async def _fetch(self, path: StorePath) -> None:
         refs: list[asyncio.Future[None]] = []
+        # From now on a peer asking for this path waits for our verified narinfo (and NAR).
+        self.inflight.begin(path.hash_part)
 
         def start_references(info: NarInfo) -> None:
             if not refs:
@@ -202,16 +211,27 @@ class Fetcher:
                 detail = "; ".join(errors) or "no holder announced it"
                 raise FetchFailed(f"{path}: {detail}")
             holder = holders[0]
+            peers = [h for h in holders if h.kind == "node" and h.state == "available"]
+            if len(peers) >= 2 and (peers[0].nar_size or 0) >= self.range_min_bytes:
+                # A large NAR several peers hold: byte ranges from all of them at once.
+                peers = peers[:MAX_RANGE_PEERS]
+                tried.update((h.url, h.state) for h in peers)
+                try:
+                    return await self._from_peers(peers, path, on_narinfo)
+                except Rejected as exc:
+                    errors.append(str(exc))
+                continue
             tried.add((holder.url, holder.state))
             try:
                 return await self._from(holder, path, on_narinfo)
             except Rejected as exc:
                 errors.append(str(exc))
-                if exc.reason != "missing":
-                    REJECTED.labels(self.node, holder.holder, exc.reason).inc()
-                    log.warning(
-                        "rejected %s from %s (%s): %s", path, holder.url, exc.reason, exc.detail
-                    )
+                self._reject(holder, path, exc)
+
+    def _reject(self, holder: Holding, path: StorePath, exc: Rejected) -> None:
+        if exc.reason != "missing":
+            REJECTED.labels(self.node, holder.holder, exc.reason).inc()
+            log.warning("rejected %s from %s (%s): %s", path, holder.url, exc.reason, exc.detail)
 
     def _holders(self, path: str) -> list[Holding]:
         found = self.index.available(path, exclude=self.announcer.url)
@@ -228,7 +248,7 @@ class Fetcher:
         self, holder: Holding, path: StorePath, on_narinfo: Callable[[NarInfo], None]
     ) -> NarInfo:
         client = self._client(holder.url)
-        partial = self.inflight.begin(path.hash_part)
+        partial = self.inflight.begin(path.hash_part)  # begun with the flight; here: found
         async with self._limit:
             info = await fetch_narinfo(client, path)
             on_narinfo(info)
@@ -236,6 +256,50 @@ class Fetcher:
             size = await fetch_nar(client, info, self.incoming, partial)
         self.downloads += 1
         FETCHED_BYTES.labels(self.node, holder.kind).inc(size)
+        return info
+
+    async def _from_peers(
+        self, peers: list[Holding], path: StorePath, on_narinfo: Callable[[NarInfo], None]
+    ) -> NarInfo:
+        partial = self.inflight.begin(path.hash_part)
+        async with self._limit:
+            found = await asyncio.gather(
+                *(fetch_narinfo(self._client(h.url), path) for h in peers), return_exceptions=True
+            )
+            info: NarInfo | None = None
+            sources = []
+            for holder, got in zip(peers, found, strict=True):
+                if isinstance(got, Rejected):
+                    self._reject(holder, path, got)
+                elif isinstance(got, BaseException):
+                    raise got
+                elif got.compression == "none":  # all signed: the same NarHash and NarSize
+                    info = info or got
+                    sources.append(Source(holder, got.url))
+            if info is None:
+                raise Rejected("peers", "missing", f"no peer serves {path} uncompressed")
+            on_narinfo(info)
+            partial.known(info)
+            tmp = partial_file(info, self.incoming)
+            download = RangedDownload(
+                self.session,
+                info,
+                sources,
+                tmp,
+                partial,
+                self.range_bytes,
+                lambda holder, exc: self._reject(holder, path, exc),
+            )
+            try:
+                await download.run()
+                land(info, self.incoming, tmp, partial)
+            except BaseException:
+                partial.fail()
+                raise
+            finally:
+                tmp.unlink(missing_ok=True)
+        self.downloads += 1
+        FETCHED_BYTES.labels(self.node, "node").inc(info.nar_size)
         return info
 
     def _client(self, url: str) -> BinaryCacheClient:

@@ -80,6 +80,15 @@ class MeshSettings(ServiceSettings):
         description="Seconds to wait for a peer that announced it is fetching a path (and "
         "started first) before fetching it from the cache ourselves",
     )
+    range_min_bytes: int = Field(
+        default=64 << 20,
+        ge=1,
+        description="NARs at least this large that two or more peers hold are fetched in byte "
+        "ranges from several peers at once (verified over the whole, in order)",
+    )
+    range_bytes: int = Field(
+        default=16 << 20, ge=1, description="Bytes per range of a NAR fetched from several peers"
+    )
     rescan_interval_s: float = Field(
         default=30.0,
         gt=0,
