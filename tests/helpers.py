@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from niphas_common.bus.bus import Bus
@@ -31,3 +33,16 @@ async def serving(bus: Bus, subscriptions: Sequence[Subscription[Any]]) -> Async
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+def unmount_below(root: Path) -> None:
+    """Lazily unmount everything mounted under `root` (deepest first), e.g. what a CSI driver
+    started by a test left staged, so the temp dir can be removed."""
+    prefix = str(root.resolve()) + "/"
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        target = line.split()[4].encode().decode("unicode_escape")
+        if target.startswith(prefix):
+            mounts.append(target)
+    for target in sorted(mounts, key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True, check=False)

@@ -9,11 +9,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from niphas_common.nats_server import URL_FILE
 from niphas_common.service import discover
 from niphas_common.up import Child, supervise
+from tests.helpers import unmount_below
 
 NIPHAS = str(Path(sys.executable).with_name("niphas"))
 
@@ -42,8 +46,14 @@ def events(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_up_runs_embedded_nats_until_interrupted_and_reuses_state(tmp_path: Path) -> None:
-    state = tmp_path / "state"
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[Path]:
+    """The state dir `niphas up` runs on; whatever the services mounted there is undone."""
+    yield tmp_path / "state"
+    unmount_below(tmp_path)
+
+
+def test_up_runs_embedded_nats_until_interrupted_and_reuses_state(state: Path) -> None:
     proc, url = start_up(state)
     try:
         assert (state / URL_FILE).read_text().strip() == url
