@@ -133,7 +133,7 @@ def plot(reports: list[Report], where: Path) -> list[Path]:
         ax.set_xticks(curves[0].x, [f"{x:g}" for x in curves[0].x])
         ax.set_xlabel(curves[0].x_label)
         ax.set_ylabel(curves[0].y_label)
-        ax.set_title(name)
+        ax.set_title(f"{bench}: {name} vs {curves[0].x_label}")
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
