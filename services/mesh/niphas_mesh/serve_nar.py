@@ -26,6 +26,7 @@ from niphas_common.nix.nar import iter_nar
 from .cache_view import HASH_RE, VIEW
 from .inflight import Partial
 from .metrics import SERVED_BYTES
+from .send_nar import send_whole_nar
 
 _OWN_RE = re.compile(rf"^({HASH_RE})\.nar(\.zst)?$")
 _CACHE_FILE_RE = re.compile(r"^[A-Za-z0-9+\-_=][A-Za-z0-9+\-._=]*$")
@@ -85,6 +86,12 @@ async def _stream(request: web.Request, path: Path, size: int, zst: bool) -> web
     await resp.prepare(request)
     if request.method == "HEAD":
         return resp
+    if not zst and (start, stop) == (0, size):
+        whole = await send_whole_nar(request, path, size)
+        if whole is not None:
+            SERVED_BYTES.labels(view.node, "store").inc(whole)
+            await resp.write_eof()
+            return resp
     chunks = (
         _compressed(iter_nar(path, CHUNK)) if zst else _window(iter_nar(path, CHUNK), start, stop)
     )

@@ -1,0 +1,59 @@
+"""A whole NAR from the store straight to the client's socket, file contents by sendfile.
+
+`niphas_common.nix.nar.write_nar` serialises into a file descriptor and hands every large
+file's contents to `os.sendfile`, so they never pass through Python (nginx's trick for its
+static NAR files). It needs a blocking descriptor: for the duration of the response the
+connection's socket is switched to blocking mode (with a send timeout, so a client that stops
+reading cannot hold a thread for ever) and written from a thread of its own, while the event
+loop neither reads nor writes that connection; then it is handed back to asyncio as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from aiohttp import web
+
+from niphas_common.nix.nar import write_nar
+
+SEND_TIMEOUT_S = 60
+"""Seconds a blocked send may wait for a client that stopped reading."""
+_SENDERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nar-send")
+"""Threads writing NARs to sockets (one per download in flight; apart from the default pool)."""
+
+
+async def send_whole_nar(request: web.Request, path: Path, size: int) -> int | None:
+    """Write the NAR of `path` (`size` bytes, as announced in Content-Length) to the connection
+    after the prepared response's headers; return the bytes sent, or None when the connection
+    cannot take it (then the caller streams instead)."""
+    transport = request.transport
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if transport is None or sock is None or transport.get_extra_info("sslcontext") is not None:
+        return None
+    while transport.get_write_buffer_size():  # the headers must be out before our bytes
+        await asyncio.sleep(0.001)
+        if transport.is_closing():
+            raise ConnectionResetError("the client went away")
+    fd = sock.fileno()
+    transport.pause_reading()
+    timeout = struct.pack("ll", SEND_TIMEOUT_S, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+    os.set_blocking(fd, True)
+    try:
+        loop = asyncio.get_running_loop()
+        sent = await loop.run_in_executor(_SENDERS, write_nar, path, fd)
+        if sent != size:
+            raise ConnectionResetError(f"{path}: NAR of {sent} bytes, {size} announced")
+        return sent
+    except BaseException:
+        transport.abort()  # part of a NAR went out: the connection cannot be reused
+        raise
+    finally:
+        if not transport.is_closing():
+            os.set_blocking(fd, False)
+            transport.resume_reading()
