@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import subprocess
 import sys
@@ -76,6 +77,11 @@ async def until(
         await asyncio.sleep(0.1)
 
 
+async def _reconnecting(exc: Exception) -> None:
+    """The client reconnects on its own while the server restarts: no traceback per try."""
+    logging.getLogger(__name__).debug("NATS: %r", exc)
+
+
 class Demo:
     def __init__(self, state: Path, console: Console) -> None:
         self.layout = Layout(state)
@@ -115,11 +121,15 @@ class Demo:
         )
         return service_env(layout, self.ports, public)
 
-    async def start(self, env: dict[str, str]) -> None:
-        self.stack = Stack(self.layout, self.ports, env, self.layout.demo / "niphas-up.log")
+    async def start(self, env: dict[str, str], nats_url: str | None = None) -> None:
+        """`niphas up` with its embedded NATS, or on the server at `nats_url`."""
+        log = self.layout.demo / "niphas-up.log"
+        self.stack = Stack(self.layout, self.ports, env, log, nats_url)
         self.stack.start()
         await self.stack.wait_ready()
-        self.nc = await nats.connect(self.stack.nats_url, name="niphas-demo")
+        self.nc = await nats.connect(
+            self.stack.nats_url, name="niphas-demo", error_cb=_reconnecting
+        )
         # A second run starts from a workload that follows builds again (the last run ended
         # pinned by its rollback).
         self.niphas("rollback", WORKLOAD, "--unpin")

@@ -36,16 +36,17 @@ def push_payload(clone_url: str, before: str, after: str) -> dict[str, Any]:
 
 
 async def send_push(
-    url: str, secret: str, clone_url: str, before: str, after: str
+    url: str, secret: str, clone_url: str, before: str, after: str, delivery: str | None = None
 ) -> tuple[int, dict[str, Any]]:
-    """POST the signed delivery; returns the ingress's status and JSON answer."""
+    """POST the signed delivery; returns the ingress's status and JSON answer. A forge that
+    re-sends a delivery keeps its `delivery` id (the ingress's idempotency key)."""
     body = json.dumps(push_payload(clone_url, before, after)).encode()
     digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     headers = {
         "Content-Type": "application/json",
         "User-Agent": "GitHub-Hookshot/niphas-demo",
         "X-GitHub-Event": "push",
-        "X-GitHub-Delivery": str(uuid.uuid4()),
+        "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
         "X-Hub-Signature-256": f"sha256={digest}",
     }
     async with (
