@@ -7,11 +7,13 @@ flight gets the verified narinfo from a holder, starts the flights of its refere
 importer and announces it.
 
 Holders come from the index: peers first (shuffled, so one seed does not serve everyone), the
-cache last, plus the configured fallback caches. A holder that fails verification, stalls or
-errors is reported (log + metric) and the next one is tried. When no peer has a path yet, the
-node announces `fetching` and checks whether another node announced its own fetch earlier: if
-so it waits (up to `peer_wait_s`) for that peer instead of also pulling from the cache, which
-is what keeps the cache's egress near one copy when many nodes want the same closure at once.
+cache last, plus the configured fallback caches; a large NAR that several peers hold comes in
+byte ranges from all of them (`ranges`). A holder that fails verification, stalls or errors is
+reported (log + metric) and the next one is tried. When no peer has a path yet, the node
+announces `fetching`; if other nodes announced their fetch earlier, it streams the path from
+one of them while that node is still receiving it (`inflight`), otherwise it goes to the
+cache. So when many nodes want the same closure at once, the cache sends it about once and the
+followers do not wait for the first node's import.
 """
 
 from __future__ import annotations

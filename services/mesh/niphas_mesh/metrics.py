@@ -6,7 +6,8 @@ from prometheus_client import Counter, Gauge
 
 SERVED_BYTES = Counter(
     "niphas_mesh_served_bytes_total",
-    "Bytes of NARs served over HTTP, by source (the node's store, or the cache directory)",
+    "Bytes of NARs served over HTTP, by source (the node's store, the cache directory, or a "
+    "download in progress: fetching)",
     ["node", "source"],
 )
 FETCHED_BYTES = Counter(
