@@ -47,6 +47,9 @@ from .store import NodeStore
 log = logging.getLogger(__name__)
 RETRY_S = 2.0
 """Seconds between attempts at a want no holder could serve yet (bounded by its deadline)."""
+MISSING_RETRY_S = 0.5
+"""Seconds before asking again a node that announced it is fetching a path but has nothing
+to serve of it yet."""
 MAX_RANGE_PEERS = 8
 """Peers one NAR is fetched from at once in ranges."""
 
@@ -204,11 +207,11 @@ class Fetcher:
                 ]
                 fresh = [h for h in ahead if (h.url, h.state) not in tried]
                 waited = loop.time() - started
-                if fresh:
+                if ahead and waited < self.peer_wait_s:
+                    if not fresh:
+                        await self.index.changed(min(RETRY_S, self.peer_wait_s - waited))
+                        continue
                     holders = [random.choice(fresh)]
-                elif ahead and waited < self.peer_wait_s:
-                    await self.index.changed(min(RETRY_S, self.peer_wait_s - waited))
-                    continue
             if not holders:
                 detail = "; ".join(errors) or "no holder announced it"
                 raise FetchFailed(f"{path}: {detail}")
@@ -227,6 +230,11 @@ class Fetcher:
             try:
                 return await self._from(holder, path, on_narinfo)
             except Rejected as exc:
+                if exc.reason == "missing" and holder.state == "fetching":
+                    # Its flight has no narinfo yet (or just ended): ask again shortly.
+                    tried.discard((holder.url, holder.state))
+                    await asyncio.sleep(MISSING_RETRY_S)
+                    continue
                 errors.append(str(exc))
                 self._reject(holder, path, exc)
 

@@ -70,8 +70,6 @@ class RangedDownload:
         self._alive = set(sources)
         self._changed = asyncio.Event()
         self._fd = -1
-        self.requests: dict[str, int] = {}
-        """Range requests per peer URL."""
 
     def _wake(self) -> None:
         self._changed.set()
@@ -121,7 +119,6 @@ class RangedDownload:
         """Write range `i` from `source`; with `compare`, whether it differed from before."""
         a, b = self.ranges[i]
         url = f"{source.holding.url}/{source.nar_url}"
-        self.requests[source.holding.url] = self.requests.get(source.holding.url, 0) + 1
         differs = False
         at = a
         try:

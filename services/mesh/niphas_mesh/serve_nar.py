@@ -41,15 +41,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
     own = _OWN_RE.match(name)
     if own is not None:
         hash_part, zst = own.group(1), own.group(2) is not None
-        info = view.store.lookup(hash_part)
-        if info is not None and view.store.is_signed(info) and zst == (view.compression == "zstd"):
-            view.last_use.touch(info.path.hash_part)
-            return await _stream(request, view.store.real_path(info.path), info.nar_size, zst)
         partial = view.inflight.get(hash_part)
         if partial is not None and not zst:
             resp = await _stream_partial(request, partial)
             if resp is not None:
                 return resp
+        # (Checked after the partial: a flight ends once its path is valid in the store.)
+        info = view.store.lookup(hash_part)
+        if info is not None and view.store.is_signed(info) and zst == (view.compression == "zstd"):
+            view.last_use.touch(info.path.hash_part)
+            return await _stream(request, view.store.real_path(info.path), info.nar_size, zst)
     elif view.cache_dir is not None and _CACHE_FILE_RE.match(name):
         file = view.cache_dir / "nar" / name
         if file.is_file():
