@@ -1,11 +1,11 @@
 """NAR benchmark: our serialiser vs `nix-store --dump`, our streaming NAR verification vs raw
 hashlib.sha256, on the same generated tree in the same run.
 
-    .venv/bin/python bench/bench_nar.py [--size-mb 200] [--repeat 3]
+    .venv/bin/python bench/bench_nar.py [--size-mb 200] [--repeat 9]
 
 The tree (in a temp dir, added to the store with `nix-store --add` and deleted afterwards)
-mixes large files with many small ones in nested directories. Timings are the best of
-`--repeat` runs with a warm page cache. Targets: serialiser >= 0.5x nix-store --dump,
+mixes large files with many small ones in nested directories. Timings are the medians of
+`--repeat` interleaved runs with a warm page cache. Targets: serialiser >= 0.5x nix-store --dump,
 verification >= 0.8x raw sha256.
 """
 
@@ -16,8 +16,6 @@ import hashlib
 import os
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from niphas_common.nix.hashes import NarVerifier
@@ -26,6 +24,7 @@ from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.store_path import StorePath
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
+from bench.bench_mesh import median_times
 from bench.report import Report, add_json_option
 
 SMALL_SHARE = 0.2
@@ -53,19 +52,10 @@ def generate_tree(root: Path, size: int) -> None:
     (root / "link").symlink_to("big/blob-00")
 
 
-def best_of(repeat: int, fn: Callable[[], object]) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=200, help="tree size in MiB (default 200)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per measurement (default 3)")
+    ap.add_argument("--repeat", type=int, default=9, help="runs per measurement (default 9)")
     add_json_option(ap)
     args = ap.parse_args()
     runner = NixRunner()
@@ -102,9 +92,7 @@ def run(runner: NixRunner, path: str, repeat: int, report: Report) -> int:
 
     nix_dump()  # warm the page cache
     assert nar_hash(path) == (info.nar_hash, nar_size), "our NAR differs from Nix's"
-    t_nix = best_of(repeat, nix_dump)
-    t_fd = best_of(repeat, ours_fd)
-    t_iter = best_of(repeat, ours_iter)
+    t_nix, t_fd, t_iter = median_times(repeat, [nix_dump, ours_fd, ours_iter])
 
     chunks = list(iter_nar(path))  # the same NAR bytes for both hashing variants
 
@@ -120,8 +108,7 @@ def run(runner: NixRunner, path: str, repeat: int, report: Report) -> int:
             h.update(chunk)
         h.digest()
 
-    t_raw = best_of(repeat, raw_sha256)
-    t_verify = best_of(repeat, verify)
+    t_raw, t_verify = median_times(repeat, [raw_sha256, verify])
     os.close(devnull)
 
     mb = nar_size / 1e6
@@ -132,7 +119,7 @@ def run(runner: NixRunner, path: str, repeat: int, report: Report) -> int:
         ("raw hashlib.sha256", t_raw, None),
         ("ours: NarVerifier (sha256+size)", t_verify, t_raw / t_verify),
     ]
-    print(f"\nNAR: {mb:.1f} MB, best of {repeat}\n")
+    print(f"\nNAR: {mb:.1f} MB, median of {repeat} interleaved runs\n")
     print(f"{'operation':<34} {'seconds':>8} {'MB/s':>8} {'ratio':>7}")
     for name, secs, ratio in rows:
         shown = f"{ratio:.2f}x" if ratio is not None else "-"
@@ -146,7 +133,7 @@ def run(runner: NixRunner, path: str, repeat: int, report: Report) -> int:
     report.row("serialiser iter_nar chunks", mb / t_iter, "MB/s", **dump)
     report.row("streaming NAR verification (sha256 + size)", mb / t_verify, "MB/s", **sha,
                target=">= 0.8x", met=ver >= 0.8)  # fmt: skip
-    report.note(f"NAR of {mb:.1f} MB; best of {repeat} runs, warm page cache")
+    report.note(f"NAR of {mb:.1f} MB; median of {repeat} interleaved runs, warm page cache")
     print(
         f"\nserializer {ser:.2f}x nix-store --dump (target >= 0.5x); "
         f"verification {ver:.2f}x raw sha256 (target >= 0.8x): {'OK' if ok else 'MISSED'}"

@@ -39,7 +39,8 @@ def run_all(out: Path) -> None:
     for script in sorted(BENCH.glob("bench_*.py")):
         name = script.stem.removeprefix("bench_")
         argv = [sys.executable, str(script)]
-        has_json = "--json" in script.read_text()
+        usage = subprocess.run([*argv, "--help"], capture_output=True, text=True).stdout
+        has_json = "--json" in usage
         if has_json:
             argv += ["--json", str(out / f"{name}.json")]
         print(f"== {script.relative_to(BENCH.parent)}", flush=True)
