@@ -42,12 +42,12 @@ bench: setup ## run every benchmark under bench/ (tables printed), write bench/R
 
 demo: setup ## push -> build -> the app served from its mounted closure, v2, rollback (root)
 	command -v git >/dev/null || { apt-get update -qq && apt-get install -y -qq git >/dev/null; }
-	PYTHONPATH=demo $(BIN)/python -m niphas_demo $(DEMO_ARGS)
+	$(BIN)/python -m niphas_demo $(DEMO_ARGS)
 
 .PHONY: chaos  # a directory of that name exists
 chaos: setup ## soak: 50 pushes while services are SIGKILLed and NATS restarts; exits 1 on loss (root)
 	command -v git >/dev/null || { apt-get update -qq && apt-get install -y -qq git >/dev/null; }
-	PYTHONPATH=demo:chaos $(BIN)/python -m niphas_chaos $(CHAOS_ARGS)
+	$(BIN)/python -m niphas_chaos $(CHAOS_ARGS)
 
 schemas: venv ## regenerate schemas/ (JSON Schema per subject, AsyncAPI) from the models
 	$(BIN)/niphas schemas export schemas

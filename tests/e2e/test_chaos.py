@@ -7,7 +7,6 @@ consumer, so a green soak means something."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import os
 import signal
@@ -18,13 +17,10 @@ from typing import Any
 
 import pytest
 
+from niphas_chaos import checks
 from tests.helpers import unmount_below
 
 ROOT = Path(__file__).resolve().parents[2]
-# niphas_chaos is not an installed package yet: import it from its directory.
-if str(ROOT / "chaos") not in sys.path:
-    sys.path.insert(0, str(ROOT / "chaos"))
-checks: Any = importlib.import_module("niphas_chaos.checks")
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
 DRV_A = "/nix/store/" + "a" * 32 + "-app.drv"
@@ -103,7 +99,7 @@ async def test_chaos_soak_loses_nothing_and_builds_once(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.fail("the soak mounts closures and must run as root")
     state, result = tmp_path / "state", tmp_path / "result.json"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'demo'}:{ROOT / 'chaos'}"}
+    env = dict(os.environ)
     env.pop("NATS_URL", None)
     argv = [sys.executable, "-m", "niphas_chaos", "--ci", "--state-dir", str(state)]
     argv += ["--pushes", "5", "--kills", "3", "--nats-restarts", "1", "--interval-s", "4"]
