@@ -19,10 +19,13 @@ from pathlib import Path
 
 from aiohttp import web
 
+from niphas_common.nix.errors import NarError
 from niphas_common.nix.nar import write_nar
 
 SEND_TIMEOUT_S = 60
 """Seconds a blocked send may wait for a client that stopped reading."""
+_GONE = (BrokenPipeError, ConnectionResetError, BlockingIOError, TimeoutError)
+"""How a send fails when the client disconnected or stopped reading (the send timeout)."""
 _SENDERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nar-send")
 """Threads writing NARs to sockets (one per download in flight; apart from the default pool)."""
 
@@ -46,7 +49,12 @@ async def send_whole_nar(request: web.Request, path: Path, size: int) -> int | N
     os.set_blocking(fd, True)
     try:
         loop = asyncio.get_running_loop()
-        sent = await loop.run_in_executor(_SENDERS, write_nar, path, fd)
+        try:
+            sent = await loop.run_in_executor(_SENDERS, write_nar, path, fd)
+        except NarError as exc:
+            if isinstance(exc.__cause__, _GONE):
+                raise ConnectionResetError(f"the client went away: {exc.__cause__}") from exc
+            raise
         if sent != size:
             raise ConnectionResetError(f"{path}: NAR of {sent} bytes, {size} announced")
         return sent
