@@ -45,6 +45,9 @@ from niphas_common.nix.store_path import StorePath
 from niphas_common.settings import NatsSettings
 from niphas_schemas import PathAvailable, PathWanted
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
+from bench.report import Report, add_json_option
+
 ROOT = Path(__file__).resolve().parents[1]
 NGINX = "/usr/sbin/nginx"
 
@@ -96,26 +99,13 @@ def median_times(repeat: int, fns: list[Callable[[], None]]) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def row(
-    measure: str,
-    ours: float,
-    baseline: float | None,
-    baseline_name: str | None,
-    unit: str,
-    target: float | None,
-) -> dict[str, object]:
-    """One result row; `target` is the highest acceptable ours/baseline ratio."""
-    ratio = ours / baseline if baseline else None
-    return {
-        "measure": measure,
-        "ours": round(ours, 4),
-        "baseline": None if baseline is None else round(baseline, 4),
-        "baseline_name": baseline_name,
-        "unit": unit,
-        "ratio": None if ratio is None else round(ratio, 3),
-        "target": None if target is None else f"<= {target:g}x",
-        "met": None if ratio is None or target is None else ratio <= target,
-    }
+def timed_row(
+    report: Report, measure: str, ours: float, baseline: float, name: str, target: float
+) -> None:
+    """A time compared with a baseline's; met when ours <= target x baseline."""
+    ratio = ours / baseline
+    report.row(measure, round(ours, 4), "s", baseline=round(baseline, 4), baseline_name=name,
+               ratio=round(ratio, 3), target=f"<= {target:g}x", met=ratio <= target)  # fmt: skip
 
 
 class Nginx:
@@ -286,10 +276,10 @@ def main() -> int:
     parser.add_argument("--narinfo-paths", type=int, default=500)
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="also write the results here (JSON)")
+    add_json_option(parser)
     parser.add_argument("--skip-copy", action="store_true", help="only the fan-out part")
     args = parser.parse_args()
-    rows: list[dict[str, object]] = []
+    report = Report("mesh", "mesh agent as a binary cache vs nginx; fan-out to many nodes")
     if not os.path.exists(NGINX):
         subprocess.run(["bash", str(ROOT / "scripts" / "setup-bench-tools.sh")], check=True)
 
@@ -335,8 +325,8 @@ def main() -> int:
                 ratio = t_agent / t_nginx
                 print(f"nix copy {args.size_mb} MB: agent {t_agent:.2f}s, nginx {t_nginx:.2f}s, "
                       f"ratio {ratio:.2f}x (target <= 1.2x)", flush=True)  # fmt: skip
-                rows.append(row(f"nix copy --from, {args.size_mb} MB / {args.files} files",
-                                t_agent, t_nginx, "nginx", "s", 1.2))  # fmt: skip
+                timed_row(report, f"nix copy --from, {args.size_mb} MB / {args.files} files",
+                          t_agent, t_nginx, "nginx", 1.2)  # fmt: skip
                 p_agent, p_nginx = median_times(
                     args.repeat,
                     [path_info(tmp, u, tiny_paths, public) for u in (agent, nginx.url)],
@@ -344,8 +334,8 @@ def main() -> int:
                 print(f"narinfo lookups ({len(tiny_paths)} paths): agent {p_agent:.2f}s, "
                       f"nginx {p_nginx:.2f}s, ratio {p_agent / p_nginx:.2f}x",
                       flush=True)  # fmt: skip
-                rows.append(row(f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)",
-                                p_agent, p_nginx, "nginx", "s", 1.2))  # fmt: skip
+                timed_row(report, f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)",
+                          p_agent, p_nginx, "nginx", 1.2)  # fmt: skip
 
             nodes = [f"n{i}" for i in range(1, args.nodes + 1)]
             for node in nodes:
@@ -363,28 +353,20 @@ def main() -> int:
                   f"{t_many:.2f}s vs {t_single:.2f}s for one node ({t_many / t_single:.2f}x, "
                   f"target <= 3x); cache sent {egress / closure_bytes:.2f}x the closure "
                   f"(target <= 2x, {len(nodes)}x without the mesh)", flush=True)  # fmt: skip
-            rows.append(row(f"fan-out: {len(nodes)} nodes want {closure_bytes >> 20} MB, all done",
-                            t_many, t_single, "one node alone", "s", 3.0))  # fmt: skip
+            timed_row(report, f"fan-out: {len(nodes)} nodes want {closure_bytes >> 20} MB",
+                      t_many, t_single, "one node alone", 3.0)  # fmt: skip
             share = egress / closure_bytes
-            rows.append(row("fan-out: bytes the cache sent", share, None, None, "x closure", None))
-            rows[-1].update(target="<= 2x closure", met=share <= 2)
+            report.row("fan-out: bytes the cache sent", round(share, 3), "x closure",
+                       target="<= 2x closure", met=share <= 2)  # fmt: skip
         finally:
             agents.stop()
             nginx.stop()
             server.stop()
             if added:
                 host.run("nix-store", "--delete", *map(str, added), check=False)
-    if args.json is not None:
-        report = {
-            "bench": "mesh",
-            "title": "mesh agent as a binary cache vs nginx; fan-out to many nodes",
-            "rows": rows,
-            "notes": [
-                f"medians of {args.repeat} interleaved runs; 2 shared cores",
-                f"fan-out without the mesh: the cache sends {args.nodes}x the closure",
-            ],
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    report.note(f"medians of {args.repeat} interleaved runs (agent, nginx); 2 shared cores")
+    report.note(f"fan-out without the mesh: the cache sends {args.nodes}x the closure")
+    report.write(args.json)
     return 0
 
 
