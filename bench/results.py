@@ -110,7 +110,13 @@ def cell(row: Row) -> str:
         base = f"{num(row.baseline)} {row.unit}"
         if row.baseline_name:
             base += f" ({row.baseline_name})"
-    ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "-"
+    ratio = (
+        "-"
+        if row.ratio is None
+        else f"{row.ratio:.2f}x"
+        if row.ratio >= 0.1
+        else f"{row.ratio:.2g}x"
+    )
     return f"{ours} | {base} | {ratio} | {row.target or '-'} | {verdict(row.met)}"
 
 
