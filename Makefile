@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv nix kube lint test bench demo schemas clean
+.PHONY: help setup venv nix kube tools lint test bench demo schemas clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ nix: ## install and configure Nix for offline use (root, idempotent)
 kube: ## build a real kube-apiserver for the tests from Debian's source (cached in /var/cache/niphas)
 	bash scripts/setup-kube-apiserver.sh
 
+tools: ## Debian packages the tests use (git, GNU time, util-linux)
+	bash scripts/setup-test-tools.sh
+
 setup: venv nix ## everything the demo needs
 
 lint: venv ## ruff, strict mypy, import-linter contracts, schema files up to date
@@ -33,7 +36,7 @@ lint: venv ## ruff, strict mypy, import-linter contracts, schema files up to dat
 	$(BIN)/lint-imports
 	$(BIN)/niphas schemas check schemas
 
-test: setup kube lint ## lint, then every test: real nats-server, nix, mounts, kube-apiserver
+test: setup kube tools lint ## lint, then every test: real nats-server, nix, mounts, kube-apiserver
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
 bench: setup ## run every benchmark under bench/ (tables printed), write bench/RESULTS.md + plots

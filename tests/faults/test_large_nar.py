@@ -70,6 +70,7 @@ def nix_wrapper(directory: Path, log: Path) -> Path:
     """A `nix` that records each run's maximum RSS (KiB) in `log`, then is the real nix."""
     real = shutil.which("nix")
     assert real is not None
+    assert Path("/usr/bin/time").exists(), "GNU time is missing: `make tools` installs it"
     directory.mkdir()
     wrapper = directory / "nix"
     wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/time -a -o {log} -f "%M %C" {real} "$@"\n')
@@ -98,7 +99,6 @@ def peak_rss_kb(pid: int) -> int:
     raise AssertionError(f"no VmHWM for {pid}")
 
 
-@pytest.mark.skipif(not Path("/usr/bin/time").exists(), reason="needs GNU time (package time)")
 async def test_a_nar_larger_than_the_bound_streams_through(
     bus: Bus, nats_url: str, cache_url: str, cache_key: CacheKey, tmp_path: Path
 ) -> None:
