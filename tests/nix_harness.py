@@ -1,6 +1,6 @@
 """Real-Nix fixtures shared by every service's tests (loaded from tests/conftest.py).
 
-- `nix_runner`: a NixRunner for the machine's store (skips the test when nix is missing).
+- `nix_runner`: a NixRunner for the machine's store (fails, naming the install step, when nix is missing).
 - `nix_tools`: a store path holding `bin/busybox`, added once per session with a GC root, so
   offline derivations have a builder (there is no nixpkgs here).
 - `make_flake`: writes a tiny offline flake into the test's tmp dir. Its `app` output is a
@@ -75,14 +75,14 @@ class CacheKey:
 @pytest.fixture(scope="session")
 def nix_runner() -> NixRunner:
     if shutil.which("nix") is None or shutil.which("nix-store") is None:
-        pytest.skip("nix is not installed (run scripts/setup-nix.sh)")
+        pytest.fail("nix is not installed: `make nix` (scripts/setup-nix.sh) installs it")
     return NixRunner()
 
 
 @pytest.fixture(scope="session")
 def nix_tools(nix_runner: NixRunner, tmp_path_factory: pytest.TempPathFactory) -> NixTools:
     if not BUSYBOX.exists():
-        pytest.skip(f"{BUSYBOX} is missing (install busybox-static)")
+        pytest.fail(f"{BUSYBOX} is missing: `make nix` installs busybox-static")
     base = tmp_path_factory.mktemp("nix-tools")
     src = base / "niphas-test-tools"
     (src / "bin").mkdir(parents=True)
