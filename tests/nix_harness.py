@@ -1,6 +1,6 @@
 """Real-Nix fixtures shared by every service's tests (loaded from tests/conftest.py).
 
-- `nix_runner`: a NixRunner for the machine's store (fails, naming the install step, when nix is missing).
+- `nix_runner`: a NixRunner for the machine's store (fails, naming the install step, without nix).
 - `nix_tools`: a store path holding `bin/busybox`, added once per session with a GC root, so
   offline derivations have a builder (there is no nixpkgs here).
 - `make_flake`: writes a tiny offline flake into the test's tmp dir. Its `app` output is a
