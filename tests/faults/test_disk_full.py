@@ -120,11 +120,6 @@ async def test_a_full_disk_fails_the_want_and_nothing_partial_becomes_valid(
     await verify_store(node)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mesh: a want retried until its deadline is reported as 'not present by the "
-    "deadline' only; the last import error (No space left on device) is lost",
-)
 async def test_the_failed_event_names_the_full_disk(
     small_disk: Callable[[Path, int], Path],
     bus: Bus,
@@ -144,11 +139,6 @@ async def test_the_failed_event_names_the_full_disk(
         assert "No space left on device" in event.error, event.error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mesh: a failed import leaves the partly restored (invalid) paths in the store "
-    "directory; nothing removes them, so the disk stays full and a later want that fits fails",
-)
 async def test_the_node_recovers_for_a_closure_that_fits(
     small_disk: Callable[[Path, int], Path],
     bus: Bus,

@@ -114,28 +114,45 @@ class Fetcher:
         for p in paths:
             self.last_use.touch(p.hash_part)
         remaining = (event.deadline - datetime.now(UTC)).total_seconds()
-        error = None
+        errors: dict[StorePath, str] = {}
+        late = ""
         try:
             async with asyncio.timeout(remaining):
-                await self.ensure(paths)
+                await self.ensure(paths, errors)
         except TimeoutError:
-            error = f"not present by the deadline {event.deadline.isoformat()}"
-        except FetchFailed as exc:
-            error = str(exc)
-        if error is not None:
-            for p in paths:
-                if p not in self.store:
-                    await self.announcer.failed(str(p), f"{event.requester}: {error}")
+            late = f"not present by the deadline {event.deadline.isoformat()}"
+        except FetchFailed:
+            pass  # the cause of each path's failure is in `errors`
+        for p in paths:
+            if p in self.store:
+                continue
+            cause = errors.get(p)
+            if late:  # the last attempt's cause, so the event says why, not only when
+                cause = f"{late} (last error: {cause})" if cause else late
+            await self.announcer.failed(str(p), f"{event.requester}: {cause or 'not present'}")
 
-    async def ensure(self, paths: Sequence[StorePath]) -> None:
-        """Make the closure of `paths` present, retrying until the caller's deadline."""
+    async def ensure(self, paths: Sequence[StorePath], errors: dict[StorePath, str]) -> None:
+        """Make the closure of `paths` present, retrying until the caller's deadline; the last
+        error of each path is kept in `errors`. A full disk is not retried (each attempt would
+        download again only to fail the same way): FetchFailed at once."""
         while True:
-            try:
-                await asyncio.gather(*(asyncio.shield(self.flight(p)) for p in paths))
+            results = await asyncio.gather(
+                *(asyncio.shield(self.flight(p)) for p in paths), return_exceptions=True
+            )
+            failed: dict[StorePath, FetchFailed | ImportFailed] = {}
+            for p, result in zip(paths, results, strict=True):
+                if isinstance(result, FetchFailed | ImportFailed):
+                    failed[p] = result
+                elif isinstance(result, BaseException):
+                    raise result
+            errors.clear()
+            errors.update((p, str(exc)) for p, exc in failed.items())
+            if not failed:
                 return
-            except (FetchFailed, ImportFailed) as exc:
-                log.info("retrying %s in %.0fs: %s", [str(p) for p in paths], RETRY_S, exc)
-                await self.index.changed(RETRY_S)
+            if any(isinstance(exc, ImportFailed) and exc.disk_full for exc in failed.values()):
+                raise FetchFailed("; ".join(errors.values()))
+            log.info("retrying %s in %.0fs: %s", [str(p) for p in failed], RETRY_S, errors)
+            await self.index.changed(RETRY_S)
 
     def flight(self, path: StorePath) -> asyncio.Future[None]:
         """The one fetch of `path` on this node (a finished future if present)."""

@@ -5,27 +5,41 @@ references are already valid are imported with `nix copy --no-recursive --from f
 Nix checks the builder's signature and the NarHash once more, restores the tree and registers it
 valid with its references and signatures, so `nix path-info` and `nix store verify` see an
 ordinary substituted path. Paths that become ready while a copy runs are batched into the next
-one (one Nix process start per batch rather than per path).
+one (one Nix process start per batch rather than per path). A failed copy leaves partly
+restored paths behind (`leftovers`); they are removed, and the batch is retried path by path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 from pathlib import Path
 
-from niphas_common.nix.errors import NixError
+from niphas_common.nix.errors import CommandError, NixError
 from niphas_common.nix.narinfo import NarInfo
+from niphas_common.nix.store_path import StorePath
 from niphas_schemas.types import STORE_DIR
 
+from .leftovers import remove_partial
 from .store import NodeStore
 
 log = logging.getLogger(__name__)
 
 
 class ImportFailed(Exception):
-    pass
+    """A verified download Nix did not import; `disk_full` when the store's disk is full
+    (retrying only downloads it again to fail the same way)."""
+
+    def __init__(self, path: StorePath, cause: str) -> None:
+        super().__init__(f"{path}: import failed: {cause}")
+        self.disk_full = any(text in cause for text in DISK_FULL)
+
+
+DISK_FULL = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+"""What Nix's error says when the store's disk (or quota) is full."""
 
 
 class Importer:
@@ -48,12 +62,7 @@ class Importer:
     async def _drain(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            paths = [info.store_path for info, _ in batch]
-            try:
-                await self.store.import_from(f"file://{self.incoming}", paths)
-                error = None
-            except NixError as exc:
-                error = str(exc)
+            errors = await self._import([info.store_path for info, _ in batch])
             for info, future in batch:
                 self.discard(info)
                 if future.done():
@@ -61,9 +70,31 @@ class Importer:
                 if info.store_path in self.store:
                     future.set_result(None)
                 else:
-                    future.set_exception(
-                        ImportFailed(f"{info.store_path}: import failed: {error or 'not valid'}")
-                    )
+                    cause = errors.get(info.store_path, "not valid after the import")
+                    future.set_exception(ImportFailed(info.store_path, cause))
+
+    async def _import(self, paths: list[StorePath]) -> dict[StorePath, str]:
+        """Import `paths`; the cause of each failure. A failed batch is retried one path at a
+        time (each references only valid paths), so the paths that fit still become valid
+        and each failure has its own cause."""
+        try:
+            await self.store.import_from(f"file://{self.incoming}", paths)
+            return {}
+        except NixError as exc:
+            first = _cause(exc)
+        await remove_partial(self.store, paths)
+        if len(paths) == 1:
+            return {paths[0]: first}
+        errors = {}
+        for path in paths:
+            if path in self.store:
+                continue
+            try:
+                await self.store.import_from(f"file://{self.incoming}", [path])
+            except NixError as exc:
+                errors[path] = _cause(exc)
+                await remove_partial(self.store, [path])
+        return errors
 
     def discard(self, info: NarInfo) -> None:
         """Remove a download from `incoming/` (imported, or no longer wanted)."""
@@ -74,3 +105,11 @@ class Importer:
         ):
             with contextlib.suppress(FileNotFoundError):
                 file.unlink()
+
+
+def _cause(exc: NixError) -> str:
+    """Nix's own error line (`error: ...`), not the whole command line and log."""
+    stderr = exc.stderr if isinstance(exc, CommandError) else str(exc)
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or [str(exc)])[-1]
