@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from niphas_common.bus.bus import Bus
+from niphas_common.tracing import tracer
 from niphas_operator.settings import OperatorSettings
 from tests.helpers import eventually
 from tests.kube_harness import KubeApiServer
@@ -75,8 +76,10 @@ async def test_build_done_moves_the_workload_and_rollback_restores_it(
         )
         assert kubectl.get("deployment", "web") is None
 
-        # The builder reports the first build.
-        await bus.publish(build_done(first, "web-1.0"))
+        # The builder reports the first build, inside a trace the mount must join.
+        with tracer().start_as_current_span("build") as build_span:
+            await bus.publish(build_done(first, "web-1.0"))
+        build_trace = format(build_span.get_span_context().trace_id, "032x")
         await eventually(lambda: _deployment_path(kubectl, "web") == store_path("web-1.0"), 30)
         deployment = kubectl.get("deployment", "web")
         assert deployment is not None
@@ -85,6 +88,8 @@ async def test_build_done_moves_the_workload_and_rollback_restores_it(
         assert pod["containers"][0]["image"] == operator_settings.stub_image
         assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/nix/store"
         assert pod["volumes"][0]["csi"]["driver"] == "csi.niphas.io"
+        carried = pod["volumes"][0]["csi"]["volumeAttributes"]["traceparent"]
+        assert carried.split("-")[1] == build_trace
         assert pod["nodeSelector"] == {"niphas.io/store": "true"}
         owner = deployment["metadata"]["ownerReferences"][0]
         assert (owner["kind"], owner["name"], owner["controller"]) == (

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from niphas_common import tracing
 from niphas_common.bus.consumer import Delivery
 from niphas_operator.flakeref import FlakeRefError, repository_of, same_repository
 from niphas_operator.kube import Conflict, Kube, workload_path, workloads_path
@@ -104,6 +105,11 @@ def _build_status(workload: Workload, event: BuildDone) -> dict[str, Any] | None
     main_program = (
         evaluated.get("mainProgram") if evaluated.get("outPath") == out.path else None
     ) or program_of(out.path)
+    # This runs in the span of the build.done being handled: the pods' volume will carry it,
+    # so the mount on the node joins the push's trace.
+    traceparent = tracing.inject({}).get("traceparent")
+    if traceparent:
+        status.set(traceparent=traceparent)
     status.set(
         **moved_to(workload, out.path, event.commit, main_program),
         builtFrom=built_from(workload),

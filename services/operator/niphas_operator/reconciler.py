@@ -210,7 +210,13 @@ class Reconciler:
         observed = workload.status.observed_generation
         spec_changed = observed is not None and observed != workload.generation
         command = children.resolved_command(workload, desired.store_path, desired.main_program)
-        manifest = children.deployment(workload, desired.store_path, command, self._pod)
+        # A rollback (pinned path) starts no trace of its own; a build's move carries its trace.
+        traceparent = (
+            None if desired.pinned else (workload.obj.get("status") or {}).get("traceparent")
+        )
+        manifest = children.deployment(
+            workload, desired.store_path, command, self._pod, traceparent
+        )
         deployment_path = (
             f"{collection_path('apps/v1', 'Deployment', workload.namespace)}/{workload.name}"
         )
