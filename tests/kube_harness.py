@@ -253,6 +253,8 @@ def running_apiserver() -> Iterator[KubeApiServer]:
                 f"--service-account-key-file={sa_key}",
                 f"--service-account-signing-key-file={sa_key}",
                 "--disable-admission-plugins=ServiceAccount",
+                # As clusters that run CSI node plugins do (their containers are privileged).
+                "--allow-privileged=true",
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
                 "--v=1",
