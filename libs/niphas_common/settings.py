@@ -88,7 +88,8 @@ class ServiceSettings(BaseSettings):
 
     state_dir: Path = Field(
         default_factory=default_state_dir,
-        description="Directory for this service's durable local state",
+        description="Directory for this service's durable local state (default: "
+        "NIPHAS_STATE_DIR, which `niphas up` sets, else ~/.local/state/niphas)",
     )
     concurrency: int = Field(
         default=8, ge=1, le=1024, description="Events handled at once per process"

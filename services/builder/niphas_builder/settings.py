@@ -6,21 +6,15 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from niphas_common.settings import ServiceSettings, default_state_dir
+from niphas_common.settings import ServiceSettings
 
 
 class BuilderSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="NIPHAS_BUILDER_", extra="ignore")
 
-    state_dir: Path = Field(
-        default_factory=default_state_dir,
-        validation_alias=AliasChoices("NIPHAS_BUILDER_STATE_DIR", "NIPHAS_STATE_DIR"),
-        description="Where the default cache directory and signing key live (also read from "
-        "NIPHAS_STATE_DIR, which `niphas up` sets)",
-    )
     name: str = Field(
         default_factory=socket.gethostname,
         description="This builder's name: lease holder and `built_on` of local builds",

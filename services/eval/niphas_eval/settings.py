@@ -11,10 +11,10 @@ import platform
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from niphas_common.settings import ServiceSettings, default_state_dir
+from niphas_common.settings import ServiceSettings
 
 
 def this_system() -> str:
@@ -30,13 +30,6 @@ Role = Literal["all", "ingress", "workers"]
 class EvalSettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="NIPHAS_EVAL_", extra="ignore", populate_by_name=True
-    )
-
-    state_dir: Path = Field(
-        default_factory=default_state_dir,
-        validation_alias=AliasChoices("NIPHAS_EVAL_STATE_DIR", "NIPHAS_STATE_DIR"),
-        description="Local state (the evaluation wrapper flake); also read from "
-        "NIPHAS_STATE_DIR, which `niphas up` sets",
     )
 
     role: Role = Field(

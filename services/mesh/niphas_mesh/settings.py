@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from niphas_common.settings import ServiceSettings, default_state_dir
+from niphas_common.settings import ServiceSettings
 
 
 class MeshSettings(ServiceSettings):
@@ -15,12 +15,6 @@ class MeshSettings(ServiceSettings):
         env_prefix="NIPHAS_MESH_", extra="ignore", populate_by_name=True
     )
 
-    state_dir: Path = Field(
-        default_factory=default_state_dir,
-        validation_alias=AliasChoices("NIPHAS_MESH_STATE_DIR", "NIPHAS_STATE_DIR"),
-        description="Durable local state (last-use times, fetch scratch space) lives under "
-        "<state_dir>/mesh/<node>; `niphas up` sets NIPHAS_STATE_DIR",
-    )
     node: str = Field(
         default="local",
         pattern=r"^[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?$",
