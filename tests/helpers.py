@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -46,3 +48,14 @@ def unmount_below(root: Path) -> None:
             mounts.append(target)
     for target in sorted(mounts, key=len, reverse=True):
         subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+
+
+async def wait_or_kill_group(proc: subprocess.Popen[Any], timeout_s: float) -> int:
+    """Wait for a process started with `start_new_session=True`; past the timeout (or when
+    the test is interrupted) SIGKILL its whole process group so no service outlives the test."""
+    try:
+        return await asyncio.to_thread(proc.wait, timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -6,10 +6,8 @@ consumer, so a green soak means something."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 import pytest
 
 from niphas_chaos import checks
-from tests.helpers import unmount_below
+from tests.helpers import unmount_below, wait_or_kill_group
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,11 +104,8 @@ async def test_chaos_soak_loses_nothing_and_builds_once(tmp_path: Path) -> None:
     argv += ["--quiesce-timeout-s", "240", "--result", str(result)]
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, start_new_session=True)
     try:
-        code = await asyncio.to_thread(proc.wait, 400)
+        code = await wait_or_kill_group(proc, 400)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
         unmount_below(tmp_path)
     outcome: dict[str, Any] = json.loads(result.read_text())
     assert outcome["findings"] == []

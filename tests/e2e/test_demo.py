@@ -7,11 +7,9 @@ the run each service's /metrics carried its key series."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.otlp_receiver import ReceivedSpan, otlp_receiver
-from tests.helpers import eventually
+from tests.helpers import eventually, wait_or_kill_group
 from tests.niphas_csi.conftest import unmount_below
 
 pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.nix, pytest.mark.timeout(300)]
@@ -103,12 +101,7 @@ async def test_demo_push_serve_change_rollback_one_trace(tmp_path: Path) -> None
     try:
         async with otlp_receiver() as receiver:
             proc = run_demo(state, result, receiver.url)
-            try:
-                code = await asyncio.to_thread(proc.wait, 240)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            code = await wait_or_kill_group(proc, 240)
             assert code == 0
             outcome: dict[str, Any] = json.loads(result.read_text())
             pages = [(what, page) for what, page in outcome["served"]]
