@@ -9,7 +9,12 @@ cache's egress when many nodes want one closure at once. Everything in the same 
    Then narinfo lookups of a 500-path closure (`nix path-info --store <url>`), same comparison.
 2. Fan-out: 8 agents (chroot stores) want a new closure of size-mb/2 at once, with the cache
    (nginx) announced as a holder. Bytes nginx sent must stay <= 2x the closure (8x without the
-   mesh) and all nodes must be done within 3x the time one node alone takes.
+   mesh) and all nodes must be done within 3x the time one node alone takes (a closure of the
+   same size). It runs twice. First with one CPU share per node (`--node-cores`, a cgroup
+   quota on each agent and the `nix` processes it starts, see cpu_shares.py), so one node alone
+   has no more CPU than each of eight, as on separate machines: the target applies here. Then
+   with all nodes sharing the host's cores, where eight imports cost eight times the CPU of
+   one; the CPU time each node used is printed with the bound it sets on that ratio.
 
 Each timing is the median of --repeat runs with a fresh client store and narinfo cache; the
 agent's and nginx's runs alternate (the machine's cores are shared, so load hits both alike).
@@ -46,6 +51,7 @@ from niphas_common.settings import NatsSettings
 from niphas_schemas import PathAvailable, PathWanted
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
+from bench.cpu_shares import CpuShares
 from bench.report import Report, add_json_option
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,11 +165,14 @@ def wait_http(url: str, timeout: float = 60) -> None:
 
 
 class Agents:
-    """`niphas mesh` processes, one per simulated node."""
+    """`niphas mesh` processes, one per simulated node (each in its CPU share, if any)."""
 
-    def __init__(self, tmp: Path, nats_url: str, public_key: str) -> None:
+    def __init__(
+        self, tmp: Path, nats_url: str, public_key: str, shares: CpuShares | None = None
+    ) -> None:
         self.tmp, self.nats_url, self.public_key = tmp, nats_url, public_key
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.shares = shares
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.urls: dict[str, str] = {}
 
     def start(self, node: str) -> str:
@@ -177,16 +186,23 @@ class Agents:
         niphas = str(Path(sys.executable).with_name("niphas"))
         argv = [niphas, "mesh", "--listen", f"127.0.0.1:{port}", "--node", node]
         argv += ["--store-root", str(self.tmp / "nodes" / node), "--nats-url", self.nats_url]
-        self.procs.append(subprocess.Popen(argv, env=env))
+        if self.shares is not None:
+            argv = self.shares.wrap(node, argv)
+        self.procs[node] = subprocess.Popen(argv, env=env)
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/readyz")
         self.urls[node] = url
         return url
 
+    def cpu_seconds(self, node: str) -> float:
+        """CPU time of the node's agent and of the `nix` processes it has reaped."""
+        fields = Path(f"/proc/{self.procs[node].pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(t) for t in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
-        for proc in self.procs:
+        for proc in self.procs.values():
             proc.terminate()
-        for proc in self.procs:
+        for proc in self.procs.values():
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -228,7 +244,8 @@ async def fan_out(
     many: list[str],
     agent_urls: dict[str, str],
 ) -> tuple[float, float]:
-    """Announce the cache, then time one node alone, then all of `many` at once."""
+    """Announce the cache as the holder of both closures, then time one node alone wanting
+    `closures["single"]`, then all of `many` wanting `closures["fanout"]` at once."""
     bus = await Bus.connect(NatsSettings(url=nats_url), name="bench")
     have: set[tuple[str, str]] = set()
 
@@ -269,12 +286,63 @@ async def fan_out(
         await bus.close()
 
 
+def fan_out_round(
+    report: Report,
+    host: NixRunner,
+    nginx: Nginx,
+    agents: Agents,
+    nats_url: str,
+    nodes: list[str],
+    closures: dict[str, list[StorePath]],
+    how: str,
+    target: float | None,
+) -> None:
+    """One node alone, then all `nodes` at once; rows for the time ratio and the cache's
+    egress, and the CPU time each node used."""
+    infos = host.path_info(closures["single"] + closures["fanout"])
+    before = nginx.nar_bytes()
+    cpu_before = {n: agents.cpu_seconds(n) for n in nodes}
+    t_single, t_many = asyncio.run(
+        fan_out(nats_url, nginx.url, closures, dict(infos), nodes[0], nodes, agents.urls)
+    )
+    cpu = [agents.cpu_seconds(n) - cpu_before[n] for n in nodes]
+    single_bytes = sum(i.nar_size for i in host.path_info(closures["single"]).values())
+    closure_bytes = sum(i.nar_size for i in host.path_info(closures["fanout"]).values())
+    egress = nginx.nar_bytes() - before - single_bytes
+    # The node alone also did its fetch in this window: its CPU counts once more than others'.
+    per_node = statistics.median(cpu[1:]) if len(cpu) > 1 else cpu[0]
+    mb = closure_bytes >> 20
+    print(f"fan-out, {how}: {len(nodes)} nodes of {mb} MB all done in {t_many:.2f}s vs "
+          f"{t_single:.2f}s for one node ({t_many / t_single:.2f}x, target <= 3x); cache sent "
+          f"{egress / closure_bytes:.2f}x the closure (target <= 2x, {len(nodes)}x without "
+          f"the mesh); {per_node:.2f} CPU-s per node", flush=True)  # fmt: skip
+    if target is not None:
+        timed_row(report, f"fan-out: {len(nodes)} nodes want {mb} MB, {how}",
+                  t_many, t_single, "one node alone", target)  # fmt: skip
+    else:
+        report.row(f"fan-out: {len(nodes)} nodes want {mb} MB, {how}", round(t_many, 4), "s",
+                   baseline=round(t_single, 4), baseline_name="one node alone",
+                   ratio=round(t_many / t_single, 3))  # fmt: skip
+        cores = os.cpu_count() or 1
+        report.note(
+            f"fan-out {how}: each node used {per_node:.2f} CPU-s for {mb} MB, so {len(nodes)} "
+            f"nodes need at least {len(nodes) * per_node / cores:.2f}s on {cores} cores, "
+            f"{len(nodes) * per_node / cores / t_single:.1f}x the {t_single:.2f}s of one node "
+            "that has the host to itself"
+        )
+    share = egress / closure_bytes
+    report.row(f"fan-out, {how}: bytes the cache sent", round(share, 3), "x closure",
+               target="<= 2x closure", met=share <= 2)  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--files", type=int, default=2500)
     parser.add_argument("--narinfo-paths", type=int, default=500)
     parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--node-cores", type=float, default=0.2,
+                        help="CPU share of each node in the first fan-out round")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=3)
     add_json_option(parser)
     parser.add_argument("--skip-copy", action="store_true", help="only the fan-out part")
@@ -292,7 +360,7 @@ def main() -> int:
         public = str(key.public_key)
         size = args.size_mb << 20
         print(f"generating: {args.size_mb} MB / {args.files} files, {args.narinfo_paths} "
-              f"small paths, 2 x {args.size_mb // 2} MB for fan-out", flush=True)  # fmt: skip
+              f"small paths, 4 x {args.size_mb // 2} MB for fan-out", flush=True)  # fmt: skip
         src = tmp / "src"
         copy_paths = add(host, make_paths(src, "copy", size, args.files, 10))
         tiny = src / "tiny"
@@ -302,9 +370,15 @@ def main() -> int:
             (tiny / f"t{i:04}" / "x").write_text(f"{i}\n")
             tiny_dirs.append(tiny / f"t{i:04}")
         tiny_paths = add(host, tiny_dirs)
-        single = add(host, make_paths(src, "single", size // 2, args.files // 2, 10))
-        fanout = add(host, make_paths(src, "fanout", size // 2, args.files // 2, 10))
-        added = copy_paths + tiny_paths + single + fanout
+        rounds = {
+            how: {
+                kind: add(host, make_paths(src, f"{kind}-{how}", size // 2, args.files // 2, 10))
+                for kind in ("single", "fanout")
+            }
+            for how in ("share", "shared")
+        }
+        added = copy_paths + tiny_paths
+        added += [p for closures in rounds.values() for paths in closures.values() for p in paths]
         shutil.rmtree(src)
         cache = tmp / "cache"
         host.copy(added, to=f"file://{cache}?compression=none&secret-key={tmp / 'sk'}")
@@ -313,7 +387,8 @@ def main() -> int:
 
         server = EmbeddedNats(tmp / "nats")
         nats_url = server.start()
-        agents = Agents(tmp, nats_url, public)
+        shares = CpuShares.create("niphas-bench-mesh")
+        agents = Agents(tmp, nats_url, public, shares)
         nginx = Nginx(tmp, cache)
         try:
             if not args.skip_copy:
@@ -340,28 +415,22 @@ def main() -> int:
             nodes = [f"n{i}" for i in range(1, args.nodes + 1)]
             for node in nodes:
                 agents.start(node)
-            infos = host.path_info(single + fanout)
-            before = nginx.nar_bytes()
-            t_single, t_many = asyncio.run(
-                fan_out(nats_url, nginx.url, {"single": single, "fanout": fanout}, dict(infos),
-                        nodes[0], nodes, agents.urls)
-            )  # fmt: skip
-            single_bytes = sum(i.nar_size for i in host.path_info(single).values())
-            closure_bytes = sum(i.nar_size for i in host.path_info(fanout).values())
-            egress = nginx.nar_bytes() - before - single_bytes
-            print(f"fan-out to {len(nodes)} nodes of {closure_bytes >> 20} MB: all done in "
-                  f"{t_many:.2f}s vs {t_single:.2f}s for one node ({t_many / t_single:.2f}x, "
-                  f"target <= 3x); cache sent {egress / closure_bytes:.2f}x the closure "
-                  f"(target <= 2x, {len(nodes)}x without the mesh)", flush=True)  # fmt: skip
-            timed_row(report, f"fan-out: {len(nodes)} nodes want {closure_bytes >> 20} MB",
-                      t_many, t_single, "one node alone", 3.0)  # fmt: skip
-            share = egress / closure_bytes
-            report.row("fan-out: bytes the cache sent", round(share, 3), "x closure",
-                       target="<= 2x closure", met=share <= 2)  # fmt: skip
+            if shares is not None:
+                shares.limit(args.node_cores)
+                fan_out_round(report, host, nginx, agents, nats_url, nodes, rounds["share"],
+                              f"one {args.node_cores:g}-core share per node", 3.0)  # fmt: skip
+                shares.limit(None)
+            else:
+                report.note("no writable cgroup cpu controller: nodes share the host's cores")
+            fan_out_round(report, host, nginx, agents, nats_url, nodes, rounds["shared"],
+                          f"sharing {os.cpu_count()} cores",
+                          3.0 if shares is None else None)  # fmt: skip
         finally:
             agents.stop()
             nginx.stop()
             server.stop()
+            if shares is not None:
+                shares.remove()
             if added:
                 host.run("nix-store", "--delete", *map(str, added), check=False)
     report.note(f"medians of {args.repeat} interleaved runs (agent, nginx); 2 shared cores")

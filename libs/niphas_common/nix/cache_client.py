@@ -221,14 +221,19 @@ class BinaryCacheClient:
         """The decompressed NAR, verified against NarHash/NarSize (and FileHash/FileSize)."""
         where = info.store_path
         nar = NarVerifier(info.nar_hash, info.nar_size, str(where))
-        packed = HashSink(info.file_hash.algo) if info.file_hash else HashSink()
+        # The packed stream is hashed only when the narinfo gives a FileHash to compare with
+        # (an uncompressed NAR would otherwise be hashed twice); its size is always counted.
+        packed = HashSink(info.file_hash.algo) if info.file_hash else None
+        packed_size = 0
         unpack = decompressor(info.compression)
         try:
             # aclosing: an error mid-stream must release the HTTP response/file right away.
             async with contextlib.aclosing(self._transport.stream(info.url)) as chunks:
                 async for chunk in chunks:
-                    packed.update(chunk)
-                    if info.file_size is not None and packed.size > info.file_size:
+                    packed_size += len(chunk)
+                    if packed is not None:
+                        packed.update(chunk)
+                    if info.file_size is not None and packed_size > info.file_size:
                         raise VerificationError(f"larger than its FileSize {info.file_size}")
                     for piece in unpack.decompress(chunk):
                         nar.update(piece)
@@ -241,10 +246,10 @@ class BinaryCacheClient:
             ) from exc
         except CacheError as exc:
             raise CacheError(f"{where}: {exc}") from exc
-        if info.file_hash is not None and packed.hash() != info.file_hash:
+        if packed is not None and packed.hash() != info.file_hash:
             raise VerificationError(f"{where}: FileHash mismatch (got {packed.hash().nix32})")
-        if info.file_size is not None and packed.size != info.file_size:
-            raise VerificationError(f"{where}: FileSize {packed.size} != {info.file_size}")
+        if info.file_size is not None and packed_size != info.file_size:
+            raise VerificationError(f"{where}: FileSize {packed_size} != {info.file_size}")
         nar.finish()
 
     async def download_nar(self, info: NarInfo, dest: str | os.PathLike[str]) -> None:

@@ -149,6 +149,36 @@ async def test_tampered_nar_rejected(
         assert not (dest / lib.base_name).exists()
 
 
+async def test_file_hash_and_file_size_are_checked(
+    built_closure: BuiltClosure,
+    make_file_cache: Callable[..., FileCache],
+    cache_key: CacheKey,
+    tmp_path: Path,
+) -> None:
+    """FileHash and FileSize are unsigned, but when a narinfo gives them the compressed file
+    must match them: a wrong value is an error even though the NAR itself is intact."""
+    cache = make_file_cache([built_closure.app], "zstd")
+    app = str(built_closure.app)
+    file = _narinfo_file(cache, app)
+    original = file.read_text()
+    client = BinaryCacheClient(cache.url, cache_key.trusted)
+    edits = {
+        "FileHash mismatch": re.sub(r"FileHash: .*", f"FileHash: {Hash.of(b'x').nix32}", original),
+        "FileSize": re.sub(r"FileSize: (\d+)", lambda m: f"FileSize: {int(m[1]) + 1}", original),
+    }
+    for n, (error, text) in enumerate(edits.items()):
+        file.write_text(text)
+        info = await client.narinfo(app)
+        assert info is not None
+        with pytest.raises(VerificationError, match=f"{re.escape(app)}: {error}"):
+            await client.download_nar(info, tmp_path / f"{n}.nar")
+    file.write_text(original)
+    info = await client.narinfo(app)
+    assert info is not None
+    await client.download_nar(info, tmp_path / "good.nar")
+    assert (tmp_path / "good.nar").stat().st_size == info.nar_size
+
+
 async def test_tampered_narinfo_rejected(
     built_closure: BuiltClosure,
     make_file_cache: Callable[..., FileCache],
