@@ -100,7 +100,8 @@ class Agent:
         self._reconciled = True
 
     async def collect(self) -> list[PathInfo]:
-        return await self.collector.collect()
+        # Never what a want being answered has fetched so far (or holds already).
+        return await self.collector.collect(keep=self.fetcher.needed())
 
     async def _every(self, seconds: float, job: object, stop: asyncio.Event) -> None:
         assert callable(job)
@@ -163,6 +164,14 @@ async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
         total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.stall_timeout_s
     )
     session = aiohttp.ClientSession(timeout=timeout)
+    collector = Collector(
+        store,
+        last_use,
+        lambda info: announcer.withdrawn(str(info.path)),
+        node=settings.node,
+        high_percent=settings.gc_high_percent,
+        low_percent=settings.gc_low_percent,
+    )
     fetcher = Fetcher(
         store=store,
         index=index,
@@ -177,14 +186,8 @@ async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
         peer_wait_s=settings.peer_wait_s,
         range_min_bytes=settings.range_min_bytes,
         range_bytes=settings.range_bytes,
-    )
-    collector = Collector(
-        store,
-        last_use,
-        lambda info: announcer.withdrawn(str(info.path)),
-        node=settings.node,
-        high_percent=settings.gc_high_percent,
-        low_percent=settings.gc_low_percent,
+        # A full disk under an import: one forced GC pass, then the want is tried again.
+        free_space=lambda keep: collector.collect(force=True, keep=keep),
     )
     agent = Agent(
         settings,

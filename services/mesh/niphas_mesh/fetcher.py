@@ -14,6 +14,11 @@ announces `fetching`; if other nodes announced their fetch earlier, it streams t
 one of them while that node is still receiving it (`inflight`), otherwise it goes to the
 cache. So when many nodes want the same closure at once, the cache sends it about once and the
 followers do not wait for the first node's import.
+
+A full disk (Nix's import fails with ENOSPC) first gets one forced GC pass (`free_space`, the
+collector, wired in `agent`) that leaves the closures of the wants being answered; if it freed
+anything the want is tried again at once, otherwise it fails at once: another attempt would
+download again only to fail the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence, Set
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -54,6 +60,10 @@ MAX_RANGE_PEERS = 8
 """Peers one NAR is fetched from at once in ranges."""
 
 
+FreeSpace = Callable[[Set[str]], Awaitable[Sequence[object]]]
+"""One forced GC pass leaving the given hash parts; returns what it deleted."""
+
+
 class FetchFailed(Exception):
     pass
 
@@ -75,6 +85,7 @@ class Fetcher:
         peer_wait_s: float = 30.0,
         range_min_bytes: int = 64 << 20,
         range_bytes: int = 16 << 20,
+        free_space: FreeSpace | None = None,
     ) -> None:
         self.store = store
         self.index = index
@@ -89,9 +100,14 @@ class Fetcher:
         self.peer_wait_s = peer_wait_s
         self.range_min_bytes = range_min_bytes
         self.range_bytes = range_bytes
+        self.free_space = free_space
         self._limit = asyncio.Semaphore(concurrency)
         self._flights: dict[str, asyncio.Task[None]] = {}
         self._clients: dict[str, BinaryCacheClient] = {}
+        self._wanted: Counter[StorePath] = Counter()
+        """Paths of the wants being answered right now (what `needed` starts from)."""
+        self._references: dict[str, Sequence[StorePath]] = {}
+        """Signed references of paths fetched but not valid yet (the store knows the rest)."""
         self.downloads = 0
         """NARs downloaded and verified (what single-flight keeps at one per path)."""
 
@@ -133,8 +149,19 @@ class Fetcher:
 
     async def ensure(self, paths: Sequence[StorePath], errors: dict[StorePath, str]) -> None:
         """Make the closure of `paths` present, retrying until the caller's deadline; the last
-        error of each path is kept in `errors`. A full disk is not retried (each attempt would
-        download again only to fail the same way): FetchFailed at once."""
+        error of each path is kept in `errors`. A full disk is retried only after a GC pass
+        freed something (otherwise each attempt would download again only to fail the same
+        way): FetchFailed at once."""
+        self._wanted.update(paths)
+        try:
+            await self._ensure(paths, errors)
+        finally:
+            self._wanted.subtract(paths)
+            self._wanted = +self._wanted  # drop the zero counts
+            if not self._wanted and not self._flights:
+                self._references.clear()  # left by failed flights nobody waits for now
+
+    async def _ensure(self, paths: Sequence[StorePath], errors: dict[StorePath, str]) -> None:
         while True:
             results = await asyncio.gather(
                 *(asyncio.shield(self.flight(p)) for p in paths), return_exceptions=True
@@ -150,9 +177,35 @@ class Fetcher:
             if not failed:
                 return
             if any(isinstance(exc, ImportFailed) and exc.disk_full for exc in failed.values()):
-                raise FetchFailed("; ".join(errors.values()))
+                if not await self._collect_garbage():
+                    raise FetchFailed("; ".join(errors.values()))
+                log.info("retrying %s: GC made room", [str(p) for p in failed])
+                continue
             log.info("retrying %s in %.0fs: %s", [str(p) for p in failed], RETRY_S, errors)
             await self.index.changed(RETRY_S)
+
+    async def _collect_garbage(self) -> bool:
+        """One forced GC pass after an import failed on a full disk; whether it freed any
+        path. It leaves the closures of every want being answered (this one included)."""
+        if self.free_space is None:
+            return False
+        deleted = await self.free_space(self.needed())
+        return len(deleted) > 0
+
+    def needed(self) -> set[str]:
+        """Hash parts of the closures of the wants being answered: valid paths by their
+        references in the store, paths still missing by their signed narinfo's."""
+        todo = [p.hash_part for p in self._wanted]
+        keep: set[str] = set()
+        while todo:
+            hash_part = todo.pop()
+            if hash_part in keep:
+                continue
+            keep.add(hash_part)
+            info = self.store.lookup(hash_part)
+            refs = info.references if info is not None else self._references.get(hash_part, ())
+            todo.extend(r.hash_part for r in refs)
+        return keep
 
     def flight(self, path: StorePath) -> asyncio.Future[None]:
         """The one fetch of `path` on this node (a finished future if present)."""
@@ -171,6 +224,8 @@ class Fetcher:
 
     def _landed(self, path: StorePath, task: asyncio.Task[None]) -> None:
         self._flights.pop(path.hash_part, None)
+        if path in self.store:
+            self._references.pop(path.hash_part, None)
         if not task.cancelled() and task.exception() is not None:
             FETCHES.labels(self.node, "failed").inc()
 
@@ -183,6 +238,7 @@ class Fetcher:
 
         def start_references(info: NarInfo) -> None:
             if not refs:
+                self._references[path.hash_part] = info.reference_paths()
                 refs.extend(self.flight(r) for r in info.reference_paths())
                 refs.append(_done())
 

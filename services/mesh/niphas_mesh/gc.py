@@ -6,12 +6,18 @@ any more (deleting a leaf can make its references leaves in turn), never a path 
 of a lease (the CSI driver's GC roots, see `niphas_common.leases`). Deletion goes through
 `nix-store --delete`, which refuses anything still alive, so a lease created between the
 choice and the deletion is still honoured. Every deleted path is withdrawn from the mesh.
+
+A pass can also be forced (an import just failed on a full disk, see `Fetcher.ensure`): it
+frees down to the low watermark whatever the usage, since the failed import's partial tree was
+removed again and may have left the disk below the high one. The closures of the wants being
+answered are passed in as `keep`, so a pass never deletes what a fetch has just imported.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Set
 
 from niphas_common.leases import leased_paths
 from niphas_common.nix.runner import PathInfo
@@ -42,6 +48,7 @@ class Collector:
         self.node = node
         self.high = high_percent
         self.low = min(low_percent, high_percent)
+        self._pass = asyncio.Lock()  # one pass at a time: periodic and forced ones overlap
 
     def protected(self) -> set[str]:
         """Hash parts of every leased path and everything it references, transitively."""
@@ -57,15 +64,21 @@ class Collector:
                 todo.extend(r.hash_part for r in info.references)
         return keep
 
-    async def collect(self) -> list[PathInfo]:
-        """One pass: if above the high watermark, delete down to the low one."""
+    async def collect(self, *, force: bool = False, keep: Set[str] = frozenset()) -> list[PathInfo]:
+        """One pass: if above the high watermark (or `force`d), delete down to the low one,
+        never a path whose hash part is in `keep`."""
+        async with self._pass:
+            return await self._collect(force, keep)
+
+    async def _collect(self, force: bool, keep: Set[str]) -> list[PathInfo]:
         used = self.store.usage_percent()
         DISK_USED.labels(self.node).set(used)
-        if used < self.high:
+        if used < self.high and not force:
             return []
-        log.info("store %.1f%% full (high watermark %.1f%%): collecting", used, self.high)
+        why = "forced" if force else f"high watermark {self.high:.1f}%"
+        log.info("store %.1f%% full (%s): collecting", used, why)
         await self.store.scan()
-        keep = self.protected()
+        keep = self.protected() | keep
         refused: set[str] = set()
         deleted: list[PathInfo] = []
         while used >= self.low:
