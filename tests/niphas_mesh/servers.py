@@ -5,8 +5,9 @@ narinfo and NAR requests for any path of a real signed cache, tampered with in o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Container
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,11 +43,15 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def counting_cache(
-    directory: Path, hold: asyncio.Event | None = None
+    directory: Path,
+    hold: asyncio.Event | None = None,
+    *,
+    only: Container[str] | None = None,
 ) -> AsyncIterator[tuple[str, Served]]:
     """Serve a file cache directory like nginx would, counting the NAR bytes it sends.
 
-    With `hold`, every NAR stops after its first half until `hold` is set."""
+    With `hold`, every NAR stops after its first half until `hold` is set. `only`: the NARs
+    (`nar/<file>`, see `nar_file`) that applies to; None: all."""
     served = Served()
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -55,24 +60,41 @@ async def counting_cache(
         if ".." in rel.split("/") or not file.is_file():
             raise web.HTTPNotFound()
         body = file.read_bytes()
-        if rel.startswith("nar/"):
-            served.nar_bytes += len(body)
-            served.nar_requests[rel] += 1
-            if hold is not None:
-                resp = web.StreamResponse()
-                resp.content_length = len(body)
-                await resp.prepare(request)
-                await resp.write(body[: len(body) // 2])
-                await hold.wait()
-                await resp.write(body[len(body) // 2 :])
-                await resp.write_eof()
-                return resp
+        if not rel.startswith("nar/"):
+            return web.Response(body=body)
+        served.nar_requests[rel] += 1
+        faulty = only is None or rel in only
+        if faulty and hold is not None:
+            return await _held(request, body, hold, served)
+        served.nar_bytes += len(body)
         return web.Response(body=body)
 
     app = web.Application()
     app.router.add_get("/{rel:.+}", handle)
     async with serve(app) as url:
         yield url, served
+
+
+async def _held(
+    request: web.Request, body: bytes, hold: asyncio.Event, served: Served
+) -> web.StreamResponse:
+    """The first half of `body`, then (once `hold` is set) the rest."""
+    resp = web.StreamResponse()
+    resp.content_length = len(body)
+    await resp.prepare(request)
+    await resp.write(body[: len(body) // 2])
+    served.nar_bytes += len(body) // 2
+    await hold.wait()
+    with contextlib.suppress(ConnectionResetError):  # the client may have gone meanwhile
+        await resp.write(body[len(body) // 2 :])
+        served.nar_bytes += len(body) - len(body) // 2
+        await resp.write_eof()
+    return resp
+
+
+def nar_file(cache_dir: Path, hash_part: str) -> str:
+    """The cache's NAR file of a path, as its narinfo's URL names it (`nar/<file>`)."""
+    return NarInfo.parse((cache_dir / f"{hash_part}.narinfo").read_text()).url
 
 
 def traversal_nar() -> bytes:

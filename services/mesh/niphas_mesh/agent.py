@@ -1,7 +1,8 @@
 """One node's mesh agent at run time: the cache server, the index, the fetcher, the loops.
 
 `start_agent` builds and starts everything from settings (app.py calls it; tests start several
-agents, one per simulated node, the same way); `Agent.run` keeps the store announcements and
+agents, one per simulated node, the same way), after removing what a killed earlier run left
+half-done (`leftovers.after_crash`); `Agent.run` keeps the store announcements and
 the disk usage in step until stopped.
 """
 
@@ -31,6 +32,7 @@ from .gc import Collector
 from .index import HolderIndex, IndexFeed
 from .inflight import Inflight
 from .last_use import LastUse
+from .leftovers import after_crash
 from .metrics import INDEX_PATHS
 from .server import build_app
 from .settings import MeshSettings
@@ -131,6 +133,9 @@ async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
     await store.scan()
     state = settings.node_state_dir
     state.mkdir(parents=True, exist_ok=True)
+    incoming = state / "incoming"
+    # Nothing imports yet: whatever a killed earlier run left half-done goes now.
+    await after_crash(store, incoming)
     last_use = LastUse(state / "last-use.json")
     inflight = Inflight()
     view = CacheView(
@@ -177,7 +182,7 @@ async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
         index=index,
         announcer=announcer,
         last_use=last_use,
-        incoming=state / "incoming",
+        incoming=incoming,
         trusted=trusted,
         session=session,
         inflight=inflight,

@@ -274,9 +274,7 @@ class Fetcher:
                     mine = await self.announcer.fetching(str(path))
                     await self.index.reached(mine, 5.0)
                 ahead = [
-                    h
-                    for h in self.index.fetchers(str(path), since, before=mine)
-                    if h.url != self.announcer.url
+                    h for h in self.index.fetchers(str(path), since, before=mine) if not self._me(h)
                 ]
                 fresh = [h for h in ahead if (h.url, h.state) not in tried]
                 waited = loop.time() - started
@@ -316,8 +314,15 @@ class Fetcher:
             REJECTED.labels(self.node, holder.holder, exc.reason).inc()
             log.warning("rejected %s from %s (%s): %s", path, holder.url, exc.reason, exc.detail)
 
+    def _me(self, holder: Holding) -> bool:
+        """This node, at its URL or at an earlier run's (a restarted agent may listen on
+        another port or pod IP; what that run announced is stale, never worth waiting for)."""
+        return holder.url == self.announcer.url or (
+            holder.kind == "node" and holder.holder == self.node
+        )
+
     def _holders(self, path: str) -> list[Holding]:
-        found = self.index.available(path, exclude=self.announcer.url)
+        found = [h for h in self.index.available(path) if not self._me(h)]
         known = {h.url for h in found}
         epoch = datetime.fromtimestamp(0, UTC)
         found += [

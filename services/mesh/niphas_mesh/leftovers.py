@@ -1,4 +1,5 @@
-"""What a failed import leaves in the store directory, and removing it.
+"""What a failed import (or a crash) leaves in the store directory and in `incoming/`, and
+removing it.
 
 Nix restores a substituted path in place (`<store>/<hash>-<name>`, under `<name>.lock`) and
 registers it valid only at the end. When the restore fails (a full disk) the partial tree and
@@ -6,6 +7,13 @@ the lock file stay, and nothing removes them: our GC deletes valid paths only an
 need a full collection. So the disk would stay full. We remove them the way Nix removes a stale
 lock: only while holding that lock (so never under an import that is still writing), and only
 if Nix says the path is still not valid.
+
+A crash (the agent SIGKILLed, its `nix copy` with it) leaves the same partial trees and locks,
+plus downloads in `incoming/` that nobody will import: `.<hash>.nar.partial` files, and landed
+NARs with their narinfos. `after_crash` removes both when the agent starts, before anything
+imports. In the store it only considers invalid paths that have a lock file (what an
+interrupted import or build leaves; never, say, a build's `.chroot` directory), under the same
+lock rule, so an import or build still running in another process keeps its path.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from niphas_common.nix.errors import StorePathError
 from niphas_common.nix.store_path import StorePath
 
 from .store import NodeStore
@@ -25,8 +34,62 @@ from .store import NodeStore
 log = logging.getLogger(__name__)
 
 
-async def remove_partial(store: NodeStore, paths: list[StorePath]) -> None:
-    """Remove the files and lock of each of `paths` that a failed import left invalid."""
+async def after_crash(store: NodeStore, incoming: Path) -> list[Path]:
+    """Remove what a previous run of the agent left unfinished (call on start, after the
+    store's catalogue was read); what was removed."""
+    removed = clear_incoming(incoming)
+    removed += await remove_partial(store, locked_invalid(store), "an interrupted import")
+    if removed:
+        log.info("removed %d leftovers of an earlier run", len(removed))
+    return removed
+
+
+def clear_incoming(incoming: Path) -> list[Path]:
+    """Remove every download in `incoming/` (on start nothing is in flight: they are all
+    stale). Its `nix-cache-info` stays."""
+    nars = incoming / "nar"
+    found = [*incoming.glob("*.narinfo"), *(nars.iterdir() if nars.is_dir() else ())]
+    removed = []
+    for file in found:
+        try:
+            file.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("cannot remove %s, left by an earlier run: %s", file, exc)
+            continue
+        log.info("removed %s, a download an earlier run did not import", file)
+        removed.append(file)
+    return removed
+
+
+def locked_invalid(store: NodeStore) -> list[StorePath]:
+    """Paths with a lock file in the store directory that the catalogue does not hold."""
+    try:
+        names = os.listdir(store.real_store)
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        if not name.endswith(".lock"):
+            continue
+        try:
+            path = StorePath.from_base_name(name.removesuffix(".lock"))
+        except StorePathError:
+            continue
+        if path not in store:
+            found.append(path)
+    return sorted(found)
+
+
+async def remove_partial(
+    store: NodeStore, paths: list[StorePath], left_by: str = "a failed import"
+) -> list[Path]:
+    """Remove the files and lock of each of `paths` that `left_by` left invalid; the trees
+    (or lone locks) removed."""
+    removed: list[Path] = []
+    if not paths:
+        return removed
     await store.refresh(paths)
     for path in paths:
         if path in store:
@@ -45,9 +108,11 @@ async def remove_partial(store: NodeStore, paths: list[StorePath]) -> None:
             try:
                 _remove(real)
             except OSError as exc:
-                log.warning("cannot remove %s, left invalid by a failed import: %s", real, exc)
+                log.warning("cannot remove %s, left invalid by %s: %s", real, left_by, exc)
                 continue
-            log.info("removed %s, left invalid by a failed import", real)
+            log.info("removed %s, left invalid by %s", real, left_by)
+            removed.append(real)
+    return removed
 
 
 @contextlib.contextmanager
