@@ -26,6 +26,8 @@ class Served:
     nar_bytes: int = 0
     nar_requests: Counter[str] = field(default_factory=Counter)
     range_requests: int = 0
+    cut: int = 0
+    """NAR responses dropped half way (`counting_cache(cut=...)`)."""
 
 
 @asynccontextmanager
@@ -46,13 +48,17 @@ async def counting_cache(
     directory: Path,
     hold: asyncio.Event | None = None,
     *,
+    cut: asyncio.Event | None = None,
     only: Container[str] | None = None,
 ) -> AsyncIterator[tuple[str, Served]]:
     """Serve a file cache directory like nginx would, counting the NAR bytes it sends.
 
-    With `hold`, every NAR stops after its first half until `hold` is set. `only`: the NARs
-    (`nar/<file>`, see `nar_file`) that applies to; None: all."""
+    With `hold`, every NAR stops after its first half until `hold` is set. With `cut`, the
+    first NAR response stops after its first half and, once `cut` is set, the server drops
+    the connection (the client gets a short body); later responses are whole. `only`: the
+    NARs (`nar/<file>`, see `nar_file`) these faults apply to; None: all."""
     served = Served()
+    first = [True]
 
     async def handle(request: web.Request) -> web.StreamResponse:
         rel = request.match_info["rel"]
@@ -64,6 +70,9 @@ async def counting_cache(
             return web.Response(body=body)
         served.nar_requests[rel] += 1
         faulty = only is None or rel in only
+        if faulty and cut is not None and first[0]:
+            first[0] = False
+            return await _cut(request, body, cut, served)
         if faulty and hold is not None:
             return await _held(request, body, hold, served)
         served.nar_bytes += len(body)
@@ -89,6 +98,23 @@ async def _held(
         await resp.write(body[len(body) // 2 :])
         served.nar_bytes += len(body) - len(body) // 2
         await resp.write_eof()
+    return resp
+
+
+async def _cut(
+    request: web.Request, body: bytes, cut: asyncio.Event, served: Served
+) -> web.StreamResponse:
+    """The first half of `body`, then (once `cut` is set) the connection is dropped, as by
+    an upstream that died mid-response."""
+    resp = web.StreamResponse()
+    resp.content_length = len(body)
+    await resp.prepare(request)
+    await resp.write(body[: len(body) // 2])
+    served.nar_bytes += len(body) // 2
+    served.cut += 1
+    await cut.wait()
+    assert request.transport is not None
+    request.transport.abort()  # no more bytes, no clean end: a dead upstream
     return resp
 
 
