@@ -66,7 +66,7 @@ class Controller:
                 background = [
                     group.create_task(self._watch_workloads()),
                     group.create_task(self._watch_deployments()),
-                    *(group.create_task(self._worker()) for _ in range(self._settings.workers)),
+                    *(group.create_task(self._worker(lost)) for _ in range(self._settings.workers)),
                 ]
                 group.create_task(self._bus.serve(subscriptions, lost, fetch_timeout_s=0.5))
                 await lost.wait()
@@ -89,8 +89,10 @@ class Controller:
         )
         return Subscription(model, spec, handler, concurrency=self._settings.concurrency)
 
-    async def _worker(self) -> None:
-        while True:
+    async def _worker(self, lost: asyncio.Event) -> None:
+        # Stopped by cancellation; `lost` too, since Python 3.11's wait_for (under the NATS
+        # and HTTP clients) can swallow a cancel that lands as its awaited result arrives.
+        while not lost.is_set():
             key = await self.queue.get()
             try:
                 # The watch's latest copy on a first attempt; a retry reads afresh.
