@@ -45,6 +45,14 @@ RepoUrl = Annotated[
 ShortText = Annotated[str, Field(max_length=65536)]
 """Free text such as an error or a log tail; bounded so one event stays small."""
 
+PushedAt = Annotated[
+    AwareDatetime | None,
+    Field(
+        description="When the commit was the ref's head: the push.received's occurred_at, or "
+        "when the eval worker resolved the ref; orders two commits of one ref (None: unknown)"
+    ),
+]
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -137,8 +145,9 @@ class EvalDone(Event):
     subject: ClassVar[str] = "eval.done"
     push_event_id: str = Field(max_length=128)
     repository: RepoUrl
-    ref: GitRef | None = None
+    ref: GitRef | None = Field(default=None, description="The pushed ref; None: default branch")
     commit: CommitSha
+    pushed_at: PushedAt = None
     locked_flake_ref: str | None = Field(default=None, max_length=4096)
     status: Literal["succeeded", "failed"]
     attributes: tuple[EvaluatedAttribute, ...] = ()
@@ -173,7 +182,11 @@ class BuildDone(Event):
     subject: ClassVar[str] = "build.done"
     eval_event_id: str = Field(max_length=128)
     repository: RepoUrl
+    ref: GitRef | None = Field(
+        default=None, description="The evaluated push's ref (from eval.done); None: default branch"
+    )
     commit: CommitSha
+    pushed_at: PushedAt = None
     attribute: AttrName
     drv_path: DrvPath
     status: Literal["built", "cached", "failed"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ async def test_built_closure_is_signed_and_substitutable(
     tmp_path: Path,
 ) -> None:
     flake = build_flake()
-    event = flake.eval_done("app")
+    event = flake.eval_done("app", pushed_at=datetime(2030, 1, 1, tzinfo=UTC))
     app = flake.attribute("app").outputs["out"]
     async with running_builder(bus, builder_settings):
         await bus.publish(event)
@@ -64,6 +65,9 @@ async def test_built_closure_is_signed_and_substitutable(
 
     assert done.status == "built", done.log_tail
     assert done.eval_event_id == event.event_id
+    # The push it came from, for the operator to match its branch and order it.
+    assert done.ref == event.ref == "refs/heads/main"
+    assert done.pushed_at == event.pushed_at
     assert done.built_on == "builder-test"
     assert done.cache_url == builder_settings.read_url
     infos = nix_runner.path_info([app], recursive=True)

@@ -62,12 +62,17 @@ async def test_two_quick_pushes_are_each_evaluated_at_their_own_commit(
     first = repo.commit(greeting="first version")
     second = repo.commit(greeting="second version")  # the branch head moved on already
 
+    pushes = {first: push_for(repo, first), second: push_for(repo, second)}
     async with serving(bus, [worker.subscription()]):
-        await bus.publish(push_for(repo, first))
-        await bus.publish(push_for(repo, second))
+        await bus.publish(pushes[first])
+        await bus.publish(pushes[second])
         dones = await wait_for_dones(bus, 2)
     by_commit = {d.commit: d for d in dones}
     assert set(by_commit) == {first, second}
+    # Each result says when its commit was pushed, so results arriving out of order can
+    # still be ordered.
+    for commit, done in by_commit.items():
+        assert done.pushed_at == pushes[commit].occurred_at
     outs = {}
     for commit, done in by_commit.items():
         assert done.status == "succeeded", done.error
@@ -93,11 +98,14 @@ async def test_push_without_commit_evaluates_the_refs_head(
     repo = make_repo()
     repo.commit(greeting="old")
     head = repo.commit(greeting="new")
+    push = push_for(repo, None, ref=None)  # operator: "evaluate the default branch"
     async with serving(bus, [worker.subscription()]):
-        await bus.publish(push_for(repo, None, ref=None))  # operator: "evaluate the default branch"
+        await bus.publish(push)
         [done] = await wait_for_dones(bus, 1)
     assert done.status == "succeeded", done.error
     assert (done.commit, done.ref) == (head, "refs/heads/main")
+    # The head as resolved by the worker, no earlier than the request.
+    assert done.pushed_at is not None and done.pushed_at >= push.occurred_at
 
 
 async def test_attribute_errors_stay_per_attribute_and_niphas_output_is_evaluated(

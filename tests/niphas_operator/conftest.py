@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +50,19 @@ def build_done(
     attribute: str = "web",
     repository: str = REPOSITORY,
     failed: bool = False,
+    ref: str | None = None,
+    pushed_at: datetime | None = None,
 ) -> BuildDone:
-    """What the builder publishes after realising `attribute` at `commit`."""
+    """What the builder publishes after realising `attribute` at `commit` (pushed to `ref`
+    at `pushed_at`)."""
     path = store_path(name)
     dependency = store_path(f"{name}-lib")
     return BuildDone(
         eval_event_id=f"eval-{commit[:8]}",
         repository=repository,
+        ref=ref,
         commit=commit,
+        pushed_at=pushed_at,
         attribute=attribute,
         drv_path=store_path(f"{name}.drv"),
         status="failed" if failed else "built",

@@ -92,6 +92,24 @@ def test_json_round_trip() -> None:
         ),
     )  # fmt: skip
     assert EvalDone.model_validate_json(event.model_dump_json()) == event
+    pushed = event.model_copy(update={"pushed_at": datetime(2030, 1, 1, 12, tzinfo=UTC)})
+    assert EvalDone.model_validate_json(pushed.model_dump_json()) == pushed
+
+
+def test_events_without_push_time_or_ref_still_validate() -> None:
+    """`pushed_at` (eval.done, build.done) and `ref` (build.done) came later: optional."""
+    evaluated = EvalDone.model_validate(
+        {"push_event_id": "p1", "repository": REPO, "commit": COMMIT, "status": "failed",
+         "error": "boom"}
+    )  # fmt: skip
+    assert (evaluated.ref, evaluated.pushed_at) == (None, None)
+    built = BuildDone.model_validate(
+        {"eval_event_id": "e1", "repository": REPO, "commit": COMMIT, "attribute": "app",
+         "drv_path": DRV, "status": "failed", "log_tail": "error"}
+    )  # fmt: skip
+    assert (built.ref, built.pushed_at) == (None, None)
+    with pytest.raises(ValidationError):
+        BuildDone.model_validate({**built.model_dump(), "pushed_at": "2030-01-01T12:00:00"})
 
 
 def test_idempotency_keys_follow_meaning_not_identity() -> None:

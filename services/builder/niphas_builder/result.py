@@ -43,7 +43,9 @@ class BuildResult(BaseModel):
         return BuildDone(
             eval_event_id=event.event_id,
             repository=event.repository,
+            ref=event.ref,
             commit=event.commit,
+            pushed_at=event.pushed_at,
             attribute=attr.attribute,
             drv_path=attr.drv_path,
             status=self.status,

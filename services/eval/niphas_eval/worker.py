@@ -3,7 +3,9 @@
 Per event: allowlist (deny: one failed eval.done, acked) -> the commit (the push's `after`;
 when absent, the ref's head now, resolved with `git ls-remote`) -> claim (repository, commit)
 in the results bucket (already done or being done elsewhere: ack, nothing more) -> `nix eval`
-at that commit -> publish the eval.done -> mark the claim published.
+at that commit -> publish the eval.done -> mark the claim published. The eval.done's
+`pushed_at` is the push's `occurred_at`, or the moment the ref's head was resolved, so the
+operator can tell the newer of two commits of one ref whatever order their results arrive in.
 
 Failures of the flake itself (syntax, missing attribute, a throw everywhere, timeout, memory)
 are results: a failed eval.done, acked, never redelivered. Only an unreachable repository or
@@ -17,6 +19,7 @@ import logging
 import os
 import socket
 import time
+from datetime import UTC, datetime
 
 from niphas_common.bus.bus import Bus
 from niphas_common.bus.consumer import Delivery, Subscription
@@ -64,8 +67,11 @@ class EvalWorker:
         if refusal is not None:
             await self._publish_failure(push, push.commit or ZERO_COMMIT, refusal, "disallowed")
             return
-        commit, ref = push.commit, push.ref
+        commit, ref, pushed_at = push.commit, push.ref, push.occurred_at
         if commit is None:
+            # The head is the one seen now, so it is as new as this moment (taken before
+            # asking: any push made after the answer is then later still).
+            pushed_at = datetime.now(UTC)
             try:
                 commit, ref = await self._evaluator.resolve(push.repository, push.ref)
             except ResolveError as exc:
@@ -77,7 +83,7 @@ class EvalWorker:
                 await self._publish_failure(push, ZERO_COMMIT, f"gave up: {exc}", "unreachable")
                 return
             log.info("%s %s resolved to %s", push.repository, ref or "HEAD", commit)
-        await self._evaluate_once(push, commit, ref, last_try)
+        await self._evaluate_once(push, commit, ref, pushed_at, last_try)
 
     def _refusal(self, repository: str) -> str | None:
         try:
@@ -89,7 +95,12 @@ class EvalWorker:
         return None
 
     async def _evaluate_once(
-        self, push: PushReceived, commit: str, ref: str | None, last_try: bool
+        self,
+        push: PushReceived,
+        commit: str,
+        ref: str | None,
+        pushed_at: datetime,
+        last_try: bool,
     ) -> None:
         key = result_key(push.repository, commit)
         claim = await self._results.claim(key, push.event_id)
@@ -108,7 +119,7 @@ class EvalWorker:
             if not last_try:
                 raise
             evaluation = Evaluation("failed", commit, error=f"gave up: {exc}")
-        done = self._fitting(self._eval_done(push, commit, ref, evaluation))
+        done = self._fitting(self._eval_done(push, commit, ref, evaluation, pushed_at))
         await self._publish(done)
         published = Record("published", push.event_id, time.time(), self._results.worker)
         await self._results.record(key, published)
@@ -128,13 +139,19 @@ class EvalWorker:
         return evaluation
 
     def _eval_done(
-        self, push: PushReceived, commit: str, ref: str | None, evaluation: Evaluation
+        self,
+        push: PushReceived,
+        commit: str,
+        ref: str | None,
+        evaluation: Evaluation,
+        pushed_at: datetime,
     ) -> EvalDone:
         return EvalDone(
             push_event_id=push.event_id,
             repository=push.repository,
             ref=ref,
             commit=commit,
+            pushed_at=pushed_at,
             locked_flake_ref=evaluation.locked_flake_ref,
             status=evaluation.status,
             attributes=evaluation.attributes,
@@ -164,7 +181,8 @@ class EvalWorker:
     ) -> None:
         EVALUATIONS.labels("failed", kind).inc()
         log.warning("%s: not evaluated: %s", push.repository, reason)
-        done = self._eval_done(push, commit, push.ref, Evaluation("failed", commit, error=reason))
+        failed = Evaluation("failed", commit, error=reason)
+        done = self._eval_done(push, commit, push.ref, failed, push.occurred_at)
         await self._publish(done)
 
     async def _publish(self, done: EvalDone) -> None:

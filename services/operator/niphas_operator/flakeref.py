@@ -14,12 +14,20 @@ repository as the forge sent it, so the operator maps each flakeRef to that clon
 
 Query parameters (`?ref=...`, `?dir=...`) and fragments are dropped. Matching compares
 `same_repository` forms: scheme and host lowercased, a trailing `.git` and `/` ignored.
+
+A workload follows one ref (`spec.ref`, else the flakeRef's `?ref=`), or, naming none, the
+default branch. A forge's push names its branch but not which branch is the default, so
+`same_branch` takes `DEFAULT_BRANCHES` as the default branch, and an event naming no ref (a
+push that named none) as a push to it.
 """
 
 from __future__ import annotations
 
 import re
 from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_BRANCHES = ("refs/heads/main", "refs/heads/master")
+"""What a workload naming no ref follows; any other default branch is named in `spec.ref`."""
 
 _FORGE_SHORTHANDS = {"github": "https://github.com", "gitlab": "https://gitlab.com"}
 _SHORTHAND = re.compile(r"^(github|gitlab):([A-Za-z0-9_.\-]+)/([A-Za-z0-9_.\-]+)(?:/[^?#]*)?")
@@ -62,3 +70,12 @@ def canonical(repository: str) -> str:
 
 def same_repository(a: str, b: str) -> bool:
     return canonical(a) == canonical(b)
+
+
+def same_branch(followed: str | None, pushed: str | None) -> bool:
+    """Whether a workload following `followed` (None: the default branch) follows a push to
+    `pushed` (None: the default branch)."""
+    if followed is None or pushed is None:
+        named = followed if pushed is None else pushed
+        return named is None or named in DEFAULT_BRANCHES
+    return followed == pushed

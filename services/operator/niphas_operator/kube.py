@@ -75,6 +75,7 @@ _PATHS = {
         "PodDisruptionBudget",
     ): "/apis/policy/v1beta1/namespaces/{ns}/poddisruptionbudgets",
     ("v1", "Pod"): "/api/v1/namespaces/{ns}/pods",
+    ("v1", "Event"): "/api/v1/namespaces/{ns}/events",
     ("coordination.k8s.io/v1", "Lease"): "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
 }
 

@@ -2,9 +2,17 @@
 of every workload they match, then handed to the reconciler through the work queue.
 
 A workload matches an event when its flakeRef maps to the event's repository (see
-`flakeref`), the attribute is the one built, and `spec.revision`, when set, is the commit. A
+`flakeref`), the attribute is the one built, and either `spec.revision` is the commit or, with
+no revision, the event's ref is the one the workload follows (`flakeref.same_branch`). A
 workload pinned to a store path (a rollback) takes no builds until unpinned. A failed build
 sets Degraded and leaves the store path (and so the Deployment) as it was.
+
+Events carry when their commit was pushed (`pushed_at`), and results of several pushes arrive
+in any order (eval workers and builds run concurrently), so a workload following a ref keeps
+the newest: the push time of what it took is kept in status (`pushedAt` for the build it
+moved to, `evaluated.pushedAt` for the evaluation), and a result of an earlier push is
+ignored, with the reason logged and recorded as a `Superseded` Event on the workload. A
+pinned `spec.revision` names its commit, so its results are never ordered out.
 
 Every status write carries the resourceVersion it read (409 -> read again), so handlers and
 the reconciler never overwrite each other's conditions. Handlers are idempotent: the same
@@ -15,13 +23,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from niphas_common import tracing
 from niphas_common.bus.consumer import Delivery
-from niphas_operator.flakeref import FlakeRefError, repository_of, same_repository
+from niphas_operator.flakeref import FlakeRefError, repository_of, same_branch, same_repository
 from niphas_operator.kube import Conflict, Kube, workload_path, workloads_path
 from niphas_operator.reconciler import built_from
+from niphas_operator.recorder import Recorder
 from niphas_operator.status import StatusBuilder, moved_to
 from niphas_operator.workload import Workload, program_of
 from niphas_schemas import BuildDone, EvalDone
@@ -30,16 +40,23 @@ log = logging.getLogger(__name__)
 
 Enqueue = Callable[[tuple[str, str], dict[str, Any] | None], None]
 """Hand a workload to the reconciler, with its latest copy when we have one."""
+Stale = Callable[[Workload], str | None]
+"""Why an event is older than what the workload already took, or None."""
 _ATTEMPTS = 5
 
 
-def matches(workload: Workload, repository: str, commit: str, attribute: str | None) -> bool:
+def matches(
+    workload: Workload, repository: str, commit: str, attribute: str | None, ref: str | None
+) -> bool:
     spec = workload.spec
     if workload.deleting or spec.store_path:
         return False
     if attribute is not None and spec.attribute != attribute:
         return False
-    if spec.revision and spec.revision != commit:
+    if spec.revision:
+        if spec.revision != commit:
+            return False
+    elif not same_branch(workload.ref, ref):
         return False
     try:
         return same_repository(repository_of(spec.flake_ref), repository)
@@ -47,33 +64,94 @@ def matches(workload: Workload, repository: str, commit: str, attribute: str | N
         return False
 
 
+def stamp(pushed_at: datetime | None) -> str | None:
+    """How a push time is kept in status (RFC 3339, UTC)."""
+    return None if pushed_at is None else pushed_at.astimezone(UTC).isoformat()
+
+
+def _newer_taken(workload: Workload, pushed_at: datetime | None, taken: object) -> bool:
+    """Whether the workload already took a result of a push later than `pushed_at`. Without
+    either time (an event or a status from before push times existed) nothing is ordered."""
+    if workload.spec.revision or pushed_at is None or not isinstance(taken, str):
+        return False
+    try:
+        return datetime.fromisoformat(taken) > pushed_at
+    except (ValueError, TypeError):  # not a time, or one without its zone
+        return False
+
+
+def stale_build(workload: Workload, event: BuildDone) -> str | None:
+    status = workload.obj.get("status") or {}
+    if not _newer_taken(workload, event.pushed_at, status.get("pushedAt")):
+        return None
+    return (
+        f"ignored the build of {event.attribute} at {event.commit[:12]} "
+        f"(pushed {stamp(event.pushed_at)}): it runs {str(status.get('commit'))[:12]}, "
+        f"pushed later ({status['pushedAt']})"
+    )
+
+
+def stale_evaluation(workload: Workload, event: EvalDone) -> str | None:
+    evaluated = (workload.obj.get("status") or {}).get("evaluated") or {}
+    if not _newer_taken(workload, event.pushed_at, evaluated.get("pushedAt")):
+        return None
+    return (
+        f"ignored the evaluation at {event.commit[:12]} (pushed {stamp(event.pushed_at)}): "
+        f"it has evaluated {str(evaluated.get('commit'))[:12]}, pushed later "
+        f"({evaluated['pushedAt']})"
+    )
+
+
 class PipelineEvents:
     def __init__(self, kube: Kube, enqueue: Enqueue, namespace: str | None) -> None:
         self._kube = kube
         self._enqueue = enqueue
         self._namespace = namespace
+        self._recorder = Recorder(kube)
 
     async def on_build_done(self, event: BuildDone, delivery: Delivery) -> None:
-        for workload in await self._matching(event.repository, event.commit, event.attribute):
-            await self._update(workload, lambda w: _build_status(w, event))
+        for workload in await self._matching(
+            event.repository, event.commit, event.attribute, event.ref
+        ):
+            await self._update(
+                workload,
+                event.msg_id,
+                lambda w: stale_build(w, event),
+                lambda w: _build_status(w, event),
+            )
 
     async def on_eval_done(self, event: EvalDone, delivery: Delivery) -> None:
-        for workload in await self._matching(event.repository, event.commit, None):
-            await self._update(workload, lambda w: _eval_status(w, event))
+        for workload in await self._matching(event.repository, event.commit, None, event.ref):
+            await self._update(
+                workload,
+                event.msg_id,
+                lambda w: stale_evaluation(w, event),
+                lambda w: _eval_status(w, event),
+            )
 
     async def _matching(
-        self, repository: str, commit: str, attribute: str | None
+        self, repository: str, commit: str, attribute: str | None, ref: str | None
     ) -> list[Workload]:
         items, _ = await self._kube.list(workloads_path(self._namespace))
         found = [Workload(obj) for obj in items]
-        return [w for w in found if matches(w, repository, commit, attribute)]
+        return [w for w in found if matches(w, repository, commit, attribute, ref)]
 
     async def _update(
-        self, workload: Workload, compute: Callable[[Workload], dict[str, Any] | None]
+        self,
+        workload: Workload,
+        about: str,
+        stale: Stale,
+        compute: Callable[[Workload], dict[str, Any] | None],
     ) -> None:
         path = workload_path(workload.namespace, workload.name)
         written: dict[str, Any] | None = None
         for _ in range(_ATTEMPTS):
+            # Judged on every fresh read: a concurrent handler may just have taken a newer push.
+            reason = stale(workload)
+            if reason is not None:
+                log.info("%s/%s %s", workload.namespace, workload.name, reason)
+                await self._recorder.record(workload, "Superseded", reason, about=about)
+                return
             patch = compute(workload)
             if patch is None:
                 break
@@ -112,6 +190,7 @@ def _build_status(workload: Workload, event: BuildDone) -> dict[str, Any] | None
         status.set(traceparent=traceparent)
     status.set(
         **moved_to(workload, out.path, event.commit, main_program),
+        pushedAt=stamp(event.pushed_at),
         builtFrom=built_from(workload),
         closure={
             "pathCount": len(event.closure) or len(event.outputs),
@@ -138,9 +217,13 @@ def _eval_status(workload: Workload, event: EvalDone) -> dict[str, Any] | None:
         return status.patch()
     assert attr is not None
     out = attr.outputs.get("out") or next(iter(attr.outputs.values()))
-    evaluated: dict[str, Any] = {"commit": event.commit, "outPath": out}
-    if attr.main_program:
-        evaluated["mainProgram"] = attr.main_program
+    # Every key, None ones too: a merge patch keeps what it does not name.
+    evaluated: dict[str, Any] = {
+        "commit": event.commit,
+        "outPath": out,
+        "mainProgram": attr.main_program or None,
+        "pushedAt": stamp(event.pushed_at),
+    }
     status.set(evaluated=evaluated)
     status.condition("Evaluated", True, "Evaluated", f"{attr.attr_path} -> {out}")
     return status.patch()

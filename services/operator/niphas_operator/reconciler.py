@@ -20,7 +20,7 @@ from prometheus_client import Counter
 
 from niphas_operator import children
 from niphas_operator.children import PodSettings
-from niphas_operator.flakeref import ref_of, repository_of
+from niphas_operator.flakeref import repository_of
 from niphas_operator.kube import Kube, collection_path, workload_path
 from niphas_operator.status import StatusBuilder, history_entry, moved_to
 from niphas_operator.workload import FINALIZER, Workload, program_of
@@ -105,7 +105,7 @@ def push_request(workload: Workload) -> PushReceived:
     return PushReceived(
         forge="niphas",
         repository=repository_of(spec.flake_ref),
-        ref=spec.ref or ref_of(spec.flake_ref),
+        ref=workload.ref,
         commit=spec.revision,
         delivery_id=f"{workload.namespace}/{workload.name}/{workload.generation}",
     )

@@ -5,7 +5,8 @@ Workloads are NiphasWorkload YAML files in `workloads_dir`. Each one gets
 `<render_dir>/<namespace>/<name>/{deployment,service,pdb}.yaml`, exactly what cluster mode
 applies minus owner references (no uid exists before a cluster holds the object). The store
 path comes from `spec.storePath`, else from the latest matching `build.done`, remembered in
-`<render_dir>/.niphas-state.json`; a workload with neither asks the pipeline with
+`<render_dir>/.niphas-state.json` with when its commit was pushed (a late build of an earlier
+push is ignored, as in cluster mode); a workload with neither asks the pipeline with
 `push.received` (once: its msg id is deterministic). Files are written only when their
 content changes, so a GitOps repository sees no churn.
 
@@ -28,7 +29,7 @@ from niphas_common import tracing
 from niphas_common.bus.consumer import Delivery
 from niphas_operator import children
 from niphas_operator.children import PodSettings
-from niphas_operator.pipeline import matches
+from niphas_operator.pipeline import matches, stale_build, stamp
 from niphas_operator.reconciler import Publish, desired_path, push_request
 from niphas_operator.status import moved_to
 from niphas_operator.workload import Workload, program_of
@@ -103,14 +104,19 @@ class Renderer:
         state = self._state()
         traceparent = tracing.inject({}).get("traceparent")
         for workload in self.workloads():
-            if matches(workload, event.repository, event.commit, event.attribute):
-                key = f"{workload.namespace}/{workload.name}"
-                state[key] = {
-                    **state.get(key, {}),
-                    **moved_to(workload, out.path, event.commit, program_of(out.path)),
-                    "mainProgram": program_of(out.path),
-                    "traceparent": traceparent,
-                }
+            if not matches(workload, event.repository, event.commit, event.attribute, event.ref):
+                continue
+            key = f"{workload.namespace}/{workload.name}"
+            if reason := stale_build(workload, event):
+                log.info("%s %s", key, reason)
+                continue
+            state[key] = {
+                **state.get(key, {}),
+                **moved_to(workload, out.path, event.commit, program_of(out.path)),
+                "mainProgram": program_of(out.path),
+                "pushedAt": stamp(event.pushed_at),
+                "traceparent": traceparent,
+            }
         self._save(state)
         await self.render_all()
 

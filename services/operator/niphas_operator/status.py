@@ -56,9 +56,16 @@ class StatusBuilder:
     def patch(self) -> dict[str, Any] | None:
         """The status merge patch, or None when it would change nothing."""
         desired = {**self.fields, "conditions": self.conditions()}
-        if all(self._stored.get(k) == v for k, v in desired.items()):
+        if all(self._stored.get(k) == _merged(v) for k, v in desired.items()):
             return None
         return {"status": desired}
+
+
+def _merged(value: Any) -> Any:
+    """What a merge patch of `value` leaves stored: None removes a key of an object."""
+    if isinstance(value, dict):
+        return {k: _merged(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def moved_to(

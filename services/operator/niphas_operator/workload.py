@@ -12,6 +12,8 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from niphas_operator.flakeref import ref_of
+
 GROUP: Final = "niphas.io"
 VERSION: Final = "v1alpha1"
 KIND: Final = "NiphasWorkload"
@@ -106,6 +108,12 @@ class Workload:
         self.finalizers: list[str] = list(meta.get("finalizers") or [])
         self.spec = WorkloadSpec.model_validate(obj.get("spec") or {})
         self.status = WorkloadStatus.model_validate(obj.get("status") or {})
+
+    @property
+    def ref(self) -> str | None:
+        """The ref it follows: `spec.ref`, else the flakeRef's `?ref=`; None: the default
+        branch."""
+        return self.spec.ref or ref_of(self.spec.flake_ref)
 
     @property
     def key(self) -> tuple[str, str]:
