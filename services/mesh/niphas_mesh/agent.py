@@ -86,15 +86,17 @@ class Agent:
             tg.create_task(self._every(self.settings.gc_interval_s, self.collect, stop))
 
     async def reconcile(self) -> None:
-        """Announce what the store holds and the index does not know, withdraw the reverse."""
+        """Announce what the store holds and the index does not know at this URL; withdraw
+        what this node announced (at any URL: an earlier run's too) and no longer holds."""
         change = await self.store.scan()
         announced = self.index.held_by(self.url)
         present = {str(i.path) for i in self.store.paths()}
         for info in self.store.paths():
             if str(info.path) not in announced and self.store.is_signed(info):
                 await self.announcer.available(info)
-        for path in sorted(announced - present):
-            await self.announcer.withdrawn(path)
+        for path in sorted(self.index.announced_by(self.node) - present):
+            if not self.fetcher.fetching(path):  # its `fetching` word stands until it lands
+                await self.announcer.withdrawn(path)
         if change.gained or change.lost:
             log.info("store: %d paths gained, %d lost", len(change.gained), len(change.lost))
         INDEX_PATHS.labels(self.node).set(len(self.index))

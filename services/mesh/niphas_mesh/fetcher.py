@@ -207,6 +207,10 @@ class Fetcher:
             todo.extend(r.hash_part for r in refs)
         return keep
 
+    def fetching(self, path: str) -> bool:
+        """Whether this node has a flight for `path` right now."""
+        return StorePath.parse(path).hash_part in self._flights
+
     def flight(self, path: StorePath) -> asyncio.Future[None]:
         """The one fetch of `path` on this node (a finished future if present)."""
         if path in self.store:

@@ -6,6 +6,11 @@ advice for choosing where to download from, never trusted: every narinfo and NAR
 Each entry remembers the stream sequence of its announcement, which orders concurrent
 `fetching` announcements: the first node to announce a fetch goes to the cache, the others
 stream from nodes that announced before them (see `Fetcher._download`).
+
+A node is one holder whatever its URL: its newest announcement about a path replaces what it
+said earlier, also from another URL (a restarted agent, a new pod IP), so peers never keep
+trying an address the node left and the index does not grow with every restart. A cache is
+one holder per URL.
 """
 
 from __future__ import annotations
@@ -51,12 +56,13 @@ class HolderIndex:
 
     def apply(self, event: PathAvailable, seq: int) -> None:
         holders = self._paths.setdefault(event.store_path, {})
+        key = _key(event.holder_kind, event.holder, event.holder_url)
         if event.state == "withdrawn":
-            holders.pop(event.holder_url, None)
+            holders.pop(key, None)
             if not holders:
                 del self._paths[event.store_path]
         else:
-            holders[event.holder_url] = Holding(
+            holders[key] = Holding(
                 event.holder_kind,
                 event.holder,
                 event.holder_url,
@@ -96,8 +102,13 @@ class HolderIndex:
         return {
             path
             for path, holders in self._paths.items()
-            if (h := holders.get(url)) is not None and h.state == "available"
+            if any(h.url == url and h.state == "available" for h in holders.values())
         }
+
+    def announced_by(self, node: str) -> set[str]:
+        """Paths node `node` announced (at any URL, in any state) and has not withdrawn."""
+        key = _key("node", node, "")
+        return {path for path, holders in self._paths.items() if key in holders}
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -117,6 +128,10 @@ class HolderIndex:
                 return False
             await self.changed(left)
         return True
+
+
+def _key(kind: str, holder: str, url: str) -> str:
+    return f"node {holder}" if kind == "node" else f"cache {url}"
 
 
 class IndexFeed:
