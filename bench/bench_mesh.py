@@ -16,7 +16,9 @@ cache's egress when many nodes want one closure at once. Everything in the same 
    with all nodes sharing the host's cores, where eight imports cost eight times the CPU of
    one; the CPU time each node used is printed with the bound it sets on that ratio.
 
-Each timing is the median of --repeat runs with a fresh client store and narinfo cache; the
+Node and client stores live on a fresh journaled ext4 (`scratch_fs.py`: the machine's own root
+file system makes file creation erratic after mass deletions). Each timing is the median of
+--repeat runs with a fresh client store and narinfo cache; the
 agent's and nginx's runs alternate (the machine's cores are shared, so load hits both alike).
 `--json PATH` writes the rows (measure, ours, baseline, ratio, target, met) for reports. nginx
 comes from scripts/setup-bench-tools.sh (run when missing). Paths added to the host store are
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -53,6 +56,7 @@ from niphas_schemas import PathAvailable, PathWanted
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
 from bench.cpu_shares import CpuShares
 from bench.report import Report, add_json_option
+from bench.scratch_fs import journaled_ext4
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX = "/usr/sbin/nginx"
@@ -348,13 +352,13 @@ def main() -> int:
     parser.add_argument("--skip-copy", action="store_true", help="only the fan-out part")
     args = parser.parse_args()
     report = Report("mesh", "mesh agent as a binary cache vs nginx; fan-out to many nodes")
-    if not os.path.exists(NGINX):
+    if not (os.path.exists(NGINX) and shutil.which("mkfs.ext4")):
         subprocess.run(["bash", str(ROOT / "scripts" / "setup-bench-tools.sh")], check=True)
 
     host = NixRunner()
     added: list[StorePath] = []
-    with tempfile.TemporaryDirectory(prefix="bench-mesh-") as tmp_name:
-        tmp = Path(tmp_name)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-mesh-")))
         key = SecretKey.generate("bench-1")
         (tmp / "sk").write_text(str(key))
         public = str(key.public_key)
@@ -382,20 +386,23 @@ def main() -> int:
         shutil.rmtree(src)
         cache = tmp / "cache"
         host.copy(added, to=f"file://{cache}?compression=none&secret-key={tmp / 'sk'}")
-        seed = NixRunner(store=str(tmp / "nodes" / "n0"), options={"trusted-public-keys": public})
-        seed.copy(copy_paths + tiny_paths, src=f"file://{cache}", to=str(tmp / "nodes" / "n0"))
+        scratch = stack.enter_context(journaled_ext4(tmp / "fs", 8))
+        work = scratch[0]
+        report.note(scratch[1])
+        seed = NixRunner(store=str(work / "nodes" / "n0"), options={"trusted-public-keys": public})
+        seed.copy(copy_paths + tiny_paths, src=f"file://{cache}", to=str(work / "nodes" / "n0"))
 
         server = EmbeddedNats(tmp / "nats")
         nats_url = server.start()
         shares = CpuShares.create("niphas-bench-mesh")
-        agents = Agents(tmp, nats_url, public, shares)
+        agents = Agents(work, nats_url, public, shares)
         nginx = Nginx(tmp, cache)
         try:
             if not args.skip_copy:
                 agent = agents.start("n0")
                 t_agent, t_nginx = median_times(
                     args.repeat,
-                    [nix_copy(tmp, u, copy_paths, public) for u in (agent, nginx.url)],
+                    [nix_copy(work, u, copy_paths, public) for u in (agent, nginx.url)],
                 )
                 ratio = t_agent / t_nginx
                 print(f"nix copy {args.size_mb} MB: agent {t_agent:.2f}s, nginx {t_nginx:.2f}s, "
@@ -404,7 +411,7 @@ def main() -> int:
                           t_agent, t_nginx, "nginx", 1.2)  # fmt: skip
                 p_agent, p_nginx = median_times(
                     args.repeat,
-                    [path_info(tmp, u, tiny_paths, public) for u in (agent, nginx.url)],
+                    [path_info(work, u, tiny_paths, public) for u in (agent, nginx.url)],
                 )
                 print(f"narinfo lookups ({len(tiny_paths)} paths): agent {p_agent:.2f}s, "
                       f"nginx {p_nginx:.2f}s, ratio {p_agent / p_nginx:.2f}x",

@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# Tools the benchmarks compare against (idempotent): nginx serving a static binary cache.
+# Tools the benchmarks use (idempotent): nginx serving a static binary cache as a baseline;
+# mkfs.ext4 for the scratch file system node stores live on (bench/scratch_fs.py).
 set -euo pipefail
+if ! command -v mkfs.ext4 >/dev/null 2>&1 && [ ! -x /usr/sbin/mkfs.ext4 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends e2fsprogs >/dev/null
+fi
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
