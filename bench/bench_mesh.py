@@ -1,7 +1,7 @@
 """Mesh benchmark: the agent as a binary cache vs nginx serving the same static cache, and the
 cache's egress when many nodes want one closure at once. Everything in the same run:
 
-    .venv/bin/python bench/bench_mesh.py [--size-mb 200] [--files 2500] [--repeat 3] [--json PATH]
+    .venv/bin/python bench/bench_mesh.py [--size-mb 200] [--files 2500] [--repeat 5] [--json PATH]
 
 1. `nix copy --from` of a ~size-mb, ~files-file closure (10 store paths, random contents)
    from a mesh agent (`niphas mesh` over a chroot store holding it) vs from nginx serving a
@@ -347,7 +347,7 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--node-cores", type=float, default=0.2,
                         help="CPU share of each node in the first fan-out round")  # fmt: skip
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     add_json_option(parser)
     parser.add_argument("--skip-copy", action="store_true", help="only the fan-out part")
     args = parser.parse_args()
