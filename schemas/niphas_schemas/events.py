@@ -1,7 +1,7 @@
 """The five event bodies, one class per subject.
 
 Every event is frozen, forbids unknown fields and carries `schema_version`, `event_id` and
-`occurred_at`. `idempotency_key` is deterministic in the event's meaning (not its id or time,
+`occurred_at`. `idempotency_key` is deterministic in the event's meaning (not its own id or time,
 unless the event is a state announcement): it becomes the `Nats-Msg-Id`, so publishing the same
 fact twice inside the stream's duplicate window stores it once.
 """
@@ -161,7 +161,9 @@ class EvalDone(Event):
 
     @property
     def idempotency_key(self) -> str:
-        return f"{_digest(self.repository)}:{self.commit}:{self.status}"
+        # Per push: one commit pushed to two refs (or twice to one) is evaluated once, but each
+        # push gets its own eval.done; a redelivered push publishes the same one again.
+        return f"{_digest(self.repository, self.push_event_id)}:{self.commit}:{self.status}"
 
 
 class BuiltOutput(BaseModel):
@@ -210,9 +212,10 @@ class BuildDone(Event):
 
     @property
     def idempotency_key(self) -> str:
-        return (
-            f"{_digest(self.drv_path, self.repository, self.commit, self.attribute)}:{self.status}"
-        )
+        # Per evaluation: a derivation is built once, but every eval.done naming it (each push
+        # of its commit) gets its own build.done; a redelivered eval.done the same one again.
+        parts = (self.drv_path, self.repository, self.commit, self.attribute, self.eval_event_id)
+        return f"{_digest(*parts)}:{self.status}"
 
 
 class PathWanted(Event):

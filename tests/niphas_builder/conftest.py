@@ -81,10 +81,15 @@ class BuildFlake:
         return self.evaluated[attr]
 
     def eval_done(
-        self, *attrs: str, commit: str = COMMIT, ref: str | None = "refs/heads/main", **kw: object
+        self,
+        *attrs: str,
+        commit: str = COMMIT,
+        ref: str | None = "refs/heads/main",
+        push_event_id: str = "push-1",
+        **kw: object,
     ) -> EvalDone:
         return EvalDone(
-            push_event_id="push-1",
+            push_event_id=push_event_id,
             repository=REPO,
             ref=ref,
             commit=commit,

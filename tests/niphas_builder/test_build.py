@@ -2,13 +2,15 @@
 a built closure lands in the cache signed and zstd-compressed, a stock nix client substitutes
 it only with the right trusted key, path.available announces every pushed path, an
 everything-cached evaluation builds nothing, a failing derivation gives one failed build.done
-with its log tail, and the same eval.done delivered twice builds and pushes once."""
+with its log tail, the same eval.done delivered twice builds and pushes once, and a commit
+evaluated again for another push (fast-forwarded onto main) is built once and answered for
+each push, the second `cached`."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -200,3 +202,45 @@ async def test_same_eval_done_delivered_twice_builds_and_pushes_once(
     assert counter("niphas_builder_builds_total", outcome="built") == builds + 1
     assert counter("niphas_builder_pushes_total") == pushes + 1
     assert counter("niphas_builder_lease_waits_total") == waits + 1
+
+
+async def test_each_push_of_a_commit_gets_a_build_done_and_the_build_runs_once(
+    bus: Bus,
+    build_flake: Callable[..., BuildFlake],
+    builder_settings: BuilderSettings,
+) -> None:
+    flake = build_flake()
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    on_feature = flake.eval_done(
+        "app", ref="refs/heads/feature", push_event_id="push-feature", pushed_at=t0
+    )
+    # The same commit fast-forwarded onto main: the same evaluation, another push.
+    on_main = flake.eval_done("app", push_event_id="push-main", pushed_at=t0 + timedelta(minutes=5))
+    # The built result stays in the lease bucket all test long, as it does moments after a build.
+    settings = builder_settings.model_copy(update={"lease_ttl_s": 120.0})
+    builds = counter("niphas_builder_builds_total", outcome="built")
+    pushes = counter("niphas_builder_pushes_total")
+    async with running_builder(bus, settings):
+        await bus.publish(on_feature)
+        await wait_build_done(bus, 1)
+        await bus.publish(on_main)
+        await wait_build_done(bus, 2)
+        # main's eval.done delivered again: the same build.done, stored once.
+        await bus.js.publish(on_main.subject, on_main.model_dump_json().encode())
+        for _ in range(600):
+            info = await bus.js.consumer_info("EVAL_DONE", settings.durable)
+            if info.delivered.consumer_seq >= 3 and info.num_ack_pending == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert info.num_pending == 0 and info.num_ack_pending == 0
+
+    by_eval = {d.eval_event_id: d for d in await events(bus, BuildDone)}
+    assert set(by_eval) == {on_feature.event_id, on_main.event_id}
+    feature, main = by_eval[on_feature.event_id], by_eval[on_main.event_id]
+    assert (feature.status, main.status) == ("built", "cached")
+    assert (feature.ref, main.ref) == ("refs/heads/feature", "refs/heads/main")
+    assert (feature.pushed_at, main.pushed_at) == (on_feature.pushed_at, on_main.pushed_at)
+    assert main.outputs == feature.outputs and main.drv_path == feature.drv_path
+    assert main.cache_url == feature.cache_url is not None
+    assert counter("niphas_builder_builds_total", outcome="built") == builds + 1
+    assert counter("niphas_builder_pushes_total") == pushes + 1

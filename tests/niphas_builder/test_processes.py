@@ -90,7 +90,8 @@ async def test_two_builders_racing_build_and_push_once(
     done = await build_dones(bus, 2)
 
     assert {d.commit for d in done} == {"1" * 40, "2" * 40}
-    assert {d.status for d in done} == {"built"}
+    # Built for one of them; the other is answered from that build.
+    assert sorted(d.status for d in done) == ["built", "cached"]
     assert done[0].outputs == done[1].outputs
     assert a.count(STARTED) + b.count(STARTED) == 1
     assert a.count(PUSHED) + b.count(PUSHED) == 1

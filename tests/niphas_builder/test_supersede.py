@@ -1,6 +1,7 @@
 """Supersede: with one build slot busy, a queued build of an older commit is answered
 `failed` with "superseded by <newer commit>" once a newer commit of the same ref arrived,
-while the newer commit's own build runs."""
+while the newer commit's own build runs. Newer means pushed later, not evaluated later: a ref
+fast-forwarded to a commit evaluated long ago is answered at once, before the push it follows."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from nats.js.errors import NotFoundError
 
-from niphas_builder.lease import BUCKET
+from niphas_builder import supersede
+from niphas_builder.lease import BUCKET, open_bucket
 from niphas_builder.settings import BuilderSettings
 from niphas_common.bus.bus import Bus
-from niphas_schemas import BuildDone
+from niphas_schemas import BuildDone, EvalDone
 
-from .conftest import BuildFlake
+from .conftest import REPO, BuildFlake
 from .helpers import events, running_builder
 
 pytestmark = [pytest.mark.nix]
@@ -63,3 +65,28 @@ async def test_newer_commit_supersedes_queued_build(
     assert superseded.status == "failed" and superseded.log_tail == f"superseded by {NEW}"
     newer = by_drv[new.attribute("app").drv_path or ""]
     assert newer.status == "built" and newer.commit == NEW
+
+
+async def test_the_head_of_a_ref_is_its_latest_push_not_its_latest_evaluation(bus: Bus) -> None:
+    kv = await open_bucket(bus.js, supersede.BUCKET, supersede.TTL_S, "heads")
+    heads = supersede.RefHeads(kv)
+    t0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+    def evaluated(commit: str, pushed_s: int, done_s: int) -> EvalDone:
+        return EvalDone(
+            push_event_id=f"push-{commit[:4]}",
+            repository=REPO,
+            ref="refs/heads/main",
+            commit=commit,
+            pushed_at=t0 + timedelta(seconds=pushed_s),
+            occurred_at=t0 + timedelta(seconds=done_s),
+            status="succeeded",
+        )
+
+    # main: OLD pushed, then fast-forwarded to NEW, a commit evaluated on its feature branch
+    # long ago, so NEW's result for main comes at once and OLD's, evaluated now, after it.
+    fast_forward, before_it = evaluated(NEW, 10, 11), evaluated(OLD, 5, 40)
+    await heads.record(fast_forward)
+    await heads.record(before_it)
+    assert await heads.superseded_by(fast_forward) is None
+    assert await heads.superseded_by(before_it) == NEW

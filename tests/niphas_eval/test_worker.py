@@ -235,27 +235,32 @@ async def test_empty_allowlist_denies_everything(
     assert worker.evaluated == []
 
 
-async def test_same_commit_pushed_again_is_evaluated_once(
+async def test_same_commit_pushed_again_is_evaluated_once_and_every_push_answered(
     bus: Bus, eval_settings: EvalSettings, worker: EvalWorker, make_repo: Callable[..., GitRepo]
 ) -> None:
     repo = make_repo()
     commit = repo.commit()
+    # Four pushes of the same commit (e.g. a push of it to another branch, a webhook sent again
+    # outside the stream's duplicate window), the first two at once.
+    pushes = [push_for(repo, commit), push_for(repo, commit, ref="refs/heads/other")]
     async with serving(bus, [worker.subscription()]):
-        # Three deliveries of the same commit (e.g. a redelivery outside the stream's duplicate
-        # window, a push of the same commit to another branch), the first two at once.
-        await bus.publish(push_for(repo, commit))
-        await bus.publish(push_for(repo, commit, ref="refs/heads/other"))
-        await wait_for_dones(bus, 1)
-        await bus.publish(push_for(repo, commit))
-        await asyncio.sleep(1.0)
-    # A worker started later (another replica, or after a restart) skips it too.
+        for push in pushes:
+            await bus.publish(push)
+        await wait_for_dones(bus, 2)
+        pushes.append(push_for(repo, commit))
+        await bus.publish(pushes[-1])
+        await wait_for_dones(bus, 3)
+    # A worker started later (another replica, or after a restart) reuses the result too.
     later = await build_worker(bus, eval_settings)
     async with serving(bus, [later.subscription()]):
-        await bus.publish(push_for(repo, commit))
-        await asyncio.sleep(1.0)
+        pushes.append(push_for(repo, commit))
+        await bus.publish(pushes[-1])
+        dones = await wait_for_dones(bus, 4)
     assert worker.evaluated == [(repo.url, commit)]
     assert later.evaluated == []
-    assert len(await eval_dones(bus)) == 1
+    assert sorted(d.push_event_id for d in dones) == sorted(p.event_id for p in pushes)
+    assert len({d.msg_id for d in dones}) == 4
+    assert all(d.attributes == dones[0].attributes for d in dones)
     await settled(bus)
 
 

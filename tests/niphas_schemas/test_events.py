@@ -134,6 +134,35 @@ def test_idempotency_keys_follow_meaning_not_identity() -> None:
     assert failed.msg_id != built.msg_id
 
 
+def test_each_push_of_one_commit_gets_its_own_eval_done_and_build_done() -> None:
+    # One commit pushed to feature, then to main (a fast-forward): evaluated and built once,
+    # but each push needs its own results, which the stream must not drop as duplicates.
+    on_feature = EvalDone(
+        push_event_id="push-feature", repository=REPO, ref="refs/heads/feature",
+        commit=COMMIT, status="succeeded",
+    )  # fmt: skip
+    on_main = on_feature.model_copy(
+        update={"event_id": "eval-main", "push_event_id": "push-main", "ref": "refs/heads/main"}
+    )
+    redelivered = on_main.model_copy(update={"event_id": "other", "occurred_at": _later()})
+    assert on_main.msg_id != on_feature.msg_id
+    assert redelivered.msg_id == on_main.msg_id
+
+    output = BuiltOutput(name="out", path=APP, nar_hash=HASH, nar_size=10)
+    built = BuildDone(
+        eval_event_id=on_feature.event_id, repository=REPO, commit=COMMIT, attribute="default",
+        drv_path=DRV, status="cached", outputs=(output,),
+    )  # fmt: skip
+    for_main = built.model_copy(update={"eval_event_id": on_main.event_id})
+    again = for_main.model_copy(update={"event_id": "other", "occurred_at": _later()})
+    assert for_main.msg_id != built.msg_id
+    assert again.msg_id == for_main.msg_id
+
+
+def _later() -> datetime:
+    return datetime.now(UTC) + timedelta(minutes=5)
+
+
 def test_consistency_rules() -> None:
     with pytest.raises(ValidationError, match="failed evaluation needs an error"):
         EvalDone(push_event_id="p", repository=REPO, commit=COMMIT, status="failed")

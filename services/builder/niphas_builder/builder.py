@@ -1,8 +1,11 @@
 """eval.done -> build.done: the builder's handler.
 
+Every eval.done gets its own build.done per attribute, also when its derivation was built for
+another one (the same commit pushed to another ref, or pushed again): that one is `cached`.
 For each successfully evaluated attribute, in this order:
 1. a result another builder recorded for the derivation moments ago is reused (so a
-   redelivered eval.done publishes the very same build.done, which the stream de-duplicates);
+   redelivered eval.done publishes the very same build.done, which the stream de-duplicates;
+   for another eval.done it is `cached`);
 2. when the cache holds every output's closure with a trusted signature: `cached`, no build;
 3. otherwise it waits for a build slot (`max_parallel_builds`); a newer commit of the same ref
    arriving meanwhile supersedes it (published as failed: "superseded by <commit>");
@@ -95,7 +98,7 @@ class Builder:
             attr_path=attr.attr_path,
         )
         source = "shared"
-        result = await self.flight.peek(job.drv_hash)
+        result = await self.flight.peek(job.drv_hash, event.event_id)
         if result is None:
             result, source = await self.cache.lookup(job.outputs), "cache"
         if result is None:
@@ -121,6 +124,7 @@ class Builder:
 
             result = await self.flight.run(
                 job.drv_hash,
+                event.event_id,
                 build,
                 lambda: self.cache.lookup(job.outputs),
                 timeout_s=self.settings.build_timeout_s * 2,

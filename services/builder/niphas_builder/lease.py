@@ -54,11 +54,15 @@ class _Record:
     state: str  # building | done
     holder: str
     result: BuildResult | None = None
+    asker: str | None = None
+    """Who the build was for (the eval.done's event id): its result is `built` for it alone."""
 
     def encode(self) -> bytes:
-        body = {"state": self.state, "holder": self.holder, "at": time.time()}
+        body: dict[str, object] = {"state": self.state, "holder": self.holder, "at": time.time()}
         if self.result is not None:
             body["result"] = self.result.model_dump(mode="json")
+        if self.asker is not None:
+            body["asker"] = self.asker
         return json.dumps(body).encode()
 
     @classmethod
@@ -70,9 +74,17 @@ class _Record:
                 body["state"],
                 body.get("holder", "?"),
                 BuildResult.model_validate(result) if result else None,
+                body.get("asker"),
             )
         except (ValueError, KeyError, TypeError, ValidationError):
             return None  # unreadable (another version?): treat as held and wait it out
+
+    def result_for(self, asker: str) -> BuildResult | None:
+        """The result as `asker` sees it: the same one it was built for (so a redelivered
+        eval.done publishes the same build.done), `cached` for any other evaluation."""
+        if self.result is None or self.asker == asker:
+            return self.result
+        return self.result.reused()
 
 
 class SingleFlight:
@@ -81,8 +93,9 @@ class SingleFlight:
         self.holder = holder
         self.ttl_s = ttl_s
 
-    async def peek(self, key: str) -> BuildResult | None:
-        """The result recorded under `key`, if a build finished within the last TTL."""
+    async def peek(self, key: str, asker: str) -> BuildResult | None:
+        """The result recorded under `key` as `asker` sees it, if a build finished within the
+        last TTL."""
         try:
             entry = await self.kv.get(key)
         except NotFoundError:
@@ -90,17 +103,19 @@ class SingleFlight:
         except NatsError as exc:
             raise TransientError(f"build lease store unavailable: {exc!r}") from exc
         record = _Record.decode(entry.value)
-        return record.result if record is not None else None
+        return record.result_for(asker) if record is not None else None
 
     async def run(
         self,
         key: str,
+        asker: str,
         build: Callable[[], Awaitable[BuildResult]],
         recheck: Callable[[], Awaitable[BuildResult | None]],
         *,
         timeout_s: float,
     ) -> BuildResult:
-        """Run `build` unless another builder is running it, then share its result.
+        """Run `build` for `asker` unless another builder is running it, then share its
+        result (as `asker` sees it).
 
         `recheck` runs whenever a lease vanished without a result (the cache may have the
         paths by now). A `TransientError` from `build` releases the lease and propagates."""
@@ -113,16 +128,16 @@ class SingleFlight:
             except NatsError as exc:
                 raise TransientError(f"build lease store unavailable: {exc!r}") from exc
             else:
-                return await self._lead(key, revision, build)
+                return await self._lead(key, asker, revision, build)
             LEASE_WAITS.inc()
-            result = await self._wait(key, deadline)
+            result = await self._wait(key, asker, deadline)
             if result is not None:
                 return result
             if (cached := await recheck()) is not None:
                 return cached
 
     async def _lead(
-        self, key: str, revision: int, build: Callable[[], Awaitable[BuildResult]]
+        self, key: str, asker: str, revision: int, build: Callable[[], Awaitable[BuildResult]]
     ) -> BuildResult:
         state = {"revision": revision}
         renewer = asyncio.create_task(self._renew(key, state))
@@ -138,7 +153,7 @@ class SingleFlight:
             await renewer
         try:
             await self.kv.update(
-                key, _Record("done", self.holder, result).encode(), last=state["revision"]
+                key, _Record("done", self.holder, result, asker).encode(), last=state["revision"]
             )
         except KeyWrongLastSequenceError:
             log.warning("lease on %s was lost during the build; result not shared", key)
@@ -160,7 +175,7 @@ class SingleFlight:
             except NatsError as exc:
                 log.warning("could not renew lease on %s: %r", key, exc)
 
-    async def _wait(self, key: str, deadline: float) -> BuildResult | None:
+    async def _wait(self, key: str, asker: str, deadline: float) -> BuildResult | None:
         """Wait for the holder: its result, or None once the key is gone."""
         while time.monotonic() < deadline:
             try:
@@ -171,6 +186,6 @@ class SingleFlight:
                 raise TransientError(f"build lease store unavailable: {exc!r}") from exc
             record = _Record.decode(entry.value)
             if record is not None and record.result is not None:
-                return record.result
+                return record.result_for(asker)
             await asyncio.sleep(POLL_S)
         raise TransientError(f"gave up waiting for the build holding {key}")

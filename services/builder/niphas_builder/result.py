@@ -1,7 +1,8 @@
 """What one derivation's build came to, independent of which event asked for it.
 
 A result is shared: the lease record in the KV carries it to builders that waited for the same
-derivation, and each turns it into the `build.done` of its own evaluation.
+derivation, and each turns it into the `build.done` of its own evaluation (`cached` when the
+build was made for another one).
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ class BuildResult(BaseModel):
             built_on=built_on,
             duration_s=duration_s,
         )
+
+    def reused(self) -> BuildResult:
+        """This result as another evaluation of the derivation sees it: what was built is
+        cached by now (a failure stays a failure)."""
+        if self.status != "built":
+            return self
+        return self.model_copy(update={"status": "cached", "duration_s": 0.0})
 
     def to_event(self, event: EvalDone, attr: EvaluatedAttribute, cache_url: str) -> BuildDone:
         assert attr.drv_path is not None

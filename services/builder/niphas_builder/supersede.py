@@ -1,8 +1,11 @@
 """Which commit is the newest of each (repository, ref), so older queued builds can be dropped.
 
 A JetStream KV bucket maps a digest of (repository, ref) to the newest commit seen and when it
-was pushed (`occurred_at` of its eval.done). Updated with compare-and-set, so two builders
-learning of two commits at once keep the newer one.
+was pushed: the eval.done's `pushed_at`, or its `occurred_at` when it carries none (an eval
+worker from before push times). Push time, not evaluation time: evaluations finish in any order,
+and a commit evaluated long ago answers a new push of it (a fast-forward, a revert by push) at
+once. Updated with compare-and-set, so two builders learning of two commits at once keep the
+newer one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ def _key(repository: str, ref: str) -> str:
     return hashlib.sha256(f"{repository}\x00{ref}".encode()).hexdigest()[:40]
 
 
+def pushed(event: EvalDone) -> datetime:
+    """When `event`'s commit became its ref's head, as well as the event tells."""
+    return event.pushed_at or event.occurred_at
+
+
 class RefHeads:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
@@ -49,11 +57,12 @@ class RefHeads:
         if event.ref is None:
             return
         key = _key(event.repository, event.ref)
-        body = json.dumps({"commit": event.commit, "at": event.occurred_at.isoformat()}).encode()
+        at = pushed(event)
+        body = json.dumps({"commit": event.commit, "at": at.isoformat()}).encode()
         try:
             for _ in range(5):
                 current = await self._read(key)
-                if current is not None and current[1] >= event.occurred_at:
+                if current is not None and current[1] >= at:
                     return
                 try:
                     if current is None:
@@ -67,7 +76,7 @@ class RefHeads:
             log.warning("could not record the head of %s: %r", event.ref, exc)
 
     async def superseded_by(self, event: EvalDone) -> str | None:
-        """The newer commit of `event`'s ref, if one arrived after `event`."""
+        """The newer commit of `event`'s ref, if one was pushed after `event`'s."""
         if event.ref is None:
             return None
         try:
@@ -75,6 +84,6 @@ class RefHeads:
         except NatsError as exc:
             log.warning("could not read the head of %s: %r", event.ref, exc)
             return None
-        if current is None or current[0] == event.commit or current[1] <= event.occurred_at:
+        if current is None or current[0] == event.commit or current[1] <= pushed(event):
             return None
         return current[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 _SCP = re.compile(r"^(?P<user>[^@/\s]+)@(?P<host>[^:/\s]+):(?P<path>\S+)$")
 _SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
@@ -56,6 +56,18 @@ def flake_ref(
     if nar_hash is not None:
         params["narHash"] = nar_hash
     return f"{base_flake_ref(repository)}?{urlencode(params)}"
+
+
+def with_ref(repository: str, locked: str, ref: str | None) -> str:
+    """The locked flake ref `locked` (of `repository`, made by `flake_ref`) naming `ref`
+    instead: the same commit and narHash reached through another push's ref, which still
+    exists when the first one's branch is gone."""
+    params = parse_qs(locked.partition("?")[2])
+    rev = params.get("rev")
+    if not rev:
+        return locked
+    nar_hash = params.get("narHash")
+    return flake_ref(repository, rev=rev[0], ref=ref, nar_hash=nar_hash[0] if nar_hash else None)
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,39 @@
-"""Which (repository, commit) were evaluated: a JetStream key-value bucket shared by workers.
+"""Which (repository, commit) were evaluated, and to what: a JetStream key-value bucket shared
+by workers.
 
-`eval.done`'s Msg-Id (repository + commit + status) already makes a re-published result a
-duplicate inside the stream's duplicate window. This bucket makes the guarantee outlive the
-window and covers evaluation itself: before evaluating, a worker *claims* the key with an
-atomic create (`evaluating`), and marks it `published` once JetStream stored the eval.done.
-The result itself is not kept here (it can be 1 MB): if publishing fails, the push is
-redelivered and evaluated again, and the eval.done's Msg-Id stores it once.
+A commit is evaluated once however many pushes name it (one pushed to `feature`, then
+fast-forwarded onto `main`; a ref moved back to a commit it had before), and every push still
+gets its own `eval.done`. Before evaluating, a worker *claims* the key with an atomic create
+(`evaluating`); once JetStream stored the eval.done it marks the key `published` and keeps that
+eval.done with it. A later push of the commit finds it there and publishes it again as its own
+(its push, ref and push time). The eval.done fits the server's max_payload with 4 KiB to spare
+(the worker's `_fitting`), room enough for the rest of the record. If publishing fails, the push
+is redelivered and evaluated again, and the eval.done's Msg-Id stores it once.
 
 A claim held by another push event is respected while it is fresh (that event's worker is
-evaluating; if it dies, its own event is redelivered and takes the claim over); a claim older
-than `stale_after_s`, or held by the same push event (a redelivery), is taken over.
+evaluating, and pushes of the same commit wait for its result; if it dies, its own event is
+redelivered and takes the claim over); a claim older than `stale_after_s`, one held by the same
+push event (a redelivery), or a `published` record without a usable eval.done (written by an
+earlier version) is taken over.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from niphas_schemas import EvalDone
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +51,33 @@ class Record:
     push_event_id: str
     at: float
     worker: str
+    result: EvalDone | None = None
+    """The eval.done published (`published` only): what later pushes of the commit reuse."""
 
     def encode(self) -> bytes:
-        return json.dumps(self.__dict__).encode()
+        body: dict[str, Any] = {**self.__dict__, "result": None}
+        if self.result is not None:
+            body["result"] = self.result.model_dump(mode="json")
+        # Compact and unescaped, so the record is hardly larger than the eval.done itself.
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
     def decode(cls, data: bytes | None) -> Record | None:
         try:
-            return cls(**json.loads(data or b""))
+            body = json.loads(data or b"")
+            result = body.pop("result", None)
+            record = cls(**body)
         except (ValueError, TypeError):
             return None
+        try:
+            done = EvalDone.model_validate(result) if result is not None else None
+        except ValidationError:
+            done = None  # another version's result: evaluated again
+        return dataclasses.replace(record, result=done)
+
+    @property
+    def reusable(self) -> bool:
+        return self.state == "published" and self.result is not None
 
 
 @dataclass(frozen=True)
@@ -108,11 +134,12 @@ class ResultStore:
             except KeyNotFoundError:
                 continue  # deleted or expired between the two calls
             found = Record.decode(entry.value)
-            if found is not None and found.state == "published":
+            if found is not None and found.reusable:
                 return Claim("published", found)
-            fresh = found is not None and time.time() - found.at < self.stale_after_s
-            if found is not None and fresh and found.push_event_id != push_event_id:
-                return Claim("busy", found)
+            if found is not None and found.state == "evaluating":
+                fresh = time.time() - found.at < self.stale_after_s
+                if fresh and found.push_event_id != push_event_id:
+                    return Claim("busy", found)
             try:
                 await self._kv.update(key, mine.encode(), last=entry.revision)
                 return Claim("mine", mine)

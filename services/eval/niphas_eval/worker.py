@@ -1,11 +1,19 @@
-"""The evaluation worker: `push.received` -> `eval.done`, once per (repository, commit).
+"""The evaluation worker: `push.received` -> `eval.done`, one per push, one evaluation per
+(repository, commit).
 
 Per event: allowlist (deny: one failed eval.done, acked) -> the commit (the push's `after`;
 when absent, the ref's head now, resolved with `git ls-remote`) -> claim (repository, commit)
-in the results bucket (already done or being done elsewhere: ack, nothing more) -> `nix eval`
-at that commit -> publish the eval.done -> mark the claim published. The eval.done's
-`pushed_at` is the push's `occurred_at`, or the moment the ref's head was resolved, so the
-operator can tell the newer of two commits of one ref whatever order their results arrive in.
+in the results bucket -> `nix eval` at that commit -> publish the eval.done -> mark the claim
+published, keeping the eval.done. The eval.done's `pushed_at` is the push's `occurred_at`, or
+the moment the ref's head was resolved, so the operator can tell the newer of two commits of one
+ref whatever order their results arrive in.
+
+A commit pushed again (to another ref, as a fast-forward merge does, or back to a ref that had
+it, as a revert by push does) is not evaluated again: its kept eval.done is published for this
+push (its push event, ref and push time), failed ones stay failed. While another push's worker
+is evaluating the commit, this one waits for that result (the claim turns stale if that worker
+dies, and is then taken over). A redelivered push publishes the same eval.done again (same
+Msg-Id, stored once); the push that evaluated the commit publishes nothing more.
 
 Failures of the flake itself (syntax, missing attribute, a throw everywhere, timeout, memory)
 are results: a failed eval.done, acked, never redelivered. Only an unreachable repository or
@@ -15,6 +23,7 @@ push gets a failed eval.done instead, so no event loops or disappears silently.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -25,13 +34,17 @@ from niphas_common.bus.bus import Bus
 from niphas_common.bus.consumer import Delivery, Subscription
 from niphas_common.bus.topology import ConsumerSpec
 from niphas_eval.evaluator import EvalTransient, Evaluation, Evaluator, ResolveError
-from niphas_eval.flakeref import Allowlist, UnusableRepository, git_url
+from niphas_eval.flakeref import Allowlist, UnusableRepository, git_url, with_ref
 from niphas_eval.forges.base import ZERO_COMMIT
 from niphas_eval.metrics import EVAL_SECONDS, EVALUATIONS, EVALUATIONS_SKIPPED
-from niphas_eval.results import Record, ResultStore, result_key
+from niphas_eval.results import Claim, Record, ResultStore, result_key
 from niphas_schemas import EvalDone, PushReceived
 
 log = logging.getLogger(__name__)
+
+BUSY_POLL_S = 0.25
+"""Seconds between looks at a commit another worker is evaluating: a KV read is cheap, an
+evaluation takes seconds."""
 
 
 def worker_name() -> str:
@@ -103,15 +116,9 @@ class EvalWorker:
         last_try: bool,
     ) -> None:
         key = result_key(push.repository, commit)
-        claim = await self._results.claim(key, push.event_id)
-        if claim.outcome == "published":
-            EVALUATIONS_SKIPPED.labels("already-evaluated").inc()
-            log.info("%s@%s already evaluated: nothing to do", push.repository, commit)
-            return
-        if claim.outcome == "busy":
-            EVALUATIONS_SKIPPED.labels("in-progress-elsewhere").inc()
-            holder = claim.record.worker if claim.record else "another worker"
-            log.info("%s@%s is being evaluated by %s", push.repository, commit, holder)
+        claim = await self._claim(key, push, commit)
+        if claim.outcome == "published" and claim.record is not None:
+            await self._reuse(push, claim.record, ref, pushed_at)
             return
         try:
             evaluation = await self._run(push, commit, ref)
@@ -121,8 +128,40 @@ class EvalWorker:
             evaluation = Evaluation("failed", commit, error=f"gave up: {exc}")
         done = self._fitting(self._eval_done(push, commit, ref, evaluation, pushed_at))
         await self._publish(done)
-        published = Record("published", push.event_id, time.time(), self._results.worker)
+        published = Record("published", push.event_id, time.time(), self._results.worker, done)
         await self._results.record(key, published)
+
+    async def _reuse(
+        self, push: PushReceived, record: Record, ref: str | None, pushed_at: datetime
+    ) -> None:
+        """Answer `push` with the eval.done kept in `record`, unless it was that push's own."""
+        if record.result is None or record.push_event_id == push.event_id:
+            log.info("%s: this push's result is published already", push.repository)
+            return
+        EVALUATIONS_SKIPPED.labels("already-evaluated").inc()
+        log.info(
+            "%s@%s already evaluated: its result answers this push to %s",
+            push.repository, record.result.commit, ref or "the default branch",
+        )  # fmt: skip
+        await self._publish(self._fitting(self._reused(push, record.result, ref, pushed_at)))
+
+    async def _claim(self, key: str, push: PushReceived, commit: str) -> Claim:
+        """Our claim on `key`, or its published result; while another push's worker is
+        evaluating the commit, wait for that result (or for its claim to turn stale)."""
+        waiting = False
+        while True:
+            claim = await self._results.claim(key, push.event_id)
+            if claim.outcome != "busy":
+                return claim
+            if not waiting:
+                waiting = True
+                EVALUATIONS_SKIPPED.labels("in-progress-elsewhere").inc()
+                holder = claim.record.worker if claim.record else "another worker"
+                log.info(
+                    "%s@%s is being evaluated by %s: waiting for its result",
+                    push.repository, commit, holder,
+                )  # fmt: skip
+            await asyncio.sleep(BUSY_POLL_S)
 
     async def _run(self, push: PushReceived, commit: str, ref: str | None) -> Evaluation:
         self.evaluated.append((push.repository, commit))
@@ -156,6 +195,24 @@ class EvalWorker:
             status=evaluation.status,
             attributes=evaluation.attributes,
             error=evaluation.error[:65536] if evaluation.error else None,
+        )
+
+    def _reused(
+        self, push: PushReceived, stored: EvalDone, ref: str | None, pushed_at: datetime
+    ) -> EvalDone:
+        """The commit's stored eval.done as this push's own: its push, ref and push time."""
+        locked = stored.locked_flake_ref
+        if locked is not None:
+            locked = with_ref(push.repository, locked, ref)
+        fields = stored.model_dump(exclude={"event_id", "occurred_at"})
+        return EvalDone.model_validate(
+            {
+                **fields,
+                "push_event_id": push.event_id,
+                "ref": ref,
+                "pushed_at": pushed_at,
+                "locked_flake_ref": locked,
+            }
         )
 
     def _limit(self) -> int:
