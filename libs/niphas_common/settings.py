@@ -49,6 +49,13 @@ class NatsSettings(BaseSettings):
         description="Seconds a Nats-Msg-Id is remembered per stream: a forge's redelivery or a "
         "re-sent event inside this window is stored once",
     )
+    push_duplicate_window_s: float = Field(
+        default=7 * 86400.0,
+        gt=0,
+        description="Seconds a webhook delivery id is remembered in push.received: a forge "
+        "re-sending an old delivery (a retry, a manual redeliver) is stored once instead of "
+        "passing as a new push of an older commit (bounded by max_age_days)",
+    )
     max_age_days: float = Field(
         default=7.0, gt=0, description="Days events stay in a stream (they can be inspected)"
     )

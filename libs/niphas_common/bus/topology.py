@@ -23,7 +23,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from niphas_common.settings import NatsSettings
-from niphas_schemas import SUBJECTS
+from niphas_schemas import SUBJECTS, PushReceived
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,11 @@ def stream_configs(settings: NatsSettings) -> list[StreamConfig]:
         "max_age": settings.max_age_days * 86400.0,
     }
     configs = [
-        StreamConfig(name=stream_name(subject), subjects=[subject], **common)  # type: ignore[arg-type]
+        StreamConfig(
+            name=stream_name(subject),
+            subjects=[subject],
+            **{**common, "duplicate_window": _duplicate_window(subject, settings)},  # type: ignore[arg-type]
+        )
         for subject in SUBJECTS
     ]
     configs.append(
@@ -62,6 +66,16 @@ def stream_configs(settings: NatsSettings) -> list[StreamConfig]:
         )
     )
     return configs
+
+
+def _duplicate_window(subject: str, settings: NatsSettings) -> float:
+    """push.received remembers delivery ids for longer: a webhook a forge re-sends late must
+    not pass for a new push (it would look newer than the ref's real head), and pushes are few.
+    Never longer than the stream keeps its messages."""
+    window = settings.duplicate_window_s
+    if subject == PushReceived.subject:
+        window = max(window, settings.push_duplicate_window_s)
+    return min(window, settings.max_age_days * 86400.0)
 
 
 async def ensure_streams(js: JetStreamContext, settings: NatsSettings) -> None:

@@ -254,10 +254,18 @@ async def test_provisioning_is_idempotent_and_applies_changed_settings(bus: Bus)
     await ensure_streams(bus.js, bus.settings)  # again: no error, nothing duplicated
     assert len(await inspect.streams(bus.js)) == 6
 
+    # push.received remembers webhook deliveries for days (a late redelivery of an old push is
+    # a duplicate, not a new push); the other streams use the common window.
+    info = await bus.js.stream_info("PUSH_RECEIVED")
+    assert info.config.duplicate_window == bus.settings.push_duplicate_window_s == 7 * 86400.0
     wider = bus.settings.model_copy(update={"duplicate_window_s": 1800.0})
     await ensure_streams(bus.js, wider)
-    info = await bus.js.stream_info("PUSH_RECEIVED")
+    info = await bus.js.stream_info("EVAL_DONE")
     assert info.config.duplicate_window == 1800.0
+    shorter = wider.model_copy(update={"push_duplicate_window_s": 3600.0, "max_age_days": 0.02})
+    await ensure_streams(bus.js, shorter)
+    info = await bus.js.stream_info("PUSH_RECEIVED")
+    assert info.config.duplicate_window == 0.02 * 86400.0  # never beyond the max age
 
     spec = ConsumerSpec(durable="idem", subject="push.received", ack_wait_s=10)
     await ensure_consumer(bus.js, spec)
