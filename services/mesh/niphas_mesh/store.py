@@ -2,14 +2,20 @@
 
 A catalogue kept in memory (from `nix path-info --json --all`, then updated after every import
 and deletion, and rescanned periodically for paths built or collected outside the agent) so
-that a narinfo request never waits for a `nix` process. Imports and deletions go through the
-NixRunner, so Nix itself checks signatures and refuses to delete live (leased) paths.
+that a narinfo request never waits for a `nix` process. A request for a path the catalogue
+lacks looks at a listing of the store directory no older than `LISTING_MAX_AGE_S` (one
+listing shared by every miss meanwhile, read in a thread): a host store holds tens of
+thousands of entries (~16 ms to list), and clients probing for paths a node lacks are common.
+Imports and deletions go through the NixRunner, so Nix itself checks signatures and refuses to
+delete live (leased) paths.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +28,8 @@ from niphas_common.nix.store_path import StoreDir, StorePath
 from niphas_schemas.types import STORE_DIR
 
 log = logging.getLogger(__name__)
+LISTING_MAX_AGE_S = 1.0
+"""How stale the store directory's listing may be when a request misses the catalogue."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,9 @@ class NodeStore:
     _paths: dict[str, PathInfo] = field(default_factory=dict, init=False)
     _signed: dict[str, bool] = field(default_factory=dict, init=False)
     _rendered: dict[tuple[str, str], bytes] = field(default_factory=dict, init=False)
+    _listing: dict[str, str] = field(default_factory=dict, init=False)
+    _listed_at: float = field(default=float("-inf"), init=False)
+    _listing_task: asyncio.Task[None] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         # Nix checks the builder's signatures again when it imports (trusted-public-keys).
@@ -144,13 +155,31 @@ class NodeStore:
         info = self._paths.get(hash_part)
         if info is not None:
             return info
-        try:
-            names = [n for n in os.listdir(self.real_store) if n.startswith(hash_part + "-")]
-        except OSError:
+        name = (await self._listed()).get(hash_part)
+        if name is None:
             return None
-        candidates = [StorePath.from_base_name(n) for n in names if not n.endswith(".lock")]
-        await self.refresh(candidates)
+        await self.refresh([StorePath.from_base_name(name)])
         return self._paths.get(hash_part)
+
+    async def _listed(self) -> dict[str, str]:
+        """hash part -> entry name in the store directory, listed at most LISTING_MAX_AGE_S
+        ago; concurrent callers share one listing."""
+        if time.monotonic() - self._listed_at > LISTING_MAX_AGE_S:
+            if self._listing_task is None or self._listing_task.done():
+                self._listing_task = asyncio.create_task(self._list())
+            await asyncio.shield(self._listing_task)
+        return self._listing
+
+    async def _list(self) -> None:
+        started = time.monotonic()
+        try:
+            names = await asyncio.to_thread(os.listdir, self.real_store)
+        except OSError:
+            names = []
+        self._listing = {
+            n[:32]: n for n in names if len(n) > 33 and n[32] == "-" and not n.endswith(".lock")
+        }
+        self._listed_at = started
 
     # -- changing the store ------------------------------------------------------------
 
