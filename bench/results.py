@@ -35,6 +35,8 @@ def run_all(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():
         stale.unlink()
+    # What else the machine was doing when the run began (ratios hold under load; times don't).
+    (out / "loadavg").write_text(" ".join(f"{x:.2f}" for x in os.getloadavg()) + "\n")
     runs = {}
     for script in sorted(BENCH.glob("bench_*.py")):
         name = script.stem.removeprefix("bench_")
@@ -57,6 +59,15 @@ def run_all(out: Path) -> None:
         runs[name] = {"exit": code, "seconds": time.monotonic() - started, "json": has_json}
         print(f"-- {name}: exit {code} in {runs[name]['seconds']:.0f} s\n", flush=True)
     (out / "runs.json").write_text(json.dumps(runs, indent=2) + "\n")
+
+
+def load_note(out: Path) -> str:
+    """The load average when the run began, as a sentence (empty if not recorded)."""
+    try:
+        one, five, _ = (out / "loadavg").read_text().split()
+    except (OSError, ValueError):
+        return ""
+    return f"Load average when the run began: {one} (1 min), {five} (5 min). "
 
 
 def machine() -> str:
@@ -169,9 +180,8 @@ def render(out: Path, results: Path) -> int:
         f"Written by `make bench` (`bench/results.py`) on "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}.",
         "",
-        f"Machine: {machine()}. The machine was shared with other work while the benchmarks "
-        "ran: every baseline was measured in the same run on the same cores, so ratios are "
-        "the figures to read; absolute times move with the load.",
+        f"Machine: {machine()}. {load_note(out)}Every baseline was measured in the same run on "
+        "the same cores, so ratios are the figures to read; absolute times move with the load.",
         "",
         "## Summary",
         "",
