@@ -35,9 +35,15 @@ SIZES_MB = {"filler-0": 6, "filler-1": 6, "leased": 4, "wanted-0": 10, "wanted-1
 
 @pytest.fixture
 def random_paths(nix_runner: NixRunner, tmp_path: Path) -> Iterator[dict[str, StorePath]]:
-    """One path of random bytes per entry of SIZES_MB in the host store, deleted afterwards."""
+    yield from _random_paths(nix_runner, tmp_path, SIZES_MB)
+
+
+def _random_paths(
+    nix_runner: NixRunner, tmp_path: Path, sizes: dict[str, int]
+) -> Iterator[dict[str, StorePath]]:
+    """One path of random bytes per entry of `sizes` in the host store, deleted afterwards."""
     dirs = []
-    for name, size_mb in SIZES_MB.items():
+    for name, size_mb in sizes.items():
         d = tmp_path / "random" / f"niphas-gc-{name}"
         d.mkdir(parents=True)
         for j in range(2):
@@ -46,7 +52,7 @@ def random_paths(nix_runner: NixRunner, tmp_path: Path) -> Iterator[dict[str, St
     out = nix_runner.run("nix-store", "--add", *map(str, dirs)).text.split()
     paths = [StorePath.parse(p) for p in out]
     try:
-        yield dict(zip(SIZES_MB, paths, strict=True))
+        yield dict(zip(sizes, paths, strict=True))
     finally:
         nix_runner.delete(paths, check=False)
 
@@ -106,5 +112,65 @@ async def test_a_full_disk_is_collected_and_the_want_retried(
     assert not [e for e in events if e.holder == "full" and e.state == "failed"]
     # The path that fitted before GC was kept by it (one download); the other came twice.
     assert sorted(served.nar_requests.values()) == [1, 2]
+    assert leftovers(node) == set()
+    await verify_store(node)
+
+
+TOGETHER_MB = {"filler-0": 10, "filler-1": 10, "leased": 4, "wanted-0": 10, "wanted-1": 10}
+
+
+@pytest.fixture
+def together_paths(nix_runner: NixRunner, tmp_path: Path) -> Iterator[dict[str, StorePath]]:
+    yield from _random_paths(nix_runner, tmp_path, TOGETHER_MB)
+
+
+async def test_two_wants_on_a_full_disk_both_retry_after_one_pass_made_room(
+    small_disk: Callable[[Path, int], Path],
+    bus: Bus,
+    start_node: StartNode,
+    together_paths: dict[str, StorePath],
+    nix_runner: NixRunner,
+    make_file_cache: Callable[..., FileCache],
+    cache_key: CacheKey,
+    tmp_path: Path,
+) -> None:
+    """Neither wanted path fits until GC, and they come in two wants at once: both imports
+    fail, the first forced pass frees the fillers, the second finds nothing left to free. The
+    second want must still be retried (another pass made room since it began), not failed."""
+    fillers = [together_paths["filler-0"], together_paths["filler-1"]]
+    leased, wanted = together_paths["leased"], [together_paths[f"wanted-{i}"] for i in range(2)]
+    cache = make_file_cache(list(together_paths.values()), "none")
+    root = small_disk(tmp_path / "nodes" / "full", DISK_MB)
+    seed(root, cache, cache_key, [*fillers, leased])
+    lease = volume_dir("vol-1", root)
+    lease.mkdir(parents=True)
+    (lease / "0").symlink_to(str(leased))
+    assert free_mb(root) < TOGETHER_MB["wanted-0"]  # neither fits before GC
+
+    events: list[PathAvailable] = []
+
+    async def on_available(msg: object) -> None:
+        events.append(PathAvailable.model_validate_json(msg.data))  # type: ignore[attr-defined]
+
+    sub = await bus.nc.subscribe(PathAvailable.subject, cb=on_available)
+    closure = BuiltClosure(wanted[0], nix_runner.path_info(wanted))
+    async with counting_cache(cache.dir) as (cache_url, _):
+        await announce_cache(bus, cache_url, closure)
+        node = await start_node("full", gc_high_percent=100.0, gc_low_percent=0.0)
+        await ready(node)
+        for i, path in enumerate(wanted):
+            await bus.publish(
+                PathWanted(
+                    node="full",
+                    store_paths=(str(path),),
+                    deadline=datetime.now(UTC) + timedelta(seconds=60),
+                    requester=f"gc-test-{i}",
+                )
+            )
+        await eventually(lambda: all(p in node.store for p in wanted), 60)
+    await sub.unsubscribe()
+
+    assert {str(p) for p in wanted} | {str(leased)} == valid_paths(node)
+    assert not [e for e in events if e.holder == "full" and e.state == "failed"]
     assert leftovers(node) == set()
     await verify_store(node)

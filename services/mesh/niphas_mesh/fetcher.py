@@ -17,8 +17,9 @@ followers do not wait for the first node's import.
 
 A full disk (Nix's import fails with ENOSPC) first gets one forced GC pass (`free_space`, the
 collector, wired in `agent`) that leaves the closures of the wants being answered; if it freed
-anything the want is tried again at once, otherwise it fails at once: another attempt would
-download again only to fail the same way.
+anything, or another want's pass did since this attempt began (two wants hitting the full disk
+together: the second pass finds the first one's work done), the want is tried again at once;
+otherwise it fails at once: another attempt would download again only to fail the same way.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ class Fetcher:
         """Signed references of paths fetched but not valid yet (the store knows the rest)."""
         self.downloads = 0
         """NARs downloaded and verified (what single-flight keeps at one per path)."""
+        self._collected = 0
+        """Paths forced GC passes have deleted so far (an attempt compares before and after)."""
 
     @property
     def node(self) -> str:
@@ -163,6 +166,7 @@ class Fetcher:
 
     async def _ensure(self, paths: Sequence[StorePath], errors: dict[StorePath, str]) -> None:
         while True:
+            collected = self._collected
             results = await asyncio.gather(
                 *(asyncio.shield(self.flight(p)) for p in paths), return_exceptions=True
             )
@@ -177,7 +181,7 @@ class Fetcher:
             if not failed:
                 return
             if any(isinstance(exc, ImportFailed) and exc.disk_full for exc in failed.values()):
-                if not await self._collect_garbage():
+                if not await self._collect_garbage() and self._collected == collected:
                     raise FetchFailed("; ".join(errors.values()))
                 log.info("retrying %s: GC made room", [str(p) for p in failed])
                 continue
@@ -190,6 +194,7 @@ class Fetcher:
         if self.free_space is None:
             return False
         deleted = await self.free_space(self.needed())
+        self._collected += len(deleted)
         return len(deleted) > 0
 
     def needed(self) -> set[str]:
