@@ -15,6 +15,7 @@ from niphas_common.nix.runner import NixRunner
 from niphas_common.settings import NatsSettings
 from niphas_mesh.agent import Agent, start_agent
 from niphas_mesh.settings import MeshSettings
+from niphas_mesh.state_lock import StateInUse
 from niphas_schemas import PathAvailable
 from tests.helpers import eventually
 from tests.niphas_mesh.conftest import StartNode, ready, seed
@@ -124,3 +125,31 @@ async def test_a_rescan_during_a_fetch_keeps_its_fetching_word(
         assert before <= fetching()
         hold.set()
         await eventually(lambda: has_closure(node, built_closure), 60)
+
+
+async def test_one_agent_per_node_state(
+    built_closure: BuiltClosure,
+    signed_cache: FileCache,
+    cache_key: CacheKey,
+    nats_settings: NatsSettings,
+    tmp_path: Path,
+) -> None:
+    """A second agent over the same node state would remove the first one's downloads as a
+    crash's leftovers: it refuses to start, naming the node; once the first stops, it starts."""
+    root = tmp_path / "nodes" / "n5"
+    root.mkdir(parents=True)
+    settings = MeshSettings(
+        node="n5",
+        listen="127.0.0.1:0",
+        store_root=str(root),
+        state_dir=tmp_path / "state",
+        trusted_public_keys=str(cache_key.public),
+    )
+    first = await _run(settings, nats_settings)
+    try:
+        with pytest.raises(StateInUse, match=r"another mesh agent for node n5 \(pid \d+\)"):
+            await start_agent(settings, nats_settings)
+    finally:
+        await first.stop()
+    second = await _run(settings, nats_settings)
+    await second.stop()

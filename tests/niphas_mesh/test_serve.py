@@ -155,6 +155,17 @@ async def test_niphas_mesh_command(
             url = f"http://127.0.0.1:{unused_tcp_port}/nix-cache-info"
             async with http.get(url) as resp:
                 assert "StoreDir: /nix/store" in await resp.text()
+        # A second agent for the same node and state refuses to start, and says why.
+        twin = await asyncio.to_thread(
+            subprocess.run,
+            [
+                niphas, "mesh", "--listen", "127.0.0.1:0", "--store-root", str(tmp_path / "node"),
+                "--nats-url", nats_url, "--node", "cli-node",
+            ],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert twin.returncode == 2
+        assert f"another mesh agent for node cli-node (pid {proc.pid})" in twin.stderr
     finally:
         proc.terminate()
         assert proc.wait(30) == 0

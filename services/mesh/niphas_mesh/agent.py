@@ -36,6 +36,7 @@ from .leftovers import after_crash
 from .metrics import INDEX_PATHS
 from .server import build_app
 from .settings import MeshSettings
+from .state_lock import StateLock
 from .store import NodeStore
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Agent:
     bus: Bus
     http: web.AppRunner
     session: aiohttp.ClientSession
+    state_lock: StateLock
     _reconciled: bool = field(default=False, init=False)
 
     @property
@@ -126,15 +128,26 @@ class Agent:
         await self.http.cleanup()
         self.last_use.save()
         await self.bus.close()
+        self.state_lock.release()
 
 
 async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
     """Build every part from settings, start the HTTP server and the index feed."""
+    state = settings.node_state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    state_lock = StateLock(state, settings.node)  # before touching anything in it
+    try:
+        return await _start(settings, nats, state_lock)
+    except BaseException:
+        state_lock.release()
+        raise
+
+
+async def _start(settings: MeshSettings, nats: NatsSettings, state_lock: StateLock) -> Agent:
     trusted = TrustedKeys.parse(settings.trusted_public_keys)
     store = NodeStore(settings.store_root, trusted)
     await store.scan()
     state = settings.node_state_dir
-    state.mkdir(parents=True, exist_ok=True)
     incoming = state / "incoming"
     # Nothing imports yet: whatever a killed earlier run left half-done goes now.
     await after_crash(store, incoming)
@@ -209,6 +222,7 @@ async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
         bus,
         http,
         session,
+        state_lock,
     )
     log.info(
         "mesh agent %s serving %s at %s", settings.node, settings.store_root or "/nix/store", url

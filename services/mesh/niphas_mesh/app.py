@@ -14,6 +14,7 @@ from niphas_common.tracing import setup_tracing
 
 from .agent import start_agent
 from .settings import MeshSettings
+from .state_lock import StateInUse
 
 
 async def run(settings: MeshSettings, nats: NatsSettings, stop: asyncio.Event) -> None:
@@ -45,7 +46,11 @@ def command(
     os.environ.update({f"NIPHAS_MESH_{k}": v for k, v in flags.items() if v is not None})
     settings = MeshSettings()
     nats = NatsSettings() if nats_url is None else NatsSettings(url=nats_url)
-    asyncio.run(run_until_signalled(lambda stop: run(settings, nats, stop)))
+    try:
+        asyncio.run(run_until_signalled(lambda stop: run(settings, nats, stop)))
+    except StateInUse as exc:
+        typer.echo(f"niphas mesh: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 service = ServiceSpec(
