@@ -392,6 +392,9 @@ def main() -> int:
         seed = NixRunner(store=str(work / "nodes" / "n0"), options={"trusted-public-keys": public})
         seed.copy(copy_paths + tiny_paths, src=f"file://{cache}", to=str(work / "nodes" / "n0"))
 
+        # Setup wrote ~1 GB (random files, the store, the cache): flush it now, so its
+        # writeback does not land on the clock of whichever side happens to run first.
+        os.sync()
         server = EmbeddedNats(tmp / "nats")
         nats_url = server.start()
         shares = CpuShares.create("niphas-bench-mesh")
