@@ -35,3 +35,8 @@ async def test_retry_backs_off_exponentially_and_forget_resets() -> None:
     assert queue.retry("b") == 0.01
     assert await asyncio.wait_for(queue.get(), 1) in ("a", "b")
     queue.close()
+    # A retry can start from its own first delay (a lost write race: read again at once).
+    quick: WorkQueue[str] = WorkQueue(retry_base_s=0.5, retry_max_s=60)
+    assert [quick.retry("c", 0.001) for _ in range(3)] == [0.001, 0.002, 0.004]
+    assert await asyncio.wait_for(quick.get(), 5) == "c"
+    quick.close()

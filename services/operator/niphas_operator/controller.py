@@ -20,7 +20,7 @@ from niphas_common.bus.bus import Bus
 from niphas_common.bus.consumer import Handler, Subscription
 from niphas_common.bus.topology import ConsumerSpec
 from niphas_common.errors import TransientError
-from niphas_operator.kube import Gone, Invalid, Kube, KubeError, workloads_path
+from niphas_operator.kube import Conflict, Gone, Invalid, Kube, KubeError, workloads_path
 from niphas_operator.pipeline import PipelineEvents
 from niphas_operator.reconciler import Reconciler
 from niphas_operator.settings import OperatorSettings
@@ -29,6 +29,8 @@ from niphas_operator.workqueue import WorkQueue
 from niphas_schemas import BuildDone, EvalDone, Event
 
 log = logging.getLogger(__name__)
+CONFLICT_RETRY_S = 0.01
+"""First retry of a reconcile whose write lost a race (409), doubled per conflict in a row."""
 
 Key = tuple[str, str]
 KeyOf = Callable[[dict[str, object]], Key | None]
@@ -98,6 +100,12 @@ class Controller:
                 # The watch's latest copy on a first attempt; a retry reads afresh.
                 known = None if self.queue.failures(key) else self._objects.get(key)
                 await self._reconciler.reconcile(*key, known)
+            except Conflict as exc:
+                # Someone wrote the workload between our read and our write: the usual race
+                # with the pipeline's status updates. Read it again almost at once (the retry
+                # reads afresh); the full backoff would add half a second to a rollout.
+                delay = self.queue.retry(key, CONFLICT_RETRY_S)
+                log.info("reconcile %s/%s: %s; again in %.2fs", *key, exc, delay)
             except (Invalid, ValueError) as exc:
                 # The object cannot become valid by retrying; it is retried at the slowest
                 # pace so a fix (a new generation) is still picked up by the watch at once.

@@ -52,11 +52,13 @@ class WorkQueue(Generic[K]):
             self._dirty.discard(key)
             self.add(key)
 
-    def retry(self, key: K) -> float:
-        """Queue `key` again after its backoff; returns the delay in seconds."""
+    def retry(self, key: K, first_s: float | None = None) -> float:
+        """Queue `key` again after its backoff (from `first_s`, else the queue's base, doubled
+        per failure in a row); returns the delay in seconds."""
         failures = self._failures.get(key, 0)
         self._failures[key] = failures + 1
-        delay: float = min(self._retry_base_s * 2.0**failures, self._retry_max_s)
+        base = self._retry_base_s if first_s is None else first_s
+        delay: float = min(base * 2.0**failures, self._retry_max_s)
         old = self._timers.pop(key, None)
         if old is not None:
             old.cancel()
