@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from niphas_common.bus.bus import Bus
 from niphas_common.leases import volume_dir
@@ -62,6 +64,27 @@ def free_mb(root: Path) -> float:
     return st.f_bavail * st.f_frsize / (1 << 20)
 
 
+def full_store(
+    root: Path, cache: FileCache, key: CacheKey, fillers: list[StorePath], leased: StorePath
+) -> Path:
+    """The node's small store at `root`: unleased fillers, and one path a volume leases."""
+    seed(root, cache, key, [*fillers, leased])
+    lease = volume_dir("vol-1", root)
+    lease.mkdir(parents=True)
+    (lease / "0").symlink_to(str(leased))
+    return root
+
+
+async def announcements(bus: Bus) -> tuple[list[PathAvailable], Subscription]:
+    """Every path.available from now on, as they arrive."""
+    events: list[PathAvailable] = []
+
+    async def on_available(msg: Msg) -> None:
+        events.append(PathAvailable.model_validate_json(msg.data))
+
+    return events, await bus.nc.subscribe(PathAvailable.subject, cb=on_available)
+
+
 async def test_a_full_disk_is_collected_and_the_want_retried(
     small_disk: Callable[[Path, int], Path],
     bus: Bus,
@@ -75,19 +98,11 @@ async def test_a_full_disk_is_collected_and_the_want_retried(
     fillers = [random_paths["filler-0"], random_paths["filler-1"]]
     leased, wanted = random_paths["leased"], [random_paths["wanted-0"], random_paths["wanted-1"]]
     cache = make_file_cache(list(random_paths.values()), "none")
-    root = small_disk(tmp_path / "nodes" / "full", DISK_MB)
-    seed(root, cache, cache_key, [*fillers, leased])
-    lease = volume_dir("vol-1", root)
-    lease.mkdir(parents=True)
-    (lease / "0").symlink_to(str(leased))
+    root = full_store(
+        small_disk(tmp_path / "nodes" / "full", DISK_MB), cache, cache_key, fillers, leased
+    )
     assert free_mb(root) < sum(SIZES_MB[f"wanted-{i}"] for i in range(2))  # only after GC
-
-    events: list[PathAvailable] = []
-
-    async def on_available(msg: object) -> None:
-        events.append(PathAvailable.model_validate_json(msg.data))  # type: ignore[attr-defined]
-
-    sub = await bus.nc.subscribe(PathAvailable.subject, cb=on_available)
+    events, sub = await announcements(bus)
     closure = BuiltClosure(wanted[0], nix_runner.path_info(wanted))
     async with counting_cache(cache.dir) as (cache_url, served):
         await announce_cache(bus, cache_url, closure)
@@ -140,19 +155,11 @@ async def test_two_wants_on_a_full_disk_both_retry_after_one_pass_made_room(
     fillers = [together_paths["filler-0"], together_paths["filler-1"]]
     leased, wanted = together_paths["leased"], [together_paths[f"wanted-{i}"] for i in range(2)]
     cache = make_file_cache(list(together_paths.values()), "none")
-    root = small_disk(tmp_path / "nodes" / "full", DISK_MB)
-    seed(root, cache, cache_key, [*fillers, leased])
-    lease = volume_dir("vol-1", root)
-    lease.mkdir(parents=True)
-    (lease / "0").symlink_to(str(leased))
+    root = full_store(
+        small_disk(tmp_path / "nodes" / "full", DISK_MB), cache, cache_key, fillers, leased
+    )
     assert free_mb(root) < TOGETHER_MB["wanted-0"]  # neither fits before GC
-
-    events: list[PathAvailable] = []
-
-    async def on_available(msg: object) -> None:
-        events.append(PathAvailable.model_validate_json(msg.data))  # type: ignore[attr-defined]
-
-    sub = await bus.nc.subscribe(PathAvailable.subject, cb=on_available)
+    events, sub = await announcements(bus)
     closure = BuiltClosure(wanted[0], nix_runner.path_info(wanted))
     async with counting_cache(cache.dir) as (cache_url, _):
         await announce_cache(bus, cache_url, closure)
