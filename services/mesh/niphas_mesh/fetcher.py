@@ -200,17 +200,7 @@ class Fetcher:
     def needed(self) -> set[str]:
         """Hash parts of the closures of the wants being answered: valid paths by their
         references in the store, paths still missing by their signed narinfo's."""
-        todo = [p.hash_part for p in self._wanted]
-        keep: set[str] = set()
-        while todo:
-            hash_part = todo.pop()
-            if hash_part in keep:
-                continue
-            keep.add(hash_part)
-            info = self.store.lookup(hash_part)
-            refs = info.references if info is not None else self._references.get(hash_part, ())
-            todo.extend(r.hash_part for r in refs)
-        return keep
+        return self.store.closure((p.hash_part for p in self._wanted), self._references)
 
     def fetching(self, path: str) -> bool:
         """Whether this node has a flight for `path` right now."""

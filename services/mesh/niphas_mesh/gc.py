@@ -52,17 +52,7 @@ class Collector:
 
     def protected(self) -> set[str]:
         """Hash parts of every leased path and everything it references, transitively."""
-        todo = [p.rsplit("/", 1)[-1][:32] for p in leased_paths(self.store.root)]
-        keep: set[str] = set()
-        while todo:
-            hash_part = todo.pop()
-            if hash_part in keep:
-                continue
-            keep.add(hash_part)
-            info = self.store.lookup(hash_part)
-            if info is not None:
-                todo.extend(r.hash_part for r in info.references)
-        return keep
+        return self.store.closure(p.rsplit("/", 1)[-1][:32] for p in leased_paths(self.store.root))
 
     async def collect(self, *, force: bool = False, keep: Set[str] = frozenset()) -> list[PathInfo]:
         """One pass: if above the high watermark (or `force`d), delete down to the low one,

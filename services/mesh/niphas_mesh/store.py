@@ -16,7 +16,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,6 +203,23 @@ class NodeStore:
         info = self._paths.pop(path.hash_part, None)
         self._forget(path.hash_part)
         return info is not None
+
+    def closure(
+        self, roots: Iterable[str], pending: Mapping[str, Sequence[StorePath]] | None = None
+    ) -> set[str]:
+        """Hash parts of `roots` and of everything they reference, transitively: by the
+        catalogue's references, or `pending`'s for paths not valid yet."""
+        todo = list(roots)
+        found: set[str] = set()
+        while todo:
+            hash_part = todo.pop()
+            if hash_part in found:
+                continue
+            found.add(hash_part)
+            info = self._paths.get(hash_part)
+            refs = info.references if info is not None else (pending or {}).get(hash_part, ())
+            todo.extend(r.hash_part for r in refs)
+        return found
 
     def referrers(self) -> dict[str, set[str]]:
         """hash part -> hash parts of the valid paths that reference it."""
