@@ -108,13 +108,16 @@ class NixRunner:
     """Runs nix commands against one store.
 
     `store` is passed as `--store` (e.g. a chroot store dir for a simulated node); `options`
-    become `--option NAME VALUE` pairs on every command.
+    become `--option NAME VALUE` pairs on every command. `env` is added to this process's
+    environment, or, with `inherit_env=False`, is the whole environment (for nix processes
+    that run untrusted builds and must not see this process's secrets).
     """
 
     store: str | None = None
     timeout: float = DEFAULT_TIMEOUT
     options: Mapping[str, str] = field(default_factory=dict)
     env: Mapping[str, str] | None = None
+    inherit_env: bool = True
 
     def command(self, program: str, *args: str) -> list[str]:
         """The full argv for `program args...` with this runner's store and options."""
@@ -126,6 +129,8 @@ class NixRunner:
         return [*cmd, *args]
 
     def _env(self) -> dict[str, str] | None:
+        if not self.inherit_env:
+            return dict(self.env or {})
         return None if self.env is None else {**os.environ, **self.env}
 
     def run(

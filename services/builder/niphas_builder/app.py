@@ -19,6 +19,7 @@ from . import lease, supersede
 from .builder import Builder
 from .cache import BuildCache, load_or_create_key
 from .executor import Executor, LocalExecutor
+from .sandbox import sandboxed_runner
 from .settings import BuilderSettings
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ async def make_executor(settings: BuilderSettings, runner: NixRunner) -> Executo
         from .kubernetes import JobExecutor
 
         return await JobExecutor.from_settings(settings)
-    return LocalExecutor(runner, settings.name, settings.build_timeout_s)
+    # Builds get a nix of their own: sandbox forced, none of this process's environment.
+    sandboxed = sandboxed_runner(runner.store, settings.state_dir / "builder" / "nix-home")
+    return LocalExecutor(sandboxed, settings.name, settings.build_timeout_s)
 
 
 @contextlib.asynccontextmanager

@@ -15,7 +15,14 @@ from typing import Protocol
 from niphas_common.nix.errors import CommandError, CommandTimeout
 from niphas_common.nix.runner import NixRunner
 
+from .sandbox import sandbox_unavailable
+
 log = logging.getLogger(__name__)
+
+SANDBOX_REFUSED = (
+    "Nix could not set up its build sandbox here; the builder never builds without it "
+    "(it needs user or mount namespaces and mounting /proc; see the builder README)"
+)
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,8 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """`nix-store --realise` into this node's store: works with every Nix version and puts
-    the whole build log on stderr, which becomes the captured log."""
+    the whole build log on stderr, which becomes the captured log. `runner` must be a
+    `sandbox.sandboxed_runner` (sandbox forced, minimal environment)."""
 
     pushes = False
 
@@ -75,7 +83,10 @@ class LocalExecutor:
                 False, f"{exc.stderr}\nbuild timed out after {self.timeout_s} s", self.name
             )
         except CommandError as exc:
-            return Outcome(False, exc.stderr or str(exc), self.name)
+            text = exc.stderr or str(exc)
+            if sandbox_unavailable(text):
+                text += f"\n{SANDBOX_REFUSED}"
+            return Outcome(False, text, self.name)
         return Outcome(True, result.stderr, self.name)
 
     async def close(self) -> None:
