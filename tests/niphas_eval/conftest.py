@@ -96,11 +96,28 @@ class GitRepo:
         )
         return out.stdout.strip()
 
-    def commit(self, flake: str | None = None, message: str = "change", **kwargs: Any) -> str:
-        """Write flake.nix (default: `flake_nix(tools, **kwargs)`), commit it, return the sha."""
+    def commit(
+        self,
+        flake: str | None = None,
+        message: str = "change",
+        *,
+        lock: bool = True,
+        **kwargs: Any,
+    ) -> str:
+        """Write flake.nix (default: `flake_nix(tools, **kwargs)`) and, with `lock`, its
+        flake.lock (as an author runs `nix flake lock`: the worker takes inputs only from the
+        committed lock); commit them, return the sha."""
         text = flake if flake is not None else flake_nix(self.tools, **kwargs)
         (self.dir / "flake.nix").write_text(textwrap.dedent(text))
         self.git("add", "flake.nix")
+        if lock:
+            # A flake nix cannot lock (a syntax error) is committed without a lock.
+            subprocess.run(
+                ["nix", "flake", "lock", f"git+file://{self.dir}"],
+                check=False, capture_output=True, timeout=120,
+            )  # fmt: skip
+            if (self.dir / "flake.lock").exists():
+                self.git("add", "flake.lock")
         self.git("commit", "-q", "-m", message)
         sha = self.git("rev-parse", "HEAD")
         self.commits.append(sha)
@@ -120,11 +137,12 @@ def make_repo(tmp_path: Path, nix_tools: NixTools) -> Callable[[str], GitRepo]:
 
 
 @pytest.fixture
-def eval_settings(tmp_path: Path) -> EvalSettings:
-    """Allows the test's local repositories (file://<tmp>/forge/*) and nothing else."""
+def eval_settings(tmp_path: Path, nix_tools: NixTools) -> EvalSettings:
+    """Allows the test's local repositories (file://<tmp>/forge/*) and, as an input, the
+    session's busybox store path (an operator's tools, named exactly), nothing else."""
     return EvalSettings(
         state_dir=tmp_path / "state",
-        allowed_refs=[f"file://{tmp_path}/forge/*"],
+        allowed_refs=[f"file://{tmp_path}/forge/*", f"path:{nix_tools.path}"],
         eval_timeout_s=60,
         memory_limit_mb=2048,
         ack_wait_s=10,

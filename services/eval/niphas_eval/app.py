@@ -48,6 +48,7 @@ def consumer_spec(settings: EvalSettings) -> ConsumerSpec:
 async def build_worker(
     bus: Bus, settings: EvalSettings, *, runner: NixRunner | None = None
 ) -> EvalWorker:
+    allowlist = Allowlist(tuple(settings.allowed_refs))
     evaluator = Evaluator(
         runner or NixRunner(),
         system=settings.system,
@@ -56,6 +57,8 @@ async def build_worker(
         memory_limit_mb=settings.memory_limit_mb,
         stderr_tail_bytes=settings.stderr_tail_bytes,
         git_timeout_s=settings.git_timeout_s,
+        allowlist=allowlist,
+        allow_import_from_derivation=settings.allow_import_from_derivation,
     )
     results = await ResultStore.open(
         bus.js,
@@ -68,7 +71,7 @@ async def build_worker(
     return EvalWorker(
         bus,
         evaluator,
-        Allowlist(tuple(settings.allowed_refs)),
+        allowlist,
         results,
         consumer_spec(settings),
         concurrency=settings.concurrency,

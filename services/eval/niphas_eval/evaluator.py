@@ -1,19 +1,21 @@
 """Evaluating a flake at one commit with the real `nix`.
 
-One `nix eval` per commit. A small wrapper flake (written once per worker, the same content
-every time) takes the target as its input `target`, replaced on each call with
-`--override-input target git+<url>?ref=<ref>&rev=<commit>`, and returns, for every attribute
-of `packages.<system>` and of an optional `niphas` output (`niphas.<system>` when it has the
-system, else `niphas` itself): drvPath, output paths, name, system and meta.mainProgram, plus
-the target's locked rev and narHash. Evaluation stays pure (no `--impure`): the pushed code
-cannot read the worker's environment or files. The target's own flake.lock is used; a missing
-or stale one is completed in memory (`--no-write-lock-file`), as `nix build` would.
+Two `nix eval`s per commit, both pure, under the options and minimal environment of
+nixenv.py (no import-from-derivation by default, `restrict-eval` with `allowed-uris` from the
+allowlist, none of the worker's credentials in nix's environment):
+1. `source`: `builtins.fetchTree` of the pushed commit (an allowlisted repository) returns its
+   narHash and its committed flake.lock; every input of that lock is checked against the
+   allowlist (flakelock.py). A refused input is a failed result naming it.
+2. the wrapper flake (wrapper.py), written for this commit with a flake.lock holding the
+   checked inputs, evaluated with `--no-update-lock-file`: Nix fetches nothing the lock does
+   not name (an input missing from the committed flake.lock is never fetched).
 
 An attribute that throws or fails an assertion fails alone (`builtins.tryEval`); its error
 message is then fetched with one more `nix eval` for the first few such attributes. Other
-errors (syntax, a missing attribute, a type error) fail the whole evaluation with nix's
-stderr tail. Each `nix eval` runs under `prlimit --as` (an address-space limit, no cgroup
-needed: Nix's GC then reports `out of memory`) and a timeout (SIGTERM, then SIGKILL).
+errors (syntax, a missing attribute, a type error, import-from-derivation, a forbidden fetch)
+fail the whole evaluation with a first line saying why and nix's stderr tail (bounded by
+STDERR_TAIL_BYTES). Each `nix eval` runs under `prlimit --as` (an address-space limit, no
+cgroup needed: Nix's GC then reports `out of memory`) and a timeout (SIGTERM, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +35,10 @@ from pydantic import ValidationError
 from niphas_common.errors import TransientError
 from niphas_common.nix.errors import CommandError, CommandTimeout
 from niphas_common.nix.runner import NixRunner
-from niphas_eval.flakeref import flake_ref, git_url
+from niphas_eval.flakelock import InputRefused, check_nodes, parse_lock, target_of, wrapper_lock
+from niphas_eval.flakeref import Allowlist, flake_ref, git_url
+from niphas_eval.nixenv import eval_options, nix_environment
+from niphas_eval.wrapper import WrapperDir, nix_string
 from niphas_schemas import EvaluatedAttribute
 
 log = logging.getLogger(__name__)
@@ -40,62 +46,6 @@ log = logging.getLogger(__name__)
 MAX_DETAILED_ERRORS = 3
 """Failed attributes whose own error message is fetched with an extra `nix eval`."""
 
-_WRAPPER = """\
-{
-  description = "niphas eval: what one commit of a flake provides for @SYSTEM@";
-  # Always replaced: nix eval --override-input target <flake ref pinned to a commit>.
-  inputs.target.url = "path:/var/empty";
-  outputs = { self, target }:
-    let
-      system = "@SYSTEM@";
-      strict = x: builtins.tryEval (builtins.deepSeq x x);
-      failed = "evaluation failed (throw or assert)";
-      describe = prefix: name: value:
-        let
-          base = { attribute = name; attrPath = "${prefix}.${name}"; };
-          forced = builtins.tryEval value;
-          v = forced.value;
-          isDrv = forced.success && builtins.isAttrs v && (v.type or null) == "derivation";
-          drvPath = strict v.drvPath;
-          outputs = strict (builtins.listToAttrs
-            (map (o: { name = o; value = v.${o}.outPath; }) (v.outputs or [ "out" ])));
-          drvName = strict (v.name or null);
-          drvSystem = strict (v.system or null);
-          main = strict (v.meta.mainProgram or null);
-        in
-          if !forced.success then base // { error = failed; }
-          else if !isDrv then base // { error = "not a derivation"; }
-          else if !(drvPath.success && outputs.success) then base // { error = failed; }
-          else base // {
-            drvPath = drvPath.value;
-            outputs = outputs.value;
-            name = if drvName.success then drvName.value else null;
-            system = if drvSystem.success then drvSystem.value else null;
-            mainProgram =
-              if main.success && builtins.isString main.value then main.value else null;
-          };
-      describeAll = prefix: set:
-        map (name: describe prefix name set.${name}) (builtins.attrNames set);
-      packages = target.packages or { };
-      hasPackages = builtins.isAttrs packages && packages ? ${system}
-        && builtins.isAttrs packages.${system};
-      niphas = target.niphas or null;
-      hasNiphas = builtins.isAttrs niphas;
-      perSystem = hasNiphas && niphas ? ${system} && builtins.isAttrs niphas.${system};
-    in {
-      result = {
-        rev = target.rev or null;
-        narHash = target.narHash or null;
-        inherit hasPackages hasNiphas;
-        attributes =
-          (if hasPackages then describeAll "packages.${system}" packages.${system} else [ ])
-          ++ (if perSystem then describeAll "niphas.${system}" niphas.${system}
-              else if hasNiphas then describeAll "niphas" niphas
-              else [ ]);
-      };
-    };
-}
-"""
 
 _NETWORK_ERRORS = re.compile(
     r"Could not resolve host|Connection refused|Connection timed out|Network is unreachable|"
@@ -104,6 +54,44 @@ _NETWORK_ERRORS = re.compile(
 )
 _OUT_OF_MEMORY = re.compile(r"out of memory|std::bad_alloc|Failed to expand heap", re.IGNORECASE)
 _LOCK_NOISE = re.compile(r"^(warning: not writing modified lock file|• (Added|Updated) input)")
+_HINTS = (
+    (
+        re.compile(r"because the option 'allow-import-from-derivation' is disabled"),
+        "import-from-derivation is disabled: evaluation may not build "
+        "(NIPHAS_EVAL_ALLOW_IMPORT_FROM_DERIVATION)",
+        "import-from-derivation",
+    ),
+    (
+        re.compile(r"is forbidden in restricted mode|forbidden in pure eval"),
+        "evaluation may read only the flake's own sources and locked inputs, and fetch only "
+        "from NIPHAS_EVAL_ALLOWED_REFS",
+        "forbidden-access",
+    ),
+    (
+        re.compile(r"called without required argument"),
+        "an input of flake.nix is missing from the committed flake.lock (inputs come only "
+        "from flake.lock: run `nix flake lock` and commit it)",
+        "unlocked-input",
+    ),
+)
+"""(stderr pattern, first line of the failed result, metrics reason) for failures that the
+hardening causes, so the author reads why rather than guessing from nix's words."""
+_SOURCE = """\
+let
+  src = builtins.fetchTree @PINNED@;
+  lock = src + "/flake.lock";
+in {
+  inherit (src) narHash;
+  lastModified = src.lastModified or null;
+  revCount = src.revCount or null;
+  lock = if builtins.pathExists lock then builtins.readFile lock else null;
+}
+"""
+"""Fetches the pushed commit (only it: no input of it) and reads its committed flake.lock."""
+
+
+class _TimedOut(CommandError):
+    """A hardened nix command ran past EVAL_TIMEOUT_S (its stderr is not kept)."""
 
 
 class EvalTransient(TransientError):
@@ -163,11 +151,17 @@ class Evaluator:
         memory_limit_mb: int,
         stderr_tail_bytes: int,
         git_timeout_s: float = 60.0,
+        allowlist: Allowlist | None = None,
+        allow_import_from_derivation: bool = False,
     ) -> None:
         self._runner = runner
-        # Wrappers (prlimit, git) take their argv from us, not the runner's --store/--option.
-        env = {**(runner.env or {}), "GIT_TERMINAL_PROMPT": "0"}
-        self._bare = dataclasses.replace(runner, store=None, options={}, env=env)
+        self.allowlist = allowlist or Allowlist(())
+        self.allow_ifd = allow_import_from_derivation
+        self.work_dir = work_dir
+        # The whole environment of nix, git and prlimit: nothing of ours (see nixenv.py).
+        # Wrappers take their argv from us, not the runner's --store/--option.
+        env = {**nix_environment(work_dir / "home"), **(runner.env or {})}
+        self._bare = dataclasses.replace(runner, store=None, options={}, env=env, inherit_env=False)
         self.system = system
         self.timeout_s = timeout_s
         self.memory_limit_mb = memory_limit_mb
@@ -176,27 +170,18 @@ class Evaluator:
         self._prlimit = shutil.which("prlimit") if memory_limit_mb > 0 else None
         if memory_limit_mb > 0 and self._prlimit is None:
             log.warning("prlimit not found: evaluations run without a memory limit")
-        self.wrapper_dir = work_dir / f"eval-flake-{system}"
-        self.wrapper_dir.mkdir(parents=True, exist_ok=True)
-        flake = self.wrapper_dir / "flake.nix"
-        text = _WRAPPER.replace("@SYSTEM@", system)
-        if not flake.exists() or flake.read_text() != text:
-            flake.write_text(text)
 
     # -- commands --------------------------------------------------------------------------
 
-    def nix_argv(self, *args: str) -> list[str]:
-        argv = self._runner.command("nix", *args)
+    def nix_argv(self, *args: str, extra_uris: Sequence[str] = ()) -> list[str]:
+        options = eval_options(
+            [*self.allowlist.uri_prefixes(), *extra_uris], allow_ifd=self.allow_ifd
+        )
+        hardened = [a for name, value in options.items() for a in ("--option", name, value)]
+        argv = self._runner.command("nix", *hardened, *args)
         if self._prlimit is not None:
             argv = [self._prlimit, f"--as={self.memory_limit_mb * 1024 * 1024}", "--", *argv]
         return argv
-
-    def eval_args(self, pinned: str) -> list[str]:
-        return [
-            "eval", "--json", "--no-write-lock-file",
-            "--override-input", "target", pinned,
-            f"path:{self.wrapper_dir}#result",
-        ]  # fmt: skip
 
     # -- resolving a ref -------------------------------------------------------------------
 
@@ -230,25 +215,53 @@ class Evaluator:
 
     async def evaluate(self, repository: str, commit: str, ref: str | None) -> Evaluation:
         pinned = flake_ref(repository, rev=commit, ref=ref)
-        argv = self.nix_argv(*self.eval_args(pinned))
         started = time.monotonic()
         try:
-            result = await self._bare.arun(argv[0], *argv[1:], timeout=self.timeout_s)
-        except CommandTimeout:
+            source = await self._nix_json(["eval", "--json", "--expr", _SOURCE.replace(
+                "@PINNED@", nix_string(pinned))])  # fmt: skip
+            lock = parse_lock(source.get("lock"))
+            forge_refs = check_nodes(lock, self.allowlist)
+        except InputRefused as exc:
             return Evaluation(
-                "failed", commit,
-                error=f"evaluation timed out after {self.timeout_s:g} s "
-                "(NIPHAS_EVAL_EVAL_TIMEOUT_S)",
-                duration_s=time.monotonic() - started, reason="timeout",
+                "failed", commit, error=f"flake input refused: {exc}",
+                duration_s=time.monotonic() - started, reason="disallowed-input",
             )  # fmt: skip
         except CommandError as exc:
             return self._failure(repository, commit, exc, time.monotonic() - started)
+        wrapper_lock_ = wrapper_lock(target_of(pinned, source), lock)
+        with WrapperDir(self.work_dir, self.system, pinned, wrapper_lock_) as wrapper:
+            try:
+                data = await self._nix_json(
+                    ["eval", "--json", "--no-update-lock-file", f"{wrapper.ref}#result"],
+                    forge_refs,
+                )
+            except CommandError as exc:
+                return self._failure(repository, commit, exc, time.monotonic() - started)
+            attributes = [self._attribute(entry) for entry in data.get("attributes") or []]
+            if any(a.error is not None for a in attributes):
+                attributes = await self._explain(wrapper.ref, attributes, forge_refs)
+        return self._outcome(repository, commit, ref, data, attributes, started)
+
+    async def _nix_json(self, args: list[str], extra_uris: Sequence[str] = ()) -> Any:
+        """`nix <args>` hardened, under the timeout; its JSON output."""
+        argv = self.nix_argv(*args, extra_uris=extra_uris)
+        try:
+            result = await self._bare.arun(argv[0], *argv[1:], timeout=self.timeout_s)
+        except CommandTimeout as exc:
+            raise _TimedOut(exc.cmd, None, "") from None
+        return result.json()
+
+    def _outcome(
+        self,
+        repository: str,
+        commit: str,
+        ref: str | None,
+        data: dict[str, Any],
+        attributes: list[EvaluatedAttribute],
+        started: float,
+    ) -> Evaluation:
         duration = time.monotonic() - started
-        data = result.json()
-        attributes = [self._attribute(entry) for entry in data.get("attributes") or []]
         failed = [a for a in attributes if a.error is not None]
-        if failed:
-            attributes = await self._explain(pinned, attributes)
         nar_hash = data.get("narHash")
         locked = flake_ref(
             repository, rev=data.get("rev") or commit, ref=ref,
@@ -271,6 +284,13 @@ class Evaluator:
     def _failure(
         self, repository: str, commit: str, exc: CommandError, duration: float
     ) -> Evaluation:
+        if isinstance(exc, _TimedOut):
+            return Evaluation(
+                "failed", commit,
+                error=f"evaluation timed out after {self.timeout_s:g} s "
+                "(NIPHAS_EVAL_EVAL_TIMEOUT_S)",
+                duration_s=duration, reason="timeout",
+            )  # fmt: skip
         stderr = exc.stderr
         if _NETWORK_ERRORS.search(stderr):
             raise EvalTransient(f"cannot fetch {repository}: {first_error_line(stderr)}")
@@ -286,6 +306,12 @@ class Evaluator:
                 "failed", commit, error=f"{summary}\n{kept}", duration_s=duration,
                 reason="out-of-memory",
             )  # fmt: skip
+        for pattern, summary, reason in _HINTS:
+            if pattern.search(stderr):
+                return Evaluation(
+                    "failed", commit, error=f"{summary}\n{kept}", duration_s=duration,
+                    reason=reason,
+                )  # fmt: skip
         return Evaluation(
             "failed", commit, error=f"{first_error_line(kept)}\n{kept}", duration_s=duration,
             reason="eval-error",
@@ -313,7 +339,7 @@ class Evaluator:
         )
 
     async def _explain(
-        self, pinned: str, attributes: list[EvaluatedAttribute]
+        self, wrapper: str, attributes: list[EvaluatedAttribute], extra_uris: Sequence[str]
     ) -> list[EvaluatedAttribute]:
         """Replace the generic tryEval error of the first few failures with nix's message."""
         explained: list[EvaluatedAttribute] = []
@@ -324,8 +350,9 @@ class Evaluator:
                 continue
             budget -= 1
             argv = self.nix_argv(
-                "eval", "--raw", "--no-write-lock-file", f"{pinned}#{attr.attr_path}.drvPath"
-            )
+                "eval", "--raw", "--no-update-lock-file",
+                f"{wrapper}#target.{attr.attr_path}.drvPath", extra_uris=extra_uris,
+            )  # fmt: skip
             try:
                 await self._bare.arun(argv[0], *argv[1:], timeout=self.timeout_s)
             except CommandError as exc:

@@ -78,8 +78,18 @@ class EvalSettings(ServiceSettings):
     allowed_refs: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Deny-by-default allowlist: fnmatch globs over the repository URL or its "
-        "flake ref (`git+<url>`), e.g. `https://git.example.com/acme/*`. Empty: nothing is "
-        "evaluated (every push gets a failed eval.done saying so)",
+        "flake ref (`git+<url>`), e.g. `https://git.example.com/acme/*`. Every input in a "
+        "pushed flake's flake.lock must match too (`path:` inputs only as "
+        "`path:/nix/store/...`, never host directories). Empty: nothing is evaluated (every "
+        "push gets a failed eval.done saying so)",
+    )
+    allow_import_from_derivation: bool = Field(
+        default=False,
+        description="Let evaluation build derivations it imports from (IFD). Risk: those "
+        "builds run on the worker, during evaluation, with the pushed code as builder "
+        "(sandboxed when the worker's Nix can sandbox: sandbox-fallback is off, so a host "
+        "without user namespaces fails them instead). Off: such a flake gets a failed "
+        "eval.done naming import-from-derivation and this setting",
     )
     system: str = Field(
         default_factory=this_system,

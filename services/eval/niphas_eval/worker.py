@@ -47,6 +47,17 @@ BUSY_POLL_S = 0.25
 evaluation takes seconds."""
 
 
+LOG_ERROR_CHARS = 300
+"""Characters of an evaluation's error that reach the log: its first line, cut. The text comes
+from the pushed code (a `throw` message), so the log keeps a bounded headline; the whole
+bounded stderr tail goes only into the failed eval.done."""
+
+
+def headline(error: str) -> str:
+    first = error.strip().splitlines()[0] if error.strip() else ""
+    return first if len(first) <= LOG_ERROR_CHARS else first[:LOG_ERROR_CHARS] + "..."
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -173,7 +184,7 @@ class EvalWorker:
             "%s@%s: %s in %.2fs (%d attributes)%s",
             push.repository, commit, evaluation.status, evaluation.duration_s,
             len(evaluation.attributes),
-            f": {evaluation.error.splitlines()[0]}" if evaluation.error else "",
+            f": {headline(evaluation.error)}" if evaluation.error else "",
         )  # fmt: skip
         return evaluation
 
@@ -237,7 +248,7 @@ class EvalWorker:
         self, push: PushReceived, commit: str, reason: str, kind: str
     ) -> None:
         EVALUATIONS.labels("failed", kind).inc()
-        log.warning("%s: not evaluated: %s", push.repository, reason)
+        log.warning("%s: not evaluated: %s", push.repository, headline(reason))
         failed = Evaluation("failed", commit, error=reason)
         done = self._eval_done(push, commit, push.ref, failed, push.occurred_at)
         await self._publish(done)
