@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv nix kube tools lint test bench demo schemas clean
+.PHONY: help setup venv nix kube tools lint test bench demo schemas clean node cluster cluster-down image
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -21,8 +21,20 @@ venv: $(VENV)/.installed ## the virtualenv with every package, nats-server and t
 nix: ## install and configure Nix for offline use (root, idempotent)
 	bash scripts/setup-nix.sh
 
-kube: ## build a real kube-apiserver for the tests from Debian's source (cached in /var/cache/niphas)
-	bash scripts/setup-kube-apiserver.sh
+kube: ## build the Kubernetes binaries from Debian's source (cached in /var/cache/niphas)
+	bash scripts/setup-kube.sh
+
+node: ## containerd, runc, CNI plugins, umoci and the Kubernetes binaries for a real node
+	bash scripts/setup-node.sh
+
+image: venv node ## the platform's OCI image, built offline (cached in /var/cache/niphas/image)
+	bash scripts/build-image.sh
+
+cluster: venv node ## a real single-node Kubernetes on loopback; prints `export KUBECONFIG=...`
+	$(BIN)/python -m niphas_cluster up
+
+cluster-down: venv ## stop that node and put the host back as it was
+	$(BIN)/python -m niphas_cluster down
 
 tools: ## Debian packages the tests use (git, GNU time, util-linux)
 	bash scripts/setup-test-tools.sh

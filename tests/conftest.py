@@ -1,4 +1,9 @@
 """Shared fixtures: a real nats-server per test (tests.nats_harness) and the real Nix
 with tiny offline flakes (tests.nix_harness)."""
 
-pytest_plugins = ["tests.nats_harness", "tests.nix_harness", "tests.kube_harness"]
+pytest_plugins = [
+    "tests.nats_harness",
+    "tests.nix_harness",
+    "tests.kube_harness",
+    "tests.node_harness",
+]

@@ -1,7 +1,7 @@
 """A real kube-apiserver with etcd, once per test session, for tests that ask for one.
 
 The binary is built from Debian's `kubernetes` source package by
-`scripts/setup-kube-apiserver.sh` and cached outside the checkout; when it is missing, the
+`scripts/setup-kube.sh` and cached outside the checkout; when it is missing, the
 script runs before the tests start (at collection, so the build does not count against a
 test's timeout). etcd (Debian's etcd-server) listens on loopback with a throwaway data dir.
 No controllers run: Deployments never get pods, namespaces are never finalised, and no
@@ -37,7 +37,7 @@ import yaml
 from kubernetes_asyncio.client import ApiClient, Configuration
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup-kube-apiserver.sh"
+SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup-kube.sh"
 READY_TIMEOUT_S = 90.0
 
 

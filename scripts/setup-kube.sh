@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Build a real kube-apiserver for the test suite and cache it outside the checkout
-# (idempotent: with the cached binary present this returns at once).
+# Build the Kubernetes binaries the tests and `make cluster` run, and cache them outside the
+# checkout (idempotent: with the cached binaries present this returns at once).
 #
-# No package registry ships kube-apiserver, but Debian bookworm's source package
-# `kubernetes` holds the full source with vendored dependencies and builds offline
-# with Debian's Go. Also installs etcd-server (its storage) and kubectl if absent.
+# No package registry ships kube-apiserver or kubelet, but Debian bookworm's source package
+# `kubernetes` holds the full source with vendored dependencies and builds offline with
+# Debian's Go: kube-apiserver, kubelet, kube-controller-manager, kube-scheduler, kube-proxy,
+# and the static `pause` binary of the node's sandbox image (build/pause/linux/pause.c).
+# Also installs etcd-server (the apiserver's storage) and kubectl if absent.
 #
-# Prints the binary's path as its last line. Environment:
-#   NIPHAS_KUBE_CACHE  cache root (default /var/cache/niphas/kube-apiserver); the binary
-#                      ends up in $NIPHAS_KUBE_CACHE/<debian version>/kube-apiserver and
+# Prints the apiserver binary's path as its last line. Environment:
+#   NIPHAS_KUBE_CACHE  cache root (default /var/cache/niphas/kube-apiserver); the binaries
+#                      end up in $NIPHAS_KUBE_CACHE/<debian version>/ and
 #                      $NIPHAS_KUBE_CACHE/current points at the newest build.
 set -euo pipefail
 
 cache_root="${NIPHAS_KUBE_CACHE:-/var/cache/niphas/kube-apiserver}"
 current="$cache_root/current/kube-apiserver"
+binaries=(kube-apiserver kubelet kube-controller-manager kube-scheduler kube-proxy)
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "setup-kube-apiserver.sh must run as root (it installs packages)" >&2
+  echo "setup-kube.sh must run as root (it installs packages)" >&2
   exit 1
 fi
 
@@ -40,12 +43,16 @@ apt_install() {
 apt_install etcd-server openssl
 command -v kubectl >/dev/null 2>&1 || apt_install kubernetes-client
 
-if [ -x "$current" ] && "$current" --version >/dev/null 2>&1; then
+cached=1
+for b in "${binaries[@]}" pause; do
+  [ -x "$cache_root/current/$b" ] || cached=0
+done
+if [ "$cached" -eq 1 ] && "$current" --version >/dev/null 2>&1; then
   echo "$current"
   exit 0
 fi
 
-apt_install golang-go golang-github-modern-go-reflect2-dev dpkg-dev make rsync
+apt_install golang-go golang-github-modern-go-reflect2-dev dpkg-dev make rsync gcc libc6-dev
 
 work="$(mktemp -d /var/tmp/niphas-kube-build.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
@@ -87,14 +94,19 @@ upstream="${upstream%%-*}"
   export GO111MODULE=off GOPROXY=off CGO_ENABLED=0
   export GOCACHE="$work/gocache" GOPATH="$work/gopath"
   export KUBE_GIT_VERSION="v${upstream}" KUBE_GIT_TREE_STATE=clean
-  make WHAT=cmd/kube-apiserver
+  make WHAT="$(printf 'cmd/%s ' "${binaries[@]}")"
 )
 
-built="$(find "$src/_output" -type f -name kube-apiserver -perm -u+x | head -n1)"
-[ -n "$built" ] || { echo "the build produced no kube-apiserver binary" >&2; exit 1; }
 mkdir -p "$cache_root/$version"
-install -m 0755 "$built" "$cache_root/$version/kube-apiserver.tmp"
-mv -f "$cache_root/$version/kube-apiserver.tmp" "$cache_root/$version/kube-apiserver"
+for b in "${binaries[@]}"; do
+  built="$(find "$src/_output" -type f -name "$b" -perm -u+x | head -n1)"
+  [ -n "$built" ] || { echo "the build produced no $b binary" >&2; exit 1; }
+  install -m 0755 "$built" "$cache_root/$version/$b.tmp"
+  mv -f "$cache_root/$version/$b.tmp" "$cache_root/$version/$b"
+done
+# The sandbox ("pause") container's process, static so its image needs nothing else.
+gcc -Os -static -DVERSION="v${upstream}" -o "$cache_root/$version/pause.tmp" "$src/build/pause/linux/pause.c"
+mv -f "$cache_root/$version/pause.tmp" "$cache_root/$version/pause"
 ln -sfn "$version" "$cache_root/current"
 "$current" --version >&2
 echo "$current"

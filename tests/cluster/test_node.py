@@ -1,0 +1,62 @@
+"""The real node of `make cluster` (niphas_cluster): Ready, a pod runs on the CNI bridge,
+nothing of it talks to an address outside loopback and the pod network, and a second node on
+the same host is refused with a message naming the running one. The teardown's check that the
+host is left clean runs at the end of the session (tests/node_harness.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from niphas_cluster.layout import NODE_NAME, PAUSE_IMAGE, POD_SUBNET, Layout
+from niphas_cluster.node import Node, up
+from niphas_cluster.processes import NodeStartError, running
+from tests.cluster.pods import new_namespace, wait_for
+from tests.node_harness import Kubectl
+
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_a_pod_runs_on_the_pod_network(real_node: Node, node_kubectl: Kubectl) -> None:
+    node = node_kubectl("get", "node", NODE_NAME, "-o", "jsonpath={.status.conditions[-1:]}")
+    assert '"Ready"' in node.stdout and '"True"' in node.stdout
+    namespace = new_namespace(node_kubectl)
+    node_kubectl(
+        "-n", namespace, "run", "sleeper", f"--image={PAUSE_IMAGE}",
+        "--image-pull-policy=Never", "--restart=Never",
+    )  # fmt: skip
+    pod = wait_for(node_kubectl, namespace, "pod", "sleeper", lambda p: p["status"].get("podIP"))
+    assert pod["status"]["phase"] in ("Pending", "Running")
+    ip = ipaddress.ip_address(pod["status"]["podIP"])
+    assert ip in ipaddress.ip_network(POD_SUBNET)
+    # The host holds the bridge's gateway address: it reaches the pod.
+    ping = subprocess.run(["ping", "-c", "1", "-W", "2", str(ip)], capture_output=True, check=False)
+    assert ping.returncode == 0, ping.stdout
+
+
+def test_nothing_leaves_loopback_and_the_pod_network(real_node: Node) -> None:
+    pids = running(real_node.layout)
+    assert set(pids) >= {"containerd", "etcd", "kube-apiserver", "kubelet"}
+    kubelet_env = Path(f"/proc/{pids['kubelet']}/environ").read_bytes().split(b"\0")
+    assert b"AWS_EC2_METADATA_DISABLED=true" in kubelet_env
+    allowed = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network(POD_SUBNET)]
+    sockets = subprocess.run(
+        ["ss", "-tunapH"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    for line in sockets:
+        if not any(f"pid={pid}," in line for pid in pids.values()):
+            continue
+        peer = line.split()[5].rsplit(":", 1)[0].strip("[]")
+        if peer in ("*", "0.0.0.0", "::"):
+            continue
+        address = ipaddress.ip_address(peer.removeprefix("::ffff:"))
+        assert address.is_loopback or any(address in net for net in allowed), line
+
+
+def test_a_second_node_on_the_host_is_refused(real_node: Node) -> None:
+    with pytest.raises(NodeStartError, match="already runs on this host"):
+        up(Layout(), log=lambda _m: None)
+    assert set(running(real_node.layout)) >= {"kube-apiserver", "kubelet"}
