@@ -4,13 +4,18 @@ real `.drv` files, and BuilderSettings pointing at a per-test file:// cache."""
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
+from niphas_builder.cache import BuildCache
+from niphas_builder.executor import BuildJob
 from niphas_builder.settings import BuilderSettings
+from niphas_builder.staging import StagingArea
+from niphas_builder.staging_server import build_app
 from niphas_common.nix.runner import NixRunner
 from niphas_schemas import EvalDone, EvaluatedAttribute
 from tests.nix_harness import CacheKey, NixTools, nix_system
@@ -144,4 +149,65 @@ def builder_settings(tmp_path: Path, cache_key: CacheKey) -> BuilderSettings:
         lease_ttl_s=3.0,
         ack_wait_s=3.0,
         max_parallel_builds=2,
+    )
+
+
+@dataclass
+class Staging:
+    """A StagingArea serving on a loopback port, in front of a file:// cache."""
+
+    area: StagingArea
+    cache: BuildCache
+    cache_dir: Path
+
+    def upload_url(self, job: BuildJob, token: str | None = None, compression: str = "zstd") -> str:
+        token = self.area.token(job.drv_hash) if token is None else token
+        return f"{self.area.url(job)}/{token}?compression={compression}"
+
+
+@pytest.fixture
+async def staging(
+    tmp_path: Path, cache_key: CacheKey, nix_runner: NixRunner
+) -> AsyncIterator[Staging]:
+    cache_dir = tmp_path / "cache"
+    cache = BuildCache(
+        nix_runner,
+        push_url=f"file://{cache_dir}",
+        read_url=f"file://{cache_dir}",
+        key_file=cache_key.secret_file,
+        trusted=cache_key.trusted,
+    )
+    area = StagingArea(
+        tmp_path / "staging",
+        cache_key.secret,
+        nix_runner,
+        cache,
+        base_url="http://unset",
+        compression="zstd",
+        key_file=cache_key.secret_file,
+    )
+    server = web.AppRunner(build_app(area, 1 << 30), access_log=None)
+    await server.setup()
+    site = web.TCPSite(server, "127.0.0.1", 0)
+    await site.start()
+    port = server.addresses[0][1]
+    area.base_url = f"http://127.0.0.1:{port}"
+    try:
+        yield Staging(area, cache, cache_dir)
+    finally:
+        await server.cleanup()
+        await cache.close()
+
+
+def build_job(flake: BuildFlake, attr: str) -> BuildJob:
+    evaluated = flake.attribute(attr)
+    assert evaluated.drv_path is not None
+    return BuildJob(
+        drv_path=evaluated.drv_path,
+        outputs=dict(evaluated.outputs),
+        attribute=attr,
+        repository=REPO,
+        commit=COMMIT,
+        locked_flake_ref=flake.ref,
+        attr_path=evaluated.attr_path,
     )

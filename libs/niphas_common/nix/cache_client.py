@@ -31,7 +31,7 @@ from .hashes import HashSink, NarVerifier
 from .nar_parser import NarLimits, NarRestorer
 from .narinfo import NarInfo
 from .signing import TrustedKeys
-from .store_path import StorePath
+from .store_path import StorePath, validate_hash_part
 
 CHUNK_SIZE: Final = 1 << 20
 DEFAULT_CONCURRENCY: Final = 8
@@ -206,6 +206,25 @@ class BinaryCacheClient:
         if info.store_path != sp:
             # A valid signature for another path must not be accepted for this one.
             raise VerificationError(f"{sp}: the cache answered with {info.store_path}")
+        if self.trusted_keys is not None:
+            info.check_signature(self.trusted_keys)
+        _check_nar_url(info)
+        return info
+
+    async def narinfo_by_hash(self, hash_part: str) -> NarInfo | None:
+        """The verified narinfo of the path with `hash_part` (what a `<hash>.narinfo` request
+        names), or None when the cache does not have it."""
+        validate_hash_part(hash_part)
+        async with self._limit:
+            raw = await self._transport.get(f"{hash_part}.narinfo")
+        if raw is None:
+            return None
+        try:
+            info = NarInfo.parse(raw.decode(), self.store_dir)
+        except (UnicodeDecodeError, NarinfoError) as exc:
+            raise NarinfoError(f"{hash_part}.narinfo: {exc}") from exc
+        if info.hash_part != hash_part:
+            raise VerificationError(f"{hash_part}.narinfo describes {info.store_path}")
         if self.trusted_keys is not None:
             info.check_signature(self.trusted_keys)
         _check_nar_url(info)

@@ -7,6 +7,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from aiohttp import web
+
 from niphas_common.bus.bus import Bus
 from niphas_common.http import serve_ops
 from niphas_common.nix.runner import NixRunner
@@ -21,6 +23,8 @@ from .cache import BuildCache, load_or_create_key
 from .executor import Executor, LocalExecutor
 from .sandbox import sandboxed_runner
 from .settings import BuilderSettings
+from .staging import StagingArea
+from .staging_server import build_app
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +35,50 @@ def signing_key(settings: BuilderSettings) -> SecretKey:
     return SecretKey.load(settings.secret_key_file)  # configured: never invent one
 
 
-async def make_executor(settings: BuilderSettings, runner: NixRunner) -> Executor:
+async def make_executor(
+    settings: BuilderSettings, runner: NixRunner, cache: BuildCache, key: SecretKey
+) -> Executor:
     if settings.executor == "kubernetes":
         from .kubernetes import JobExecutor
 
-        return await JobExecutor.from_settings(settings)
+        staging = staging_area(settings, runner, cache, key)
+        keys = [str(key.public_key), *settings.trusted_public_keys.split()]
+        return await JobExecutor.from_settings(settings, staging, keys)
     # Builds get a nix of their own: sandbox forced, none of this process's environment.
     sandboxed = sandboxed_runner(runner.store, settings.state_dir / "builder" / "nix-home")
     return LocalExecutor(sandboxed, settings.name, settings.build_timeout_s)
+
+
+def staging_area(
+    settings: BuilderSettings, runner: NixRunner, cache: BuildCache, key: SecretKey
+) -> StagingArea:
+    return StagingArea(
+        settings.state_dir / "builder" / "staging",
+        key,
+        runner,
+        cache,
+        base_url=settings.staging_base_url,
+        compression=settings.compression,
+        key_file=settings.key_file,
+    )
+
+
+@contextlib.asynccontextmanager
+async def staging_endpoint(executor: Executor, settings: BuilderSettings) -> AsyncIterator[None]:
+    """The staging endpoint build pods upload to, while an executor that needs it runs."""
+    staging = getattr(executor, "staging", None)
+    if not isinstance(staging, StagingArea):
+        yield
+        return
+    app = build_app(staging, settings.staging_max_nar_bytes)
+    server = web.AppRunner(app, access_log=None)
+    await server.setup()
+    await web.TCPSite(server, settings.staging_host, settings.staging_port).start()
+    log.info("staging endpoint on %s:%d", settings.staging_host, settings.staging_port)
+    try:
+        yield
+    finally:
+        await server.cleanup()
 
 
 @contextlib.asynccontextmanager
@@ -66,10 +106,11 @@ async def wired(
             bus.js, supersede.BUCKET, supersede.TTL_S, "Newest commit per repository and ref"
         )
         heads = supersede.RefHeads(kv)
-    executor = await make_executor(settings, runner)
+    executor = await make_executor(settings, runner, cache, key)
     flight = lease.SingleFlight(leases, settings.name, settings.lease_ttl_s)
     try:
-        yield Builder(bus, settings, cache, executor, flight, heads)
+        async with staging_endpoint(executor, settings):
+            yield Builder(bus, settings, cache, executor, flight, heads)
     finally:
         await executor.close()
         await cache.close()

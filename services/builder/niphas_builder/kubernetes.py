@@ -5,14 +5,15 @@ mid-build adopts the Job already running instead of starting a second one. It is
 through the API's watch until a `Complete` or `Failed` condition, its pod's log is collected,
 and it is deleted (`ttlSecondsAfterFinished` cleans up after a builder that died first).
 
-The build pod (see `job_manifest`) runs the Nix image's `nix` against the node's store,
-mounted from the host at /host (a chroot store, `--store /host`): it realises the `.drv` when
-the node has it, else builds the locked flake attribute, then pushes the closure to the cache
-signed with the key from a Secret. The pod is the isolation boundary (Nix's sandbox is off).
+The build pod (`build_pod.job_manifest`) holds no key and no host store: it builds in its own
+store with Nix's sandbox on and uploads its unsigned outputs to this builder's staging
+endpoint. Once the Job completed, the builder verifies the uploads, signs them and pushes them
+to the cache (`staging.StagingArea.publish`); uploads that do not check out fail the build.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -22,116 +23,17 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from niphas_common.errors import TransientError
 
-from .cache import with_params
+from .build_pod import job_manifest, job_name
 from .executor import BuildJob, Outcome
 from .settings import BuilderSettings
+from .staging import StagingArea, UploadRefused
 
 log = logging.getLogger(__name__)
 
-KEY_DIR = "/etc/niphas/cache-key"
-HOST_ROOT = "/host"
 WATCH_TIMEOUT_S = 300
 """Seconds one watch request lasts before it is renewed (servers cap watches anyway)."""
 
-_SCRIPT = """\
-set -eu
-if [ -e "$HOST_ROOT$DRV" ]; then
-  nix-store --store "$HOST_ROOT" --realise "$DRV"
-else
-  nix build --store "$HOST_ROOT" --no-link --print-build-logs "$FLAKE_ATTR"
-fi
-nix copy --store "$HOST_ROOT" --to "$CACHE_URL" $OUTPUTS
-"""
-
-
-def job_name(job: BuildJob) -> str:
-    return f"niphas-build-{job.drv_hash}"
-
-
-def _label(value: str) -> str:
-    """A label value: at most 63 characters, alphanumeric at both ends."""
-    return value[:63].strip("-_.")
-
-
-def job_manifest(job: BuildJob, settings: BuilderSettings) -> dict[str, Any]:
-    labels = {
-        "app.kubernetes.io/name": "niphas-build",
-        "app.kubernetes.io/managed-by": "niphas-builder",
-        "niphas.io/drv-hash": job.drv_hash,
-        "niphas.io/commit": _label(job.commit),
-        "niphas.io/attribute": _label(job.attribute),
-    }
-    annotations = {
-        "niphas.io/drv-path": job.drv_path,
-        "niphas.io/commit": job.commit,
-        "niphas.io/repository": job.repository,
-        "niphas.io/attribute": job.attribute,
-    }
-    flake_attr = f"{job.locked_flake_ref}#{job.attr_path}" if job.locked_flake_ref else ""
-    cache = with_params(
-        settings.push_url,
-        compression=settings.compression,
-        secret_key=f"{KEY_DIR}/secret-key",
-    )
-    env = {
-        "DRV": job.drv_path,
-        "FLAKE_ATTR": flake_attr,
-        "OUTPUTS": " ".join(sorted(job.outputs.values())),
-        "CACHE_URL": cache,
-        "HOST_ROOT": HOST_ROOT,
-        "NIX_CONFIG": "experimental-features = nix-command flakes\nsandbox = false",
-    }
-    resources = {
-        "requests": {"cpu": settings.k8s_cpu_request, "memory": settings.k8s_memory_request},
-        "limits": {"cpu": settings.k8s_cpu_limit, "memory": settings.k8s_memory_limit},
-    }
-    pod = {
-        "metadata": {"labels": labels, "annotations": annotations},
-        "spec": {
-            "restartPolicy": "Never",
-            "serviceAccountName": settings.k8s_service_account,
-            "automountServiceAccountToken": False,
-            "containers": [
-                {
-                    "name": "build",
-                    "image": settings.k8s_image,
-                    "command": ["/bin/sh", "-c", _SCRIPT],
-                    "env": [{"name": k, "value": v} for k, v in env.items()],
-                    "resources": resources,
-                    "volumeMounts": [
-                        {"name": "nix", "mountPath": f"{HOST_ROOT}/nix"},
-                        {"name": "cache-key", "mountPath": KEY_DIR, "readOnly": True},
-                    ],
-                }
-            ],
-            "volumes": [
-                {
-                    "name": "nix",
-                    "hostPath": {"path": settings.k8s_host_nix_dir, "type": "Directory"},
-                },
-                {
-                    "name": "cache-key",
-                    "secret": {"secretName": settings.k8s_key_secret, "defaultMode": 0o400},
-                },
-            ],
-        },
-    }
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job_name(job),
-            "namespace": settings.k8s_namespace,
-            "labels": labels,
-            "annotations": annotations,
-        },
-        "spec": {
-            "backoffLimit": settings.k8s_backoff_limit,
-            "activeDeadlineSeconds": max(1, int(settings.build_timeout_s)),
-            "ttlSecondsAfterFinished": settings.k8s_ttl_after_finished_s,
-            "template": pod,
-        },
-    }
+__all__ = ["JobExecutor", "job_manifest", "job_name", "verdict"]
 
 
 def verdict(job: Any) -> tuple[bool, str] | None:
@@ -150,15 +52,25 @@ def verdict(job: Any) -> tuple[bool, str] | None:
 class JobExecutor:
     pushes = True
 
-    def __init__(self, api: client.ApiClient, settings: BuilderSettings) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        settings: BuilderSettings,
+        staging: StagingArea,
+        public_keys: list[str],
+    ) -> None:
         self.api = api
         self.settings = settings
+        self.staging = staging
+        self.public_keys = public_keys
         self.batch = client.BatchV1Api(api)
         self.core = client.CoreV1Api(api)
         self.namespace = settings.k8s_namespace
 
     @classmethod
-    async def from_settings(cls, settings: BuilderSettings) -> JobExecutor:
+    async def from_settings(
+        cls, settings: BuilderSettings, staging: StagingArea, public_keys: list[str]
+    ) -> JobExecutor:
         conf = client.Configuration()
         if settings.kubeconfig is None:
             config.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call]
@@ -166,13 +78,18 @@ class JobExecutor:
             await config.load_kube_config(
                 config_file=str(settings.kubeconfig), client_configuration=conf
             )
-        return cls(client.ApiClient(conf), settings)
+        return cls(client.ApiClient(conf), settings, staging, public_keys)
 
     async def close(self) -> None:
         await self.api.close()
 
+    def manifest(self, job: BuildJob) -> dict[str, Any]:
+        token = self.staging.token(job.drv_hash)
+        return job_manifest(job, self.settings, self.staging.url(job), token, self.public_keys)
+
     async def realise(self, job: BuildJob) -> Outcome:
         name = job_name(job)
+        await self.staging.prepare(job)
         try:
             ok, reason = await self._run(job, name)
             logs = await self._logs(name)
@@ -181,21 +98,44 @@ class JobExecutor:
             raise TransientError(f"Kubernetes API: {exc.status} {exc.reason}") from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransientError(f"Kubernetes API unreachable: {exc!r}") from exc
+        try:
+            if ok:
+                # Only verified outputs get signed; a refusal fails the build with its reason.
+                await self.staging.publish(job)
+        except UploadRefused as exc:
+            ok, reason = False, f"outputs refused, nothing signed: {exc}"
+        finally:
+            self.staging.discard(job)
         return Outcome(ok, f"{logs}\n{reason}".strip(), f"job/{name}")
 
     async def _run(self, job: BuildJob, name: str) -> tuple[bool, str]:
+        manifest = self.manifest(job)
         try:
-            created = await self.batch.create_namespaced_job(
-                self.namespace,
-                job_manifest(job, self.settings),  # type: ignore[arg-type]  # a dict serialises as is
-            )
+            created = await self.batch.create_namespaced_job(self.namespace, manifest)  # type: ignore[arg-type]  # a dict serialises as is
             log.info("created Job %s/%s for %s", self.namespace, name, job.drv_path)
         except ApiException as exc:
             if exc.status != 409:
                 raise
             created = await self.batch.read_namespaced_job(name, self.namespace)
-            log.info("adopted running Job %s/%s for %s", self.namespace, name, job.drv_path)
+            staging = (created.metadata.annotations or {}).get("niphas.io/staging-url")
+            if staging != self.staging.url(job):
+                # Its pod uploads to a builder that is gone: start it again, uploading here.
+                log.info("replacing Job %s/%s (it uploads to %s)", self.namespace, name, staging)
+                created = await self._replace(name, manifest)
+            else:
+                log.info("adopted running Job %s/%s for %s", self.namespace, name, job.drv_path)
         return await self._follow(name, created)
+
+    async def _replace(self, name: str, manifest: dict[str, Any]) -> Any:
+        await self._delete(name)
+        for _ in range(600):
+            try:
+                return await self.batch.create_namespaced_job(self.namespace, manifest)  # type: ignore[arg-type]
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            await asyncio.sleep(0.2)  # still being deleted
+        raise TransientError(f"Job {name} was not deleted within 120 s")
 
     async def _follow(self, name: str, current: Any) -> tuple[bool, str]:
         """Watch the Job from the version we hold until it finishes."""

@@ -86,7 +86,8 @@ class BuilderSettings(ServiceSettings):
     k8s_namespace: str = Field(default="niphas-system", description="Namespace of build Jobs")
     k8s_image: str = Field(
         default="nixos/nix:2.24.9",
-        description="Image of the build pod: only its `nix` is used, against the node's store",
+        description="Image of the build pod: needs nix (nix, nix-store), a POSIX shell, the "
+        "nixbld group with build users, and CA certificates for https caches",
     )
     k8s_cpu_request: str = Field(default="500m", description="CPU request of a build pod")
     k8s_cpu_limit: str = Field(default="2", description="CPU limit of a build pod")
@@ -100,15 +101,29 @@ class BuilderSettings(ServiceSettings):
         ge=0,
         description="Seconds a finished Job is kept if the builder died before deleting it",
     )
-    k8s_host_nix_dir: str = Field(
-        default="/nix", description="Node directory holding the Nix store, mounted into the pod"
+    k8s_store_dir: str = Field(
+        default="/niphas-store",
+        description="Where the build pod's own, ephemeral Nix store lives (an emptyDir used as "
+        "a chroot store): builds never touch a store that workloads run from",
     )
-    k8s_key_secret: str = Field(
-        default="niphas-cache-key",
-        description="Secret (key `secret-key`) with the signing key the build pod pushes with",
+    k8s_shell: str = Field(
+        default="/bin/sh",
+        description="Shell in the build image that runs the pod's script (`<shell> -c <script>`)",
     )
     k8s_service_account: str = Field(
         default="niphas-build", description="Service account of build pods (no API access)"
+    )
+    staging_url: str | None = Field(
+        default=None,
+        description="Base URL build pods upload their outputs to (this builder's staging "
+        "endpoint, e.g. http://<pod IP>:8090); default http://<name>:<staging_port>",
+    )
+    staging_host: str = Field(default="0.0.0.0", description="Address of the staging endpoint")
+    staging_port: int = Field(
+        default=8090, ge=0, le=65535, description="Port of the staging endpoint (kubernetes)"
+    )
+    staging_max_nar_bytes: int = Field(
+        default=16 * 1024**3, ge=1, description="Largest NAR file (bytes) a build pod may upload"
     )
     kubeconfig: Path | None = Field(
         default=None, description="kubeconfig file; None: in-cluster service account"
@@ -121,6 +136,10 @@ class BuilderSettings(ServiceSettings):
     @property
     def read_url(self) -> str:
         return self.cache_read_url or self.push_url.partition("?")[0]
+
+    @property
+    def staging_base_url(self) -> str:
+        return self.staging_url or f"http://{self.name}:{self.staging_port}"
 
     @property
     def key_file(self) -> Path:
