@@ -75,3 +75,19 @@ def test_deployments_run_both_roles_with_known_settings(tmp_path: Path) -> None:
         "niphas-eval": ["eval", "--role", "ingress"],
         "niphas-eval-worker": ["eval", "--role", "workers"],
     }
+
+
+def test_worker_evaluates_with_the_sandbox_on_and_without_ifd(tmp_path: Path) -> None:
+    [worker] = [
+        o
+        for o in render(tmp_path, with_ingress=False)
+        if o["metadata"]["name"] == "niphas-eval-worker"
+    ]
+    env = {
+        e["name"]: e.get("value")
+        for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    config = [line.split("=", 1) for line in env["NIX_CONFIG"].splitlines() if "=" in line]
+    settings = {k.strip(): v.strip() for k, v in config}
+    assert settings["sandbox"] == "true" and settings["sandbox-fallback"] == "false"
+    assert env["NIPHAS_EVAL_ALLOW_IMPORT_FROM_DERIVATION"] == "false"

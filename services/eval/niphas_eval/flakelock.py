@@ -61,7 +61,9 @@ class Target:
 def target_of(pinned: str, fetched: dict[str, Any]) -> Target:
     """`pinned` (git+<url>?...rev=..) with what `builtins.fetchTree` said about it."""
     url, _, query = pinned.removeprefix("git+").partition("?")
-    kept = {k: fetched[k] for k in ("narHash", "lastModified", "revCount") if k in fetched}
+    kept: dict[str, Any] = {
+        k: fetched[k] for k in ("narHash", "lastModified", "revCount") if fetched.get(k) is not None
+    }
     return Target(url, dict(parse_qsl(query)), kept)
 
 
