@@ -2,21 +2,28 @@
 runs there, so the test plays the controller: it writes the Job's status conditions through
 the API. Covered: the Job's spec is what a cluster needs (labels linking it to the derivation
 and commit, resources, deadline, backoff, TTL, the node's store and the signing key mounted,
-zstd push), success and failure are followed through the watch, the Job is deleted after."""
+no Secret and no hostPath anywhere, Nix's sandbox on, uploads to the staging endpoint),
+success and failure are followed through the watch, the Job is deleted after. The staging
+step itself is `test_staging.py`; here it is a stand-in that accepts every Job."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from niphas_builder.cache import BuildCache
 from niphas_builder.executor import BuildJob, Outcome
-from niphas_builder.kubernetes import JobExecutor, job_manifest, job_name
+from niphas_builder.kubernetes import JobExecutor, job_name
 from niphas_builder.settings import BuilderSettings
+from niphas_builder.staging import StagingArea
+from niphas_common.nix.runner import NixRunner
+from niphas_common.nix.signing import SecretKey, TrustedKeys
 from tests.kube_harness import KubeApiServer
 
 pytestmark = [pytest.mark.slow]
@@ -24,6 +31,8 @@ pytestmark = [pytest.mark.slow]
 DRV = "/nix/store/0c6kzph7l9cb9dbmxgjmjg6pq4xhm2ka-hello-web.drv"
 OUT = "/nix/store/0c6kzph7l9cb9dbmxgjmjg6pq4xhm2kb-hello-web"
 COMMIT = "c0ffee" + "0" * 34
+KEY = SecretKey.generate("niphas-test-1")
+STAGING = "http://10.0.0.7:8090"
 
 
 def make_job(drv: str = DRV) -> BuildJob:
@@ -55,11 +64,31 @@ async def batch(kube_apiserver: KubeApiServer) -> AsyncIterator[client.BatchV1Ap
         yield client.BatchV1Api(api)
 
 
+class AcceptingStaging(StagingArea):
+    """The staging area with nothing to verify: these tests are about the Job."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(
+            root, KEY, NixRunner(), BuildCache(
+                NixRunner(), push_url=f"file://{root}/cache", read_url=f"file://{root}/cache",
+                key_file=root / "unused", trusted=TrustedKeys([KEY.public_key]),
+            ), base_url=STAGING,
+            compression="zstd", key_file=root / "unused",
+        )  # fmt: skip
+
+    async def prepare(self, job: BuildJob) -> None:
+        pass
+
+    async def publish(self, job: BuildJob) -> list[str]:
+        return []
+
+
 @pytest.fixture
 async def executor(
-    kube_apiserver: KubeApiServer, settings: BuilderSettings
+    kube_apiserver: KubeApiServer, settings: BuilderSettings, tmp_path: Path
 ) -> AsyncIterator[JobExecutor]:
-    ex = JobExecutor(kube_apiserver.api_client(), settings)
+    staging = AcceptingStaging(tmp_path)
+    ex = JobExecutor(kube_apiserver.api_client(), settings, staging, [str(KEY.public_key)])
     try:
         yield ex
     finally:
@@ -124,7 +153,7 @@ async def test_job_spec_and_success_followed_then_deleted(
     assert spec.backoff_limit == 0
     assert spec.active_deadline_seconds == 1800
     # Sent, but this 1.20 server drops it (alpha behind a feature gate there; GA since 1.23).
-    assert job_manifest(job, settings)["spec"]["ttlSecondsAfterFinished"] == 600
+    assert executor.manifest(job)["spec"]["ttlSecondsAfterFinished"] == 600
     pod = spec.template.spec
     assert pod.restart_policy == "Never"
     assert pod.automount_service_account_token is False
@@ -134,13 +163,18 @@ async def test_job_spec_and_success_followed_then_deleted(
     env = {e.name: e.value for e in container.env}
     assert env["DRV"] == DRV and env["OUTPUTS"] == OUT
     assert env["FLAKE_ATTR"] == f"github:org/app/{COMMIT}#packages.x86_64-linux.hello-web"
-    assert env["CACHE_URL"].startswith("s3://niphas-cache?region=eu-west-1&compression=zstd&")
-    assert "xz" not in env["CACHE_URL"]
-    volumes = {v.name: v for v in pod.volumes}
-    assert volumes["nix"].host_path.path == "/nix"
-    assert volumes["cache-key"].secret.secret_name == "niphas-cache-key"
-    mounts = {m.name: m.mount_path for m in container.volume_mounts}
-    assert mounts == {"nix": "/host/nix", "cache-key": "/etc/niphas/cache-key"}
+    assert env["STAGING_URL"] == f"{STAGING}/staging/0c6kzph7l9cb9dbmxgjmjg6pq4xhm2ka"
+    assert env["STAGING_TOKEN"] == executor.staging.token("0c6kzph7l9cb9dbmxgjmjg6pq4xhm2ka")
+    nix_conf = dict(line.split(" = ", 1) for line in env["NIX_CONFIG"].splitlines())
+    assert nix_conf["sandbox"] == "true" and nix_conf["sandbox-fallback"] == "false"
+    assert nix_conf["store"] == "/niphas-store"
+    assert nix_conf["trusted-public-keys"] == str(KEY.public_key)
+    assert "secret-key" not in str(env) and str(KEY) not in str(created.to_dict())
+    assert container.security_context.privileged is True  # for the sandbox's namespaces
+    # No key, no host store: only the pod's own, ephemeral store.
+    [volume] = pod.volumes
+    assert volume.empty_dir is not None and volume.host_path is None and volume.secret is None
+    assert [(m.name, m.mount_path) for m in container.volume_mounts] == [("store", "/niphas-store")]
     # The server adds job-name (what the log collection selects pods by).
     assert spec.template.metadata.labels.items() >= labels.items()
     assert spec.template.metadata.labels["job-name"] == name
