@@ -43,7 +43,8 @@ async def test_niphas_eval_process_turns_a_webhook_into_eval_done(
         "NATS_URL": nats_url,
         "NIPHAS_STATE_DIR": str(tmp_path / "state"),
         "NIPHAS_EVAL_WEBHOOK_SECRETS_FILE": str(secrets),
-        "NIPHAS_EVAL_ALLOWED_REFS": f"file://{tmp_path}/forge/*",
+        # The forge's repositories, and the busybox store path their flakes take as an input.
+        "NIPHAS_EVAL_ALLOWED_REFS": f"file://{tmp_path}/forge/* path:{repo.tools.path}",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "niphas_common", "eval", "--listen", f"127.0.0.1:{port}"], env=env
