@@ -1,5 +1,6 @@
-"""The committed protobuf code is what grpcio-tools makes of csi.proto (version stamps aside),
-and csi.proto keeps the CSI spec's package, services, field numbers and enum values."""
+"""The committed protobuf code is what grpcio-tools makes of csi.proto and
+pluginregistration.proto (version stamps aside); csi.proto keeps the CSI spec's package,
+services, field numbers and enum values, pluginregistration.proto kubelet's."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from pathlib import Path
 
 from niphas_csi.proto import csi_pb2
+from niphas_csi.proto import pluginregistration_pb2 as reg_pb2
 from niphas_csi.proto.generate import HERE, OUTPUTS, generate
 
 _STAMPS = [
@@ -55,3 +57,19 @@ def test_wire_names_and_numbers_are_the_specs() -> None:
     mode = csi_pb2.VolumeCapability.AccessMode.Mode
     assert mode.Value("MULTI_NODE_READER_ONLY") == 3
     assert csi_pb2.NodeServiceCapability.RPC.Type.Value("STAGE_UNSTAGE_VOLUME") == 1
+
+
+def test_registration_wire_names_and_numbers_are_kubelets() -> None:
+    file = reg_pb2.DESCRIPTOR
+    assert file.package == "pluginregistration"  # kubelet calls /pluginregistration.Registration/
+    service = file.services_by_name["Registration"]
+    assert {m.name: (m.input_type.name, m.output_type.name) for m in service.methods} == {
+        "GetInfo": ("InfoRequest", "PluginInfo"),
+        "NotifyRegistrationStatus": ("RegistrationStatus", "RegistrationStatusResponse"),
+    }
+    assert {f.name: f.number for f in reg_pb2.PluginInfo.DESCRIPTOR.fields} == {
+        "type": 1, "name": 2, "endpoint": 3, "supported_versions": 4,
+    }  # fmt: skip
+    assert {f.name: f.number for f in reg_pb2.RegistrationStatus.DESCRIPTOR.fields} == {
+        "plugin_registered": 1, "error": 2,
+    }  # fmt: skip

@@ -29,7 +29,9 @@ from .closure import NodeStore
 from .identity import IdentityService
 from .lease import Leases
 from .node import NodeService
-from .server import start_server
+from .registrar import Registrar
+from .registration import RegistrationService
+from .server import socket_path, start_server
 from .settings import CsiSettings
 from .state import VolumeState
 from .views import Views
@@ -75,17 +77,13 @@ async def _connect_bus(
     return None
 
 
-async def run(settings: CsiSettings, stop: asyncio.Event, nats: NatsSettings | None = None) -> None:
-    """Serve the CSI socket until `stop` is set."""
-    if os.geteuid() != 0:
-        raise SystemExit("the csi service mounts volumes and must run as root")
-    setup_tracing("niphas-csi")
+def _volumes(settings: CsiSettings) -> Volumes:
     root = settings.state_dir / "csi"
     store_root = settings.store_root
     runner = NixRunner(
         store=str(store_root) if store_root else None, timeout=settings.nix_timeout_s
     )
-    volumes = Volumes(
+    return Volumes(
         state=VolumeState(root / "volumes"),
         leases=Leases(store_root),
         views=Views(root / "staging", StoreDir(root=store_root)),
@@ -93,37 +91,63 @@ async def run(settings: CsiSettings, stop: asyncio.Event, nats: NatsSettings | N
         wants=None,
         fetch=FetchPolicy(settings.fetch_timeout_s, settings.presence_recheck_s),
     )
+
+
+def _registrar(settings: CsiSettings) -> Registrar | None:
+    if settings.registration_dir is None:
+        return None
+    csi_socket = socket_path(endpoint_of(settings))
+    service = RegistrationService(settings.kubelet_socket or csi_socket)
+    return Registrar(settings.registration_dir, service, settings.registration_check_s)
+
+
+async def run(settings: CsiSettings, stop: asyncio.Event, nats: NatsSettings | None = None) -> None:
+    """Serve the CSI socket (and, when configured, kubelet's registration) until `stop`."""
+    if os.geteuid() != 0:
+        raise SystemExit("the csi service mounts volumes and must run as root")
+    setup_tracing("niphas-csi")
+    volumes = _volumes(settings)
     await volumes.reconcile()
-    ready = True
+    endpoint = endpoint_of(settings)
     server = await start_server(
-        endpoint_of(settings),
-        IdentityService(plugin_version(), lambda: ready),
+        endpoint,
+        IdentityService(plugin_version(), lambda: True),
         NodeService(volumes, settings.node_id, settings.allowed_target_root),
         settings.max_concurrent_rpcs,
     )
-    log.info("csi node %s serving %s", settings.node_id, endpoint_of(settings))
+    log.info("csi node %s serving %s", settings.node_id, endpoint)
     bus_task = asyncio.create_task(
         _connect_bus(volumes, nats or NatsSettings(), settings.node_id, stop)
     )
+    registrar = _registrar(settings)
     ops = None
-    if settings.metrics_port is not None:
-
-        async def readiness() -> str | None:
-            return None if volumes.wants is not None else "bus not connected"
-
-        ops = await serve_ops(settings.metrics_host, settings.metrics_port, readiness)
     try:
+        if settings.metrics_port is not None:
+
+            async def readiness() -> str | None:
+                if registrar is not None and (reason := registrar.service.not_ready()):
+                    return reason
+                return None if volumes.wants is not None else "bus not connected"
+
+            ops = await serve_ops(settings.metrics_host, settings.metrics_port, readiness)
+        if registrar is not None:
+            await registrar.start(socket_path(endpoint))
         await stop.wait()
     finally:
+        if registrar is not None:
+            await registrar.close()  # kubelet deregisters us before the CSI socket goes
         await server.stop(grace=5)
-        bus = await bus_task
-        if volumes.wants is not None:
-            await volumes.wants.stop()
-            volumes.wants = None
-        if bus is not None:
-            await bus.close()
+        await _close_bus(volumes, await bus_task)
         if ops is not None:
             await ops.cleanup()
+
+
+async def _close_bus(volumes: Volumes, bus: Bus | None) -> None:
+    if volumes.wants is not None:
+        await volumes.wants.stop()
+        volumes.wants = None
+    if bus is not None:
+        await bus.close()
 
 
 async def main(stop: asyncio.Event) -> None:
@@ -142,6 +166,16 @@ def command(
     allowed_target_root: Annotated[
         Path | None, typer.Option(help="Only mount below this directory (kubelet's pods dir)")
     ] = None,
+    registration_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Register with kubelet through this dir (<kubelet root>/plugins_registry)"
+        ),
+    ] = None,
+    kubelet_socket: Annotated[
+        Path | None,
+        typer.Option(help="The CSI socket's path as kubelet sees it (default: the endpoint's)"),
+    ] = None,
 ) -> None:
     """The CSI node plugin: mounts a read-only view of exactly a closure into pods."""
     overrides: dict[str, object] = {
@@ -150,6 +184,8 @@ def command(
         "store_root": store_root,
         "state_dir": state_dir,
         "allowed_target_root": allowed_target_root,
+        "registration_dir": registration_dir,
+        "kubelet_socket": kubelet_socket,
     }
     settings = CsiSettings.model_validate({k: v for k, v in overrides.items() if v is not None})
     asyncio.run(run_until_signalled(lambda stop: run(settings, stop)))

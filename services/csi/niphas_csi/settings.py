@@ -31,6 +31,25 @@ class CsiSettings(ServiceSettings):
         description="Root of the node's Nix store as `nix --store` takes it (a chroot store "
         "dir); None: the host store at /nix/store",
     )
+    registration_dir: Path | None = Field(
+        default=None,
+        description="kubelet's plugin registration dir (<kubelet root>/plugins_registry): once "
+        "the CSI socket answers, the driver serves kubelet's registration API on "
+        f"<dir>/{DRIVER_NAME}-reg.sock; None: no registration (the driver is registered by "
+        "other means, or not at all)",
+    )
+    kubelet_socket: Path | None = Field(
+        default=None,
+        description="The CSI socket's path as kubelet sees it on the host (what the "
+        "registration tells kubelet to dial); None: the endpoint's own path (a host process, "
+        "or a container that mounts the socket dir at the host's path)",
+    )
+    registration_check_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds between checks that the registration socket is still in place; "
+        "a removed one is offered again (kubelet then registers the driver again)",
+    )
     allowed_target_root: Path = Field(
         default=Path("/var/lib/kubelet/pods"),
         description="Volumes are only ever mounted below this directory (kubelet's pods dir); "

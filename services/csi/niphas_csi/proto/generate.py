@@ -1,7 +1,9 @@
-"""Regenerate csi_pb2.py, csi_pb2.pyi and csi_pb2_grpc.py from csi.proto with grpcio-tools.
+"""Regenerate the protobuf code from the checked-in .proto files with grpcio-tools.
 
+`csi.proto` (the CSI spec's node part) gives csi_pb2.py, csi_pb2.pyi and csi_pb2_grpc.py;
+`pluginregistration.proto` (kubelet's plugin registration API) gives pluginregistration_pb2*.
 `python -m niphas_csi.proto.generate` rewrites the committed files; the test suite calls
-`generate(tmp)` and compares, so the committed code can never drift from the .proto.
+`generate(tmp)` and compares, so the committed code can never drift from the .proto files.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROTO_ROOT = HERE.parents[1]
 """The directory holding the `niphas_csi` package: imports in the output are package-absolute."""
-PROTO = "niphas_csi/proto/csi.proto"
-OUTPUTS = ("csi_pb2.py", "csi_pb2.pyi", "csi_pb2_grpc.py")
+PROTOS = ("csi", "pluginregistration")
+OUTPUTS = tuple(
+    f"{name}{suffix}" for name in PROTOS for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+)
 PYI_HEADER = b"# ruff: noqa\n# fmt: off\n"
-"""ruff's exclude covers the generated *.py; the stub gets its own opt-out line."""
+"""ruff's exclude covers the generated *.py; the stubs get their own opt-out line."""
 
 
 def generate(out_root: Path) -> dict[str, bytes]:
@@ -31,13 +35,15 @@ def generate(out_root: Path) -> dict[str, bytes]:
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
-        PROTO,
+        *(f"niphas_csi/proto/{name}.proto" for name in PROTOS),
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
     generated = out_root / "niphas_csi" / "proto"
     out = {name: (generated / name).read_bytes() for name in OUTPUTS}
-    out["csi_pb2.pyi"] = PYI_HEADER + out["csi_pb2.pyi"]
+    for name in OUTPUTS:
+        if name.endswith(".pyi"):
+            out[name] = PYI_HEADER + out[name]
     return out
 
 
