@@ -119,7 +119,7 @@ class Demo:
         (layout.workloads / f"{WORKLOAD}.yaml").write_text(
             workload_yaml(self.repo.flake_ref, self.ports.app)
         )
-        return service_env(layout, self.ports, public)
+        return service_env(layout, self.ports, public, tools)
 
     async def start(self, env: dict[str, str], nats_url: str | None = None) -> None:
         """`niphas up` with its embedded NATS, or on the server at `nats_url`."""

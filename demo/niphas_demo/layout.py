@@ -89,15 +89,17 @@ class Layout:
         return self.render / NAMESPACE / WORKLOAD / "deployment.yaml"
 
 
-def service_env(layout: Layout, ports: Ports, public_key: str) -> dict[str, str]:
-    """Every setting the demo gives the services (names as `niphas settings` lists them)."""
+def service_env(layout: Layout, ports: Ports, public_key: str, tools: str) -> dict[str, str]:
+    """Every setting the demo gives the services (names as `niphas settings` lists them);
+    `tools` is the store path of the sample's builder tools, its one non-git input."""
     node = "demo-node"
     return {
         "NIPHAS_STATE_DIR": str(layout.state),
-        # eval: webhooks on a loopback port, only the sample repository may be evaluated.
+        # eval: webhooks on a loopback port, only the sample repository (and its tools, a
+        # store path) may be evaluated.
         "NIPHAS_EVAL_LISTEN": f"127.0.0.1:{ports.eval}",
         "NIPHAS_EVAL_WEBHOOK_SECRETS_FILE": str(layout.secrets_file),
-        "NIPHAS_EVAL_ALLOWED_REFS": json.dumps([f"file://{layout.repo}"]),
+        "NIPHAS_EVAL_ALLOWED_REFS": json.dumps([f"file://{layout.repo}", f"path:{tools}"]),
         # builder: the host store, the signed file cache under the state dir.
         "NIPHAS_BUILDER_CACHE_URL": f"file://{layout.cache}",
         "NIPHAS_BUILDER_SECRET_KEY_FILE": str(layout.key_file),

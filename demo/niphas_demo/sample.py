@@ -129,6 +129,10 @@ class SampleRepo:
         )
         (self.dir / "flake.nix").write_text(text)
         self.git("add", "flake.nix")
+        # Evaluation takes inputs only from the committed lock, as a careful forge user would
+        # commit it.
+        NixRunner().run("nix", "flake", "lock", f"git+file://{self.dir}")
+        self.git("add", "flake.lock")
         # --allow-empty: a second demo run commits the same tree again, as a new push.
         self.git("commit", "-q", "--allow-empty", "-m", f"serve {version}")
         return before, self.head()
