@@ -106,6 +106,7 @@ async def run(settings: CsiSettings, stop: asyncio.Event, nats: NatsSettings | N
     if os.geteuid() != 0:
         raise SystemExit("the csi service mounts volumes and must run as root")
     setup_tracing("niphas-csi")
+    registrar = _registrar(settings)  # first: a bad registration dir fails before anything runs
     volumes = _volumes(settings)
     await volumes.reconcile()
     endpoint = endpoint_of(settings)
@@ -119,7 +120,6 @@ async def run(settings: CsiSettings, stop: asyncio.Event, nats: NatsSettings | N
     bus_task = asyncio.create_task(
         _connect_bus(volumes, nats or NatsSettings(), settings.node_id, stop)
     )
-    registrar = _registrar(settings)
     ops = None
     try:
         if settings.metrics_port is not None:
