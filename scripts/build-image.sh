@@ -39,8 +39,13 @@ fi
 
 work="$(mktemp -d /var/tmp/niphas-image.XXXXXX)"
 cleanup() {
-  for m in proc sys dev; do umount -l "$work/bundle/rootfs/$m" 2>/dev/null || true; done
-  rm -rf "$work"
+  umount "$work/bundle/rootfs/proc" 2>/dev/null || true
+  # Never delete through a mount that is still there.
+  if grep -q " $work/" /proc/self/mounts; then
+    echo "left $work in place: something is still mounted below it" >&2
+  else
+    rm -rf "$work"
+  fi
 }
 trap cleanup EXIT
 oci="$work/oci"
@@ -56,8 +61,6 @@ debootstrap --variant=minbase --include=python3,python3-venv bookworm "$root" "$
 # The rest through apt inside the new root (some maintainer scripts, e.g. nix-bin's perl
 # dependencies, need /proc, which debootstrap's second stage does not provide).
 mount -t proc proc "$root/proc"
-mount --rbind /sys "$root/sys"
-mount --rbind /dev "$root/dev"
 cp /etc/hosts /etc/resolv.conf "$root/etc/"
 packages="$(grep -v '^#' deploy/image/packages.txt | tr '\n' ' ')"
 echo "apt-get install $packages" >&2
@@ -70,7 +73,8 @@ in_root=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 chroo
 "
 
 echo "wheels of the project" >&2
-"$python" -m pip wheel -q --wheel-dir "$root/tmp/wheels" .
+# Only the package index: find-links the host may configure are not part of the image.
+PIP_FIND_LINKS= "$python" -m pip wheel -q --wheel-dir "$root/tmp/wheels" .
 "${in_root[@]}" /bin/sh -eu -c '
   groupadd --system nixbld
   for i in 1 2 3 4 5 6 7 8; do
@@ -83,7 +87,7 @@ echo "wheels of the project" >&2
     /usr/share/doc /usr/share/man /usr/share/locale
 '
 install -D -m 0644 deploy/image/nix.conf "$root/etc/nix/nix.conf"
-for m in proc sys dev; do umount -l "$root/$m"; done
+umount "$root/proc"
 # The host's name resolution was only needed by apt; the image gets its own from the pod.
 : > "$root/etc/resolv.conf"
 printf '127.0.0.1 localhost\n::1 localhost\n' > "$root/etc/hosts"

@@ -17,6 +17,9 @@ reaches the kubelet by that name (`--kubelet-preferred-address-types=Hostname,..
 
 BRIDGE = "niphas0"
 POD_SUBNET = "10.88.0.0/24"
+GATEWAY = "10.88.0.1"
+"""The host's address on the pod network (the bridge's): where pods reach services that run
+as host processes, e.g. a test's cache or the builder's staging endpoint."""
 KUBELET_PORT = 10250
 PAUSE_IMAGE = "niphas.local/pause:3.4"
 SERVICE_CIDR = "10.96.0.0/24"

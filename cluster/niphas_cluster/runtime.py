@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .layout import BRIDGE, PAUSE_IMAGE, POD_SUBNET, Layout
+from .layout import BRIDGE, GATEWAY, PAUSE_IMAGE, POD_SUBNET, Layout
 from .processes import spawn
 
 CNI_BIN = Path("/usr/lib/cni")
@@ -86,7 +86,22 @@ def start_containerd(layout: Layout) -> None:
     cni.mkdir(parents=True, exist_ok=True)
     (cni / "10-niphas.conflist").write_text(json.dumps(cni_config(layout), indent=2))
     layout.run.mkdir(parents=True, exist_ok=True)
+    make_bridge()
     spawn(layout, "containerd", ["containerd", "--config", str(conf)])
+
+
+def make_bridge() -> None:
+    """The bridge with its gateway address before any pod exists (the CNI plugin adopts it),
+    so host processes can listen on the pod network from the start."""
+    prefix = POD_SUBNET.split("/")[1]
+    for argv in (
+        ["ip", "link", "add", BRIDGE, "type", "bridge"],
+        ["ip", "addr", "add", f"{GATEWAY}/{prefix}", "dev", BRIDGE],
+        ["ip", "link", "set", BRIDGE, "up"],
+    ):
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0 and "File exists" not in done.stderr:
+            raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
 
 
 def ctr(layout: Layout, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
