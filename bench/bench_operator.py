@@ -36,10 +36,10 @@ from prometheus_client import REGISTRY  # noqa: E402
 
 from bench.report import Report, add_json_option  # noqa: E402
 from niphas_common.bus.bus import Bus  # noqa: E402
+from niphas_common.kube.client import Kube  # noqa: E402
 from niphas_common.nats_server import EmbeddedNats  # noqa: E402
 from niphas_common.settings import NatsSettings  # noqa: E402
 from niphas_operator.app import run  # noqa: E402
-from niphas_operator.kube import Kube  # noqa: E402
 from niphas_operator.settings import OperatorSettings  # noqa: E402
 from tests.kube_harness import running_apiserver  # noqa: E402
 from tests.niphas_operator.conftest import (  # noqa: E402

@@ -1,5 +1,5 @@
 """Configuration pieces without servers: the secrets file format (YAML/JSON, env, rotation,
-refusals), flake refs built from repository URLs, the deny-by-default allowlist, and the
+refusals), the deny-by-default allowlist, and the
 settings' parsing of lists from the environment."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from niphas_eval.evaluator import tail
-from niphas_eval.flakeref import Allowlist, UnusableRepository, flake_ref, git_url
+from niphas_eval.flakeref import Allowlist
 from niphas_eval.forges.base import same_secret
 from niphas_eval.secrets import SecretsError, WebhookSecrets
 from niphas_eval.settings import EvalSettings
@@ -71,20 +71,6 @@ def test_constant_time_compare() -> None:
     assert same_secret("abc", "abc")
     assert not same_secret("abc", "abd")
     assert not same_secret("abc", "abcd")
-
-
-def test_flake_refs_pin_the_commit() -> None:
-    sha = "c" * 40
-    assert flake_ref("https://git.example/acme/app.git", rev=sha, ref="refs/heads/main") == (
-        f"git+https://git.example/acme/app.git?ref=refs%2Fheads%2Fmain&rev={sha}"
-    )
-    assert flake_ref("file:///srv/app", rev=sha) == f"git+file:///srv/app?allRefs=1&rev={sha}"
-    assert git_url("git@git.example:acme/app.git") == "ssh://git@git.example/acme/app.git"
-    locked = flake_ref("file:///srv/app", rev=sha, ref="refs/heads/x", nar_hash="sha256-ab+/=")
-    assert locked.endswith("&narHash=sha256-ab%2B%2F%3D")
-    for bad in ("https://x/a?rev=" + sha, "https://x/a#frag", "file:///srv/git/../etc", "/srv/a"):
-        with pytest.raises(UnusableRepository):
-            git_url(bad)
 
 
 def test_allowlist_denies_by_default_and_matches_globs() -> None:

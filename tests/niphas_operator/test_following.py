@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from niphas_common.bus.bus import Bus
-from niphas_operator.flakeref import same_branch
+from niphas_common.flakeref import same_branch
 from niphas_operator.pipeline import matches
 from niphas_operator.settings import OperatorSettings
 from niphas_operator.workload import Workload

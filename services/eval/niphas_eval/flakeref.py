@@ -1,10 +1,8 @@
-"""Flake references for a repository at a commit, and the allowlist that guards them.
+"""The allowlist that guards which repositories (and flake inputs) eval may fetch.
 
-The repository URL of a push becomes a git flake ref pinned to the pushed commit:
-`git+<url>?ref=<ref>&rev=<commit>` (with `allRefs=1` when the ref is unknown, so a commit on
-any branch can be fetched). An scp-like `git@host:path` becomes `git+ssh://git@host/path`.
-URLs that carry a query or fragment are refused: they could smuggle fetcher attributes
-(`rev`, `submodules`, ...) into the flake ref.
+How a repository becomes a flake ref is the shared rule in `niphas_common.flakeref` (the
+operator maps the other way with it); the names eval's modules take from there are
+re-exported here, beside the policy that judges them.
 """
 
 from __future__ import annotations
@@ -12,62 +10,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from urllib.parse import parse_qs, urlencode
 
-_SCP = re.compile(r"^(?P<user>[^@/\s]+)@(?P<host>[^:/\s]+):(?P<path>\S+)$")
-_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
+from niphas_common.flakeref import (
+    SCHEMES,
+    SCP_LIKE,
+    UnusableRepository,
+    base_flake_ref,
+    flake_ref,
+    git_url,
+    with_ref,
+)
 
-
-class UnusableRepository(ValueError):
-    """The repository URL cannot become a git flake ref."""
-
-
-def git_url(repository: str) -> str:
-    """The URL git and Nix's git fetcher use for `repository` (scp-like -> ssh://)."""
-    if "?" in repository or "#" in repository:
-        raise UnusableRepository(f"{repository}: a repository URL may not carry ? or #")
-    if any(seg in (".", "..") for seg in repository.replace(":", "/").split("/")):
-        raise UnusableRepository(f"{repository}: `.` and `..` path segments are not allowed")
-    scp = _SCP.match(repository)
-    if scp is not None:
-        path = scp["path"].lstrip("/")
-        return f"ssh://{scp['user']}@{scp['host']}/{path}"
-    if not repository.startswith(_SCHEMES):
-        raise UnusableRepository(f"{repository}: not an http(s), ssh, git or file URL")
-    return repository
-
-
-def base_flake_ref(repository: str) -> str:
-    """`git+<url>` with nothing pinned (what the allowlist also matches)."""
-    url = git_url(repository)
-    return url if url.startswith("git://") else f"git+{url}"
-
-
-def flake_ref(
-    repository: str, *, rev: str, ref: str | None = None, nar_hash: str | None = None
-) -> str:
-    """A flake ref pinned to `rev` (and fully locked with `nar_hash`)."""
-    params: dict[str, str] = {}
-    if ref is not None:
-        params["ref"] = ref
-    else:
-        params["allRefs"] = "1"
-    params["rev"] = rev
-    if nar_hash is not None:
-        params["narHash"] = nar_hash
-    return f"{base_flake_ref(repository)}?{urlencode(params)}"
-
-
-def with_ref(repository: str, locked: str, ref: str | None) -> str:
-    """The locked flake ref `locked` (of `repository`, made by `flake_ref`) naming `ref`
-    instead: the same commit and narHash reached through another push's ref, which still
-    exists when the first one's branch is gone."""
-    params = parse_qs(locked.partition("?")[2])
-    rev = params.get("rev")
-    if not rev:
-        return locked
-    nar_hash = params.get("narHash")
-    return flake_ref(repository, rev=rev[0], ref=ref, nar_hash=nar_hash[0] if nar_hash else None)
+__all__ = ["Allowlist", "UnusableRepository", "base_flake_ref", "flake_ref", "git_url", "with_ref"]
 
 
 @dataclass(frozen=True)
@@ -101,7 +55,7 @@ class Allowlist:
         prefixes: list[str] = []
         for pattern in self.patterns:
             literal = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
-            scp = _SCP.match(literal + "x")
+            scp = SCP_LIKE.match(literal + "x")
             if scp is not None:  # git@host:path -> ssh://git@host/path
                 literal = f"ssh://{scp['user']}@{scp['host']}/{scp['path'][:-1].lstrip('/')}"
             if literal.startswith("path:"):  # store paths an operator allowed by name
@@ -109,7 +63,7 @@ class Allowlist:
                 continue
             scheme, sep, rest = literal.partition("://")
             if not sep:  # a wildcard before any scheme (`*`): every scheme is allowed
-                prefixes += [s for s in _SCHEMES + tuple(f"git+{s}" for s in _SCHEMES)]
+                prefixes += [s for s in SCHEMES + tuple(f"git+{s}" for s in SCHEMES)]
                 continue
             rest = rest[: rest.rfind("/") + 1] if "/" in rest else ""
             base = f"{scheme}://{rest}"

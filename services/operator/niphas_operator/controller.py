@@ -1,18 +1,18 @@
-"""The controller a leader runs: watches feed the work queue, workers reconcile, and the
-durable consumers of `eval.done` and `build.done` record what the pipeline did.
+"""The controller (what a leader runs in a cluster, and the one process in render mode): the
+store's list + watch streams feed the work queue, workers reconcile, and the durable
+consumers of `eval.done` and `build.done` record what the pipeline did.
 
-Watches list first, then watch from the list's resourceVersion; a stream the server closes
-is resumed from the last version seen (bookmarks included), a 410 Gone (that version was
-compacted away) relists, and every `resync_s` a full relist re-queues everything: whatever
-a missed event would have changed is repaired by the next reconcile. Owned Deployments are
-watched too, so their readiness reaches the workload's status.
+The streams (`niphas_common.kube.watch` for the API server, polling for files) list first
+and relist every `resync_s`; everything listed is queued again, so whatever a missed event
+would have changed is repaired by the next reconcile. Owned Deployments are followed too, so
+their readiness reaches the workload's status. Watch events of the reconciler's own writes
+are recognised by resourceVersion and cause no second reconcile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,11 +20,13 @@ from niphas_common.bus.bus import Bus
 from niphas_common.bus.consumer import Handler, Subscription
 from niphas_common.bus.topology import ConsumerSpec
 from niphas_common.errors import TransientError
-from niphas_operator.kube import Conflict, Gone, Invalid, Kube, KubeError, workloads_path
+from niphas_common.kube.client import Invalid, KubeConflict
+from niphas_common.kube.watch import LISTED, SYNCED, WatchEvent
 from niphas_operator.pipeline import PipelineEvents
 from niphas_operator.reconciler import Reconciler
 from niphas_operator.settings import OperatorSettings
-from niphas_operator.workload import MANAGED_BY, NAME_LABEL
+from niphas_operator.store import WorkloadStore
+from niphas_operator.workload import NAME_LABEL
 from niphas_operator.workqueue import WorkQueue
 from niphas_schemas import BuildDone, EvalDone, Event
 
@@ -36,21 +38,20 @@ Key = tuple[str, str]
 KeyOf = Callable[[dict[str, object]], Key | None]
 OwnCheck = Callable[[dict[str, object]], bool]
 """Whether a watched object is exactly what this operator last wrote."""
-_WATCH_TIMEOUT_S = 240
 
 
 class Controller:
     def __init__(
-        self, kube: Kube, bus: Bus, reconciler: Reconciler, settings: OperatorSettings
+        self, store: WorkloadStore, bus: Bus, reconciler: Reconciler, settings: OperatorSettings
     ) -> None:
-        self._kube = kube
+        self._store = store
         self._bus = bus
         self._reconciler = reconciler
         self._settings = settings
         self.queue: WorkQueue[Key] = WorkQueue(
             retry_base_s=settings.retry_base_s, retry_max_s=settings.retry_max_s
         )
-        self.events = PipelineEvents(kube, self._enqueue_latest, settings.namespace)
+        self.events = PipelineEvents(store, self._enqueue_latest)
         self._deferred: dict[Key, list[tuple[OwnCheck, dict[str, object]]]] = {}
         self._objects: dict[Key, dict[str, Any]] = {}
         """The latest copy of each workload the watch delivered."""
@@ -100,7 +101,7 @@ class Controller:
                 # The watch's latest copy on a first attempt; a retry reads afresh.
                 known = None if self.queue.failures(key) else self._objects.get(key)
                 await self._reconciler.reconcile(*key, known)
-            except Conflict as exc:
+            except KubeConflict as exc:
                 # Someone wrote the workload between our read and our write: the usual race
                 # with the pipeline's status updates. Read it again almost at once (the retry
                 # reads afresh); the full backoff would add half a second to a rollout.
@@ -126,58 +127,29 @@ class Controller:
                     self.queue.add(key)
 
     async def _watch_workloads(self) -> None:
-        path = workloads_path(self._settings.namespace)
-        await self._list_and_watch(path, None, _own_key, skip=self._own_write)
+        listed: dict[Key, dict[str, Any]] = {}
+        async for event in self._store.workload_events():
+            key = None if event.kind == SYNCED else _own_key(event.obj)
+            if event.kind == LISTED and key is not None:
+                listed[key] = event.obj
+            elif event.kind == SYNCED:
+                self._objects, listed = listed, {}
+                self.synced.set()
+            elif key is not None:
+                self._remember(event.kind, key, event.obj)
+            self._follow(event, key, self._own_write)
 
     async def _watch_deployments(self) -> None:
-        namespace = self._settings.namespace
-        path = (
-            "/apis/apps/v1/deployments"
-            if namespace is None
-            else f"/apis/apps/v1/namespaces/{namespace}/deployments"
-        )
-        selector = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-        await self._list_and_watch(path, selector, _owner_key, self._own_apply)
+        async for event in self._store.child_events():
+            key = None if event.kind == SYNCED else _owner_key(event.obj)
+            self._follow(event, key, self._own_apply)
 
-    async def _list_and_watch(
-        self,
-        path: str,
-        selector: str | None,
-        key_of: KeyOf,
-        skip: OwnCheck | None = None,
-    ) -> None:
-        failures = 0
-        while True:
-            try:
-                items, version = await self._kube.list(path, label_selector=selector)
-                if selector is None:
-                    self._objects = {k: o for o in items if (k := _own_key(o)) is not None}
-                for obj in items:
-                    self._add(key_of(obj))
-                if selector is None:
-                    self.synced.set()
-                listed = time.monotonic()
-                while time.monotonic() - listed < self._settings.resync_s:
-                    async for kind, obj in self._kube.watch(
-                        path,
-                        version,
-                        timeout_s=min(_WATCH_TIMEOUT_S, int(self._settings.resync_s) + 1),
-                        label_selector=selector,
-                    ):
-                        version = obj.get("metadata", {}).get("resourceVersion", version)
-                        if kind != "BOOKMARK":
-                            key = key_of(obj)
-                            if selector is None and key is not None:
-                                self._remember(kind, key, obj)
-                            self._on_event(kind, obj, key, skip)
-                    failures = 0
-            except Gone:
-                log.info("watch %s: resourceVersion expired, relisting", path)
-            except KubeError as exc:
-                failures += 1
-                delay = min(self._settings.retry_base_s * 2**failures, self._settings.retry_max_s)
-                log.warning("watch %s failed (%s); relist in %.1fs", path, exc, delay)
-                await asyncio.sleep(delay)
+    def _follow(self, event: WatchEvent, key: Key | None, skip: OwnCheck) -> None:
+        """Queue what a list delivered, and what a watch event did not come from us."""
+        if event.kind == LISTED:
+            self._add(key)
+        elif event.kind != SYNCED:
+            self._on_event(event.kind, event.obj, key, skip)
 
     def _enqueue_latest(self, key: Key, obj: dict[str, Any] | None) -> None:
         # The copy a status write returned: newer than the watch may have delivered yet.

@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client import Gauge
 
-from niphas_operator.kube import Conflict, Kube, KubeError, collection_path
+from niphas_common.kube.client import Kube, KubeConflict, KubeError, collection_path
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class LeaderElector:
             lease = await self._kube.get(f"{self._path}/{self._name}")
             now = _micro_time()
             if lease is None:
-                await self._kube.request("POST", self._path, body=self._lease(now, now, 0, None))
+                await self._kube.create(self._path, self._lease(now, now, 0, None))
                 return True
             spec: dict[str, Any] = lease.get("spec") or {}
             holder = spec.get("holderIdentity")
@@ -120,7 +120,7 @@ class LeaderElector:
             body = self._lease(now, now, transitions, lease)
             await self._kube.request("PUT", f"{self._path}/{self._name}", body=body)
             return True
-        except Conflict:
+        except KubeConflict:
             self.leading = False
             return False
         except KubeError as exc:

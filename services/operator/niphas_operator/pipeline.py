@@ -2,8 +2,9 @@
 of every workload they match, then handed to the reconciler through the work queue.
 
 A workload matches an event when its flakeRef maps to the event's repository (see
-`flakeref`), the attribute is the one built, and either `spec.revision` is the commit or, with
-no revision, the event's ref is the one the workload follows (`flakeref.same_branch`). A
+`niphas_common.flakeref`), the attribute is the one built, and either `spec.revision` is
+the commit or, with no revision, the event's ref is the one the workload follows
+(`flakeref.same_branch`). A
 workload pinned to a store path (a rollback) takes no builds until unpinned. A failed build
 sets Degraded and leaves the store path (and so the Deployment) as it was.
 
@@ -28,11 +29,16 @@ from typing import Any
 
 from niphas_common import tracing
 from niphas_common.bus.consumer import Delivery
-from niphas_operator.flakeref import FlakeRefError, repository_of, same_branch, same_repository
-from niphas_operator.kube import Conflict, Kube, workload_path, workloads_path
+from niphas_common.flakeref import (
+    UnusableRepository,
+    repository_of,
+    same_branch,
+    same_repository,
+)
+from niphas_common.kube.client import KubeConflict
 from niphas_operator.reconciler import built_from
-from niphas_operator.recorder import Recorder
 from niphas_operator.status import StatusBuilder, moved_to
+from niphas_operator.store import WorkloadStore
 from niphas_operator.workload import Workload, program_of
 from niphas_schemas import BuildDone, EvalDone
 
@@ -60,7 +66,7 @@ def matches(
         return False
     try:
         return same_repository(repository_of(spec.flake_ref), repository)
-    except FlakeRefError:
+    except UnusableRepository:
         return False
 
 
@@ -103,11 +109,9 @@ def stale_evaluation(workload: Workload, event: EvalDone) -> str | None:
 
 
 class PipelineEvents:
-    def __init__(self, kube: Kube, enqueue: Enqueue, namespace: str | None) -> None:
-        self._kube = kube
+    def __init__(self, store: WorkloadStore, enqueue: Enqueue) -> None:
+        self._store = store
         self._enqueue = enqueue
-        self._namespace = namespace
-        self._recorder = Recorder(kube)
 
     async def on_build_done(self, event: BuildDone, delivery: Delivery) -> None:
         for workload in await self._matching(
@@ -132,8 +136,7 @@ class PipelineEvents:
     async def _matching(
         self, repository: str, commit: str, attribute: str | None, ref: str | None
     ) -> list[Workload]:
-        items, _ = await self._kube.list(workloads_path(self._namespace))
-        found = [Workload(obj) for obj in items]
+        found = [Workload(obj) for obj in await self._store.list()]
         return [w for w in found if matches(w, repository, commit, attribute, ref)]
 
     async def _update(
@@ -143,29 +146,28 @@ class PipelineEvents:
         stale: Stale,
         compute: Callable[[Workload], dict[str, Any] | None],
     ) -> None:
-        path = workload_path(workload.namespace, workload.name)
         written: dict[str, Any] | None = None
         for _ in range(_ATTEMPTS):
             # Judged on every fresh read: a concurrent handler may just have taken a newer push.
             reason = stale(workload)
             if reason is not None:
                 log.info("%s/%s %s", workload.namespace, workload.name, reason)
-                await self._recorder.record(workload, "Superseded", reason, about=about)
+                await self._store.record(workload, "Superseded", reason, about=about)
                 return
             patch = compute(workload)
             if patch is None:
                 break
             patch["metadata"] = {"resourceVersion": workload.resource_version}
             try:
-                written = await self._kube.merge_patch(f"{path}/status", patch)
+                written = await self._store.merge_patch_status(workload.key, patch)
                 break
-            except Conflict:
-                fresh = await self._kube.get(path)
+            except KubeConflict:
+                fresh = await self._store.get(workload.key)
                 if fresh is None:
                     return
                 workload = Workload(fresh)
         else:
-            raise Conflict(409, f"{path}: status kept changing")
+            raise KubeConflict(409, f"{workload.namespace}/{workload.name}: status kept changing")
         self._enqueue(workload.key, written)
 
 

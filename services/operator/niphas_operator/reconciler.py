@@ -1,6 +1,9 @@
 """One reconcile of one workload: read it, make its children match, write its status.
 
-Level-triggered: the outcome depends only on what the API server holds now, never on which
+The one reconciler of both modes: it works on a `WorkloadStore`, the API server's or the
+files' (render mode), never on either directly.
+
+Level-triggered: the outcome depends only on what the store holds now, never on which
 event woke the worker, so a missed or repeated event costs nothing. Which store path runs:
 a pinned `spec.storePath` (rollback) wins, else the path the latest matching `build.done`
 recorded in status. A workload with neither, or whose source changed since its path was
@@ -18,11 +21,11 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from niphas_common.flakeref import repository_of
 from niphas_operator import children
 from niphas_operator.children import PodSettings
-from niphas_operator.flakeref import repository_of
-from niphas_operator.kube import Kube, collection_path, workload_path
 from niphas_operator.status import StatusBuilder, history_entry, moved_to
+from niphas_operator.store import WorkloadStore
 from niphas_operator.workload import FINALIZER, Workload, program_of
 from niphas_schemas import Event, PathWanted, PushReceived
 
@@ -114,18 +117,16 @@ def push_request(workload: Workload) -> PushReceived:
 class Reconciler:
     def __init__(
         self,
-        kube: Kube,
+        store: WorkloadStore,
         publish: Publish,
         pod: PodSettings,
         *,
-        pdb_api_version: str,
         preheat_nodes: tuple[str, ...],
         preheat_deadline_s: float,
     ) -> None:
-        self._kube = kube
+        self._store = store
         self._publish = publish
         self._pod = pod
-        self._pdb_api_version = pdb_api_version
         self._preheat_nodes = preheat_nodes
         self._preheat_deadline = timedelta(seconds=preheat_deadline_s)
         self.own_writes = OwnWrites()
@@ -140,7 +141,7 @@ class Reconciler:
         """`known`: the object as the watch last delivered it, saving a read. Every write
         carries its resourceVersion, so a stale copy costs a 409 and a retry, never a
         lost update; retries read afresh."""
-        obj = known or await self._kube.get(workload_path(namespace, name))
+        obj = known or await self._store.get((namespace, name))
         if obj is None:
             RECONCILES.labels("gone").inc()
             return
@@ -149,29 +150,9 @@ class Reconciler:
             await self._clean_up(workload)
             RECONCILES.labels("deleted").inc()
             return
-        if FINALIZER not in workload.finalizers:
-            obj = await self._kube.merge_patch(
-                workload_path(namespace, name),
-                {
-                    "metadata": {
-                        "finalizers": [*workload.finalizers, FINALIZER],
-                        "resourceVersion": workload.resource_version,
-                    }
-                },
-            )
-            workload = Workload(obj)
-            self.own_writes.add(workload.key, workload.resource_version)
+        workload = await self._with_finalizer(workload)
         status = StatusBuilder(workload)
-        if needs_build(workload) and workload.status.requested_generation != workload.generation:
-            await self._publish(push_request(workload))
-            REQUESTS_PUBLISHED.inc()
-            status.set(requestedGeneration=workload.generation)
-            if not status.current("Evaluated", workload.generation):
-                # An eval.done may already have answered this generation (a retried reconcile
-                # after a 409 with the pipeline's write): never hide its answer.
-                status.condition(
-                    "Evaluated", None, "Requested", "push.received published; waiting for eval.done"
-                )
+        await self._request_build(workload, status)
         desired = desired_path(workload)
         if desired is None:
             status.set(observedGeneration=workload.generation, phase=_phase(status, None))
@@ -179,7 +160,48 @@ class Reconciler:
             RECONCILES.labels("pending").inc()
             return
         deployment = await self._apply_children(workload, desired)
-        self._readiness(workload, status, deployment)
+        self._running(workload, desired, status, deployment)
+        await self._write_status(workload, status)
+        RECONCILES.labels("applied").inc()
+
+    async def _with_finalizer(self, workload: Workload) -> Workload:
+        if FINALIZER in workload.finalizers:
+            return workload
+        patch = {
+            "metadata": {
+                "finalizers": [*workload.finalizers, FINALIZER],
+                "resourceVersion": workload.resource_version,
+            }
+        }
+        workload = Workload(await self._store.merge_patch(workload.key, patch))
+        self.own_writes.add(workload.key, workload.resource_version)
+        return workload
+
+    async def _request_build(self, workload: Workload, status: StatusBuilder) -> None:
+        """Ask the pipeline once per generation for a workload that needs a build."""
+        if not needs_build(workload) or (
+            workload.status.requested_generation == workload.generation
+        ):
+            return
+        await self._publish(push_request(workload))
+        REQUESTS_PUBLISHED.inc()
+        status.set(requestedGeneration=workload.generation)
+        if not status.current("Evaluated", workload.generation):
+            # An eval.done may already have answered this generation (a retried reconcile
+            # after a 409 with the pipeline's write): never hide its answer.
+            status.condition(
+                "Evaluated", None, "Requested", "push.received published; waiting for eval.done"
+            )
+
+    def _running(
+        self,
+        workload: Workload,
+        desired: Desired,
+        status: StatusBuilder,
+        deployment: dict[str, Any],
+    ) -> None:
+        """The status of a workload whose children run `desired`."""
+        _readiness(workload, status, deployment)
         if workload.status.store_path != desired.store_path:
             # A pinned path is a rollback to an entry of the history, or a path the user
             # chose: recorded as history only when it is not there yet.
@@ -201,8 +223,6 @@ class Reconciler:
             selector=",".join(f"{k}={v}" for k, v in workload.selector().items()),
         )
         status.set(phase=_phase(status, deployment))
-        await self._write_status(workload, status)
-        RECONCILES.labels("applied").inc()
 
     async def _apply_children(self, workload: Workload, desired: Desired) -> dict[str, Any]:
         # Optional children can only have been dropped by a spec change after an earlier
@@ -217,34 +237,31 @@ class Reconciler:
         manifest = children.deployment(
             workload, desired.store_path, command, self._pod, traceparent
         )
-        deployment_path = (
-            f"{collection_path('apps/v1', 'Deployment', workload.namespace)}/{workload.name}"
-        )
         if not desired.pinned:
             # Rollbacks (pinned paths) skip preheating: they must be instant, and the CSI
             # driver still asks for a missing closure when a pod mounts it.
-            current = await self._kube.get(deployment_path)
+            current = await self._store.child("apps/v1", "Deployment", workload.key)
             if current is None or children.store_path_of(current) != desired.store_path:
                 await self._preheat(workload, desired.store_path)
-        applied = await self._kube.apply(manifest)
+        applied = await self._store.apply(manifest)
         self.own_deployments.add(workload.key, applied["metadata"]["resourceVersion"])
+        pdb_version = self._store.pdb_api_version
         optional = (
             (children.service(workload), ("v1", "Service")),
             (
-                children.disruption_budget(workload, self._pdb_api_version),
-                (self._pdb_api_version, "PodDisruptionBudget"),
+                children.disruption_budget(workload, pdb_version),
+                (pdb_version, "PodDisruptionBudget"),
             ),
         )
         for child, (api_version, kind) in optional:
             if child is not None:
-                await self._kube.apply(child)
+                await self._store.apply(child)
             elif spec_changed:
-                path = collection_path(api_version, kind, workload.namespace)
-                await self._kube.delete(f"{path}/{workload.name}")
+                await self._store.delete(api_version, kind, workload.key)
         return applied
 
     async def _preheat(self, workload: Workload, store_path: str) -> None:
-        nodes = self._preheat_nodes or await self._nodes_running(workload)
+        nodes = self._preheat_nodes or await self._store.nodes_running(workload)
         deadline = datetime.now(UTC) + self._preheat_deadline
         for node in nodes:
             await self._publish(
@@ -256,39 +273,6 @@ class Reconciler:
                 )
             )
 
-    async def _nodes_running(self, workload: Workload) -> tuple[str, ...]:
-        selector = ",".join(f"{k}={v}" for k, v in workload.selector().items())
-        pods, _ = await self._kube.list(
-            collection_path("v1", "Pod", workload.namespace), label_selector=selector
-        )
-        return tuple(sorted({p["spec"]["nodeName"] for p in pods if p["spec"].get("nodeName")}))
-
-    def _readiness(
-        self, workload: Workload, status: StatusBuilder, deployment: dict[str, Any]
-    ) -> None:
-        observed = deployment.get("status") or {}
-        wanted = workload.spec.replicas
-        ready = int(observed.get("readyReplicas") or 0)
-        available = int(observed.get("availableReplicas") or 0)
-        updated = int(observed.get("updatedReplicas") or 0)
-        generation = deployment["metadata"].get("generation", 0)
-        rolled = observed.get("observedGeneration", 0) >= generation and updated >= wanted
-        status.set(readyReplicas=ready)
-        if rolled:
-            status.condition("Progressing", False, "RolloutComplete", f"{updated} updated")
-        else:
-            status.condition(
-                "Progressing", True, "RollingOut", f"{updated} of {wanted} replicas updated"
-            )
-        if available >= wanted and rolled:
-            status.condition(
-                "Available", True, "MinimumReplicasAvailable", f"{available} available"
-            )
-        else:
-            status.condition(
-                "Available", False, "ReplicasUnavailable", f"{available} of {wanted} available"
-            )
-
     async def _write_status(self, workload: Workload, status: StatusBuilder) -> None:
         patch = status.patch()
         if patch is None:
@@ -296,24 +280,21 @@ class Reconciler:
         # The resourceVersion makes a concurrent status writer (a build.done handler) a 409
         # and a retry, instead of a lost update.
         patch["metadata"] = {"resourceVersion": workload.resource_version}
-        written = await self._kube.merge_patch(
-            f"{workload_path(workload.namespace, workload.name)}/status", patch
-        )
+        written = await self._store.merge_patch_status(workload.key, patch)
         self.own_writes.add(workload.key, written["metadata"]["resourceVersion"])
 
     async def _clean_up(self, workload: Workload) -> None:
         """Delete the children ourselves (a cluster's garbage collector would also follow the
         owner references, but the finalizer does not rely on one), then release the object."""
-        kinds = [*CHILD_KINDS, (self._pdb_api_version, "PodDisruptionBudget")]
+        kinds = [*CHILD_KINDS, (self._store.pdb_api_version, "PodDisruptionBudget")]
         for api_version, kind in kinds:
-            path = collection_path(api_version, kind, workload.namespace)
-            await self._kube.delete(f"{path}/{workload.name}")
+            await self._store.delete(api_version, kind, workload.key)
         self.own_writes.forget(workload.key)
         self.own_deployments.forget(workload.key)
         if FINALIZER in workload.finalizers:
             remaining = [f for f in workload.finalizers if f != FINALIZER]
-            await self._kube.merge_patch(
-                workload_path(workload.namespace, workload.name),
+            await self._store.merge_patch(
+                workload.key,
                 {
                     "metadata": {
                         "finalizers": remaining or None,
@@ -321,6 +302,29 @@ class Reconciler:
                     }
                 },
             )
+
+
+def _readiness(workload: Workload, status: StatusBuilder, deployment: dict[str, Any]) -> None:
+    observed = deployment.get("status") or {}
+    wanted = workload.spec.replicas
+    ready = int(observed.get("readyReplicas") or 0)
+    available = int(observed.get("availableReplicas") or 0)
+    updated = int(observed.get("updatedReplicas") or 0)
+    generation = deployment["metadata"].get("generation", 0)
+    rolled = observed.get("observedGeneration", 0) >= generation and updated >= wanted
+    status.set(readyReplicas=ready)
+    if rolled:
+        status.condition("Progressing", False, "RolloutComplete", f"{updated} updated")
+    else:
+        status.condition(
+            "Progressing", True, "RollingOut", f"{updated} of {wanted} replicas updated"
+        )
+    if available >= wanted and rolled:
+        status.condition("Available", True, "MinimumReplicasAvailable", f"{available} available")
+    else:
+        status.condition(
+            "Available", False, "ReplicasUnavailable", f"{available} of {wanted} available"
+        )
 
 
 def _phase(status: StatusBuilder, deployment: dict[str, Any] | None) -> str:

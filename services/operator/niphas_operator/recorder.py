@@ -13,7 +13,7 @@ import hashlib
 import logging
 from typing import Final
 
-from niphas_operator.kube import Conflict, Kube, KubeError, collection_path
+from niphas_common.kube.client import Kube, KubeConflict, KubeError, collection_path
 from niphas_operator.workload import API_VERSION, KIND, MANAGED_BY, Workload, now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,8 @@ class Recorder:
             "count": 1,
         }
         try:
-            await self._kube.request(
-                "POST", collection_path("v1", "Event", workload.namespace), body=event
-            )
-        except Conflict:
+            await self._kube.create(collection_path("v1", "Event", workload.namespace), event)
+        except KubeConflict:
             pass  # already recorded
         except KubeError as exc:
             log.warning("could not record %s on %s/%s: %s", reason, *workload.key, exc)

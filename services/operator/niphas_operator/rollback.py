@@ -1,13 +1,15 @@
 """`niphas rollback NAME [--to N]`: pin a workload to a store path from its history.
 
 Rolling back is one merge patch of `spec.storePath`: the closure was built before, so the
-operator re-applies the Deployment with it at once, with no evaluation, build or event.
-Without `--to`, the entry before the one running now is chosen. `kubectl patch nw NAME
---type merge -p '{"spec":{"storePath":null}}'` (or `niphas rollback NAME --unpin`) unpins (the
-workload follows builds again).
+reconciler re-applies the Deployment with it at once, with no evaluation, build or event.
+Without `--to`, the entry before the one running now is chosen. `niphas rollback NAME
+--unpin` (or `kubectl patch nw NAME --type merge -p '{"spec":{"storePath":null}}'`) unpins:
+the workload follows builds again.
 
-With no cluster configured (render mode) the pin lives in the renderer's state file (the
-workload file is the user's) and the manifests are rendered again at once.
+The patch goes to the workload store the operator uses: the API server, or with no cluster
+configured the file store (the pin in the workload's status file, under its lock; the
+workload file is the user's and stays untouched). There nothing watches, so the command runs
+the reconciler once itself and the manifests are rendered again at once.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from typing import Annotated
 
 import typer
 
-from niphas_operator.children import PodSettings
-from niphas_operator.cluster import api_client
-from niphas_operator.kube import Kube, KubeError, workload_path
-from niphas_operator.render import Renderer
+from niphas_common.kube.client import KubeError
+from niphas_common.kube.config import connect
+from niphas_common.kube.watch import Backoff
+from niphas_operator.file_store import FileStore
+from niphas_operator.kubernetes_store import KubernetesStore
+from niphas_operator.reconciler import Reconciler
 from niphas_operator.settings import OperatorSettings
+from niphas_operator.store import Key, WorkloadStore
 from niphas_operator.workload import HistoryEntry, Workload
 
 
@@ -45,15 +50,14 @@ def choose(workload: Workload, to: int | None) -> HistoryEntry:
     raise RollbackError(f"{workload.name} has no earlier store path in its history")
 
 
-async def rollback(kube: Kube, namespace: str, name: str, to: int | None) -> HistoryEntry:
-    path = workload_path(namespace, name)
-    obj = await kube.get(path)
+async def rollback(store: WorkloadStore, key: Key, to: int | None) -> HistoryEntry:
+    obj = await store.get(key)
     if obj is None:
-        raise RollbackError(f"no NiphasWorkload {namespace}/{name}")
+        raise RollbackError(f"no NiphasWorkload {key[0]}/{key[1]}")
     workload = Workload(obj)
     entry = choose(workload, to)
-    await kube.merge_patch(
-        path,
+    await store.merge_patch(
+        key,
         {
             "metadata": {"resourceVersion": workload.resource_version},
             "spec": {"storePath": entry.store_path},
@@ -62,45 +66,52 @@ async def rollback(kube: Kube, namespace: str, name: str, to: int | None) -> His
     return entry
 
 
-async def unpin(kube: Kube, namespace: str, name: str) -> None:
-    await kube.merge_patch(workload_path(namespace, name), {"spec": {"storePath": None}})
+async def unpin(store: WorkloadStore, key: Key) -> None:
+    await store.merge_patch(key, {"spec": {"storePath": None}})
 
 
-async def _no_publish(event: object) -> None:
-    """The rollback command renders pinned workloads only; it never asks for builds."""
+async def _nothing_to_publish(event: object) -> None:
+    """A pinned workload asks for no build and skips preheating: reconciling it publishes
+    nothing, so the command needs no NATS."""
+    raise AssertionError(f"a rollback's reconcile published {event!r}")
 
 
-async def render_rollback(
-    settings: OperatorSettings, namespace: str, name: str, to: int | None, unpinning: bool
+async def _on_files(
+    settings: OperatorSettings, key: Key, to: int | None, unpinning: bool
 ) -> HistoryEntry | None:
-    key, _, value = settings.store_node_label.partition("=")
-    pod = PodSettings(settings.stub_image, settings.csi_driver, (key, value))
-    renderer = Renderer(
-        settings.resolved_workloads_dir(), settings.resolved_render_dir(), pod, _no_publish
+    store = FileStore.from_settings(settings)
+    if unpinning:
+        # The manifests already run the pinned path, which status now records: they stay.
+        await unpin(store, key)
+        return None
+    entry = await rollback(store, key, to)
+    reconciler = Reconciler(
+        store,
+        _nothing_to_publish,
+        settings.pod(),
+        preheat_nodes=(),
+        preheat_deadline_s=settings.preheat_deadline_s,
     )
-    try:
-        workload = renderer.find(namespace, name)
-    except LookupError as exc:
-        raise RollbackError(str(exc)) from None
-    entry = None if unpinning else choose(workload, to)
-    renderer.pin(namespace, name, entry.store_path if entry else None)
-    await renderer.render_all()
+    await reconciler.reconcile(*key)
     return entry
 
 
 async def _run(
-    kubeconfig: Path | None, namespace: str, name: str, to: int | None, unpinning: bool
+    kubeconfig: Path | None, key: Key, to: int | None, unpinning: bool
 ) -> HistoryEntry | None:
     settings = OperatorSettings()
-    client = await api_client(kubeconfig or settings.kubeconfig)
-    if client is None:
-        return await render_rollback(settings, namespace, name, to, unpinning)
-    async with client:
-        kube = Kube(client, "niphas-rollback")
+    kube = await connect(kubeconfig or settings.kubeconfig, "niphas-rollback")
+    if kube is None:
+        return await _on_files(settings, key, to, unpinning)
+    async with kube:
+        backoff = Backoff(settings.retry_base_s, settings.retry_max_s)
+        store = await KubernetesStore.connect(
+            kube, namespace=key[0], resync_s=settings.resync_s, retry=backoff
+        )
         if unpinning:
-            await unpin(kube, namespace, name)
+            await unpin(store, key)
             return None
-        return await rollback(kube, namespace, name, to)
+        return await rollback(store, key, to)
 
 
 def rollback_command(
@@ -119,7 +130,7 @@ def rollback_command(
 ) -> None:
     """Pin a workload to an earlier store path from its history (no evaluation or build)."""
     try:
-        entry = asyncio.run(_run(kubeconfig, namespace, name, to, unpin))
+        entry = asyncio.run(_run(kubeconfig, (namespace, name), to, unpin))
     except (RollbackError, KubeError) as exc:
         typer.echo(f"rollback failed: {exc}", err=True)
         raise typer.Exit(1) from None

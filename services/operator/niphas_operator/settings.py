@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from niphas_common.settings import ServiceSettings
+from niphas_operator.children import PodSettings
 
 
 def _default_identity() -> str:
@@ -31,6 +32,11 @@ class OperatorSettings(ServiceSettings):
         default=None,
         description="Render mode: write the manifests the operator would apply under this "
         "directory (<namespace>/<name>/*.yaml) for GitOps; default <state_dir>/operator/render",
+    )
+    status_dir: Path | None = Field(
+        default=None,
+        description="Render mode: directory of each workload's status (and rollback pin), "
+        "one JSON file per workload beside a lock file; default <state_dir>/operator/status",
     )
     workloads_dir: Path | None = Field(
         default=None,
@@ -105,5 +111,13 @@ class OperatorSettings(ServiceSettings):
     def resolved_render_dir(self) -> Path:
         return self.render_dir or self.state_dir / "operator" / "render"
 
+    def resolved_status_dir(self) -> Path:
+        return self.status_dir or self.state_dir / "operator" / "status"
+
     def resolved_workloads_dir(self) -> Path:
         return self.workloads_dir or self.state_dir / "operator" / "workloads"
+
+    def pod(self) -> PodSettings:
+        """What the operator adds to every pod it runs."""
+        key, _, value = self.store_node_label.partition("=")
+        return PodSettings(self.stub_image, self.csi_driver, (key, value))

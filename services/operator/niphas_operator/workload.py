@@ -12,7 +12,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from niphas_operator.flakeref import ref_of
+from niphas_common.flakeref import ref_of
 
 GROUP: Final = "niphas.io"
 VERSION: Final = "v1alpha1"

@@ -1,0 +1,104 @@
+"""Workloads in a Kubernetes cluster: NiphasWorkload objects through the API server.
+
+Children are server-side applied (field manager from the settings, forced) and watched by
+the label the operator puts on them; status goes through the status subresource; decisions
+that change nothing are recorded as Events (`recorder`). Every request is counted in
+`niphas_operator_api_requests_total` (the benchmark's figure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import Counter
+
+from niphas_common.kube.client import Kube, object_path, resource_path
+from niphas_common.kube.watch import Backoff, Selection, WatchEvent, list_and_watch
+from niphas_operator.recorder import Recorder
+from niphas_operator.store import Key
+from niphas_operator.workload import API_VERSION, MANAGED_BY, PLURAL, Workload
+
+API_REQUESTS = Counter(
+    "niphas_operator_api_requests_total", "Kubernetes API requests by verb", ["verb"]
+)
+
+
+def count_request(verb: str) -> None:
+    API_REQUESTS.labels(verb).inc()
+
+
+def workloads_path(namespace: str | None) -> str:
+    return resource_path(API_VERSION, PLURAL, namespace)
+
+
+def workload_path(namespace: str, name: str) -> str:
+    return resource_path(API_VERSION, PLURAL, namespace, name)
+
+
+class KubernetesStore:
+    def __init__(
+        self,
+        kube: Kube,
+        *,
+        namespace: str | None,
+        pdb_api_version: str,
+        resync_s: float,
+        retry: Backoff,
+    ) -> None:
+        self.kube = kube
+        self.pdb_api_version = pdb_api_version
+        self._namespace = namespace
+        self._resync_s = resync_s
+        self._retry = retry
+        self._recorder = Recorder(kube)
+
+    @classmethod
+    async def connect(
+        cls, kube: Kube, *, namespace: str | None, resync_s: float, retry: Backoff
+    ) -> KubernetesStore:
+        """A store for the cluster behind `kube`, asking it which PDB version it serves."""
+        pdb = "policy/v1" if await kube.served("policy/v1") else "policy/v1beta1"
+        return cls(kube, namespace=namespace, pdb_api_version=pdb, resync_s=resync_s, retry=retry)
+
+    async def get(self, key: Key) -> dict[str, Any] | None:
+        return await self.kube.get(workload_path(*key))
+
+    async def list(self) -> list[dict[str, Any]]:
+        items, _ = await self.kube.list(workloads_path(self._namespace))
+        return items
+
+    async def merge_patch(self, key: Key, patch: dict[str, Any]) -> dict[str, Any]:
+        return await self.kube.merge_patch(workload_path(*key), patch)
+
+    async def merge_patch_status(self, key: Key, patch: dict[str, Any]) -> dict[str, Any]:
+        return await self.kube.merge_patch(f"{workload_path(*key)}/status", patch)
+
+    async def child(self, api_version: str, kind: str, key: Key) -> dict[str, Any] | None:
+        return await self.kube.get(object_path(api_version, kind, *key))
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        return await self.kube.apply(manifest)
+
+    async def delete(self, api_version: str, kind: str, key: Key) -> None:
+        await self.kube.delete(object_path(api_version, kind, *key))
+
+    async def nodes_running(self, workload: Workload) -> tuple[str, ...]:
+        selector = ",".join(f"{k}={v}" for k, v in workload.selector().items())
+        pods, _ = await self.kube.list(
+            resource_path("v1", "pods", workload.namespace), label_selector=selector
+        )
+        return tuple(sorted({p["spec"]["nodeName"] for p in pods if p["spec"].get("nodeName")}))
+
+    async def record(self, workload: Workload, reason: str, message: str, *, about: str) -> None:
+        await self._recorder.record(workload, reason, message, about=about)
+
+    def workload_events(self) -> AsyncIterator[WatchEvent]:
+        return self._watch(Selection(workloads_path(self._namespace)))
+
+    def child_events(self) -> AsyncIterator[WatchEvent]:
+        path = resource_path("apps/v1", "deployments", self._namespace)
+        return self._watch(Selection(path, f"app.kubernetes.io/managed-by={MANAGED_BY}"))
+
+    def _watch(self, selection: Selection) -> AsyncIterator[WatchEvent]:
+        return list_and_watch(self.kube, selection, resync_s=self._resync_s, retry=self._retry)
