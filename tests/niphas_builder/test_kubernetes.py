@@ -3,7 +3,8 @@ runs there, so the test plays the controller: it writes the Job's status conditi
 the API. Covered: the Job's spec is what a cluster needs (labels linking it to the derivation
 and commit, resources, deadline, backoff, TTL, the node's store and the signing key mounted,
 no Secret and no hostPath anywhere, Nix's sandbox on, uploads to the staging endpoint),
-success and failure are followed through the watch, the Job is deleted after. The staging
+success and failure are followed through the watch, the Job is deleted after, and the
+executor finds its cluster through KUBECONFIG when no kubeconfig is set. The staging
 step itself is `test_staging.py`; here it is a stand-in that accepts every Job."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from niphas_builder.executor import BuildJob, Outcome
 from niphas_builder.kubernetes import JobExecutor, job_name
 from niphas_builder.settings import BuilderSettings
 from niphas_builder.staging import StagingArea
+from niphas_common.kube.client import Kube
 from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.signing import SecretKey, TrustedKeys
 from tests.kube_harness import KubeApiServer
@@ -88,7 +90,8 @@ async def executor(
     kube_apiserver: KubeApiServer, settings: BuilderSettings, tmp_path: Path
 ) -> AsyncIterator[JobExecutor]:
     staging = AcceptingStaging(tmp_path)
-    ex = JobExecutor(kube_apiserver.api_client(), settings, staging, [str(KEY.public_key)])
+    kube = Kube(kube_apiserver.api_client(), "niphas-builder-test")
+    ex = JobExecutor(kube, settings, staging, [str(KEY.public_key)])
     try:
         yield ex
     finally:
@@ -218,3 +221,22 @@ async def test_restarted_builder_adopts_the_running_job(
     await finish(batch, ns, name, "Complete")
     assert (await asyncio.wait_for(second, 30)).succeeded
     assert await gone(batch, ns, name)
+
+
+async def test_the_cluster_comes_from_kubeconfig_when_none_is_set(
+    kube_apiserver: KubeApiServer,
+    settings: BuilderSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(kube_apiserver.kubeconfig))
+    assert settings.kubeconfig is None
+    staging = AcceptingStaging(tmp_path)
+    executor = await JobExecutor.from_settings(settings, staging, [str(KEY.public_key)])
+    try:
+        jobs, _ = await executor.kube.list(
+            f"/apis/batch/v1/namespaces/{settings.k8s_namespace}/jobs"
+        )
+        assert isinstance(jobs, list)
+    finally:
+        await executor.close()

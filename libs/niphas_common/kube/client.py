@@ -135,12 +135,13 @@ class Kube:
         body: Any = None,
         content_type: str = _JSON,
     ) -> dict[str, Any]:
-        result = await self._call(method, path, query, body, content_type, _OBJECT_RESPONSE)
+        headers = {"Accept": _JSON, "Content-Type": content_type}
+        result = await self._call(method, path, query, body, headers, _OBJECT_RESPONSE)
         return result if isinstance(result, dict) else {}
 
     async def text(self, path: str, *, query: dict[str, str] | None = None) -> str:
         """A plain-text resource, such as a pod's log."""
-        return str(await self._call("GET", path, query, None, _JSON, _TEXT_RESPONSE))
+        return str(await self._call("GET", path, query, None, {"Accept": "*/*"}, _TEXT_RESPONSE))
 
     async def _call(
         self,
@@ -148,7 +149,7 @@ class Kube:
         path: str,
         query: dict[str, str] | None,
         body: Any,
-        content_type: str,
+        headers: dict[str, str],
         response_types: dict[int, str],
     ) -> Any:
         self._count(method.lower())
@@ -157,7 +158,7 @@ class Kube:
                 path,
                 method,
                 query_params=list((query or {}).items()),
-                header_params={"Accept": _JSON, "Content-Type": content_type},
+                header_params=headers,
                 body=body,
                 response_types_map=response_types,
                 auth_settings=["BearerToken"],

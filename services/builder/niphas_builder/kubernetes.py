@@ -2,7 +2,8 @@
 
 The Job is named after the derivation's hash (`niphas-build-<hash>`), so a builder restarted
 mid-build adopts the Job already running instead of starting a second one. It is followed
-through the API's watch until a `Complete` or `Failed` condition, its pod's log is collected,
+through the shared list + watch (`niphas_common.kube`: the Job by name, relisted when the
+watch's version expired) until a `Complete` or `Failed` condition, its pod's log is collected,
 and it is deleted (`ttlSecondsAfterFinished` cleans up after a builder that died first).
 
 The build pod (`build_pod.job_manifest`) holds no key and no host store: it builds in its own
@@ -17,11 +18,10 @@ import asyncio
 import logging
 from typing import Any
 
-import aiohttp
-from kubernetes_asyncio import client, config, watch
-from kubernetes_asyncio.client.exceptions import ApiException
-
 from niphas_common.errors import TransientError
+from niphas_common.kube.client import Kube, KubeConflict, KubeError, collection_path, object_path
+from niphas_common.kube.config import require
+from niphas_common.kube.watch import LISTED, SYNCED, Selection, list_and_watch
 
 from .build_pod import job_manifest, job_name
 from .executor import BuildJob, Outcome
@@ -30,22 +30,22 @@ from .staging import StagingArea, UploadRefused
 
 log = logging.getLogger(__name__)
 
-WATCH_TIMEOUT_S = 300
-"""Seconds one watch request lasts before it is renewed (servers cap watches anyway)."""
+FOLLOW_RESYNC_S = 300
+"""Seconds between re-reads of a followed Job (a relist), however quiet its watch is."""
 
 __all__ = ["JobExecutor", "job_manifest", "job_name", "verdict"]
 
 
-def verdict(job: Any) -> tuple[bool, str] | None:
+def verdict(job: dict[str, Any]) -> tuple[bool, str] | None:
     """(succeeded, reason) once the Job finished, from its conditions; None while it runs."""
-    status = getattr(job, "status", None)
-    for cond in getattr(status, "conditions", None) or ():
-        if cond.status != "True":
+    for cond in (job.get("status") or {}).get("conditions") or ():
+        if cond.get("status") != "True":
             continue
-        if cond.type == "Complete":
+        if cond.get("type") == "Complete":
             return True, ""
-        if cond.type == "Failed":
-            return False, f"Job failed: {cond.reason or ''} {cond.message or ''}".strip()
+        if cond.get("type") == "Failed":
+            reason = f"{cond.get('reason') or ''} {cond.get('message') or ''}".strip()
+            return False, f"Job failed: {reason}"
     return None
 
 
@@ -54,34 +54,28 @@ class JobExecutor:
 
     def __init__(
         self,
-        api: client.ApiClient,
+        kube: Kube,
         settings: BuilderSettings,
         staging: StagingArea,
         public_keys: list[str],
     ) -> None:
-        self.api = api
+        self.kube = kube
         self.settings = settings
         self.staging = staging
         self.public_keys = public_keys
-        self.batch = client.BatchV1Api(api)
-        self.core = client.CoreV1Api(api)
         self.namespace = settings.k8s_namespace
+        self._jobs = collection_path("batch/v1", "Job", self.namespace)
 
     @classmethod
     async def from_settings(
         cls, settings: BuilderSettings, staging: StagingArea, public_keys: list[str]
     ) -> JobExecutor:
-        conf = client.Configuration()
-        if settings.kubeconfig is None:
-            config.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call]
-        else:
-            await config.load_kube_config(
-                config_file=str(settings.kubeconfig), client_configuration=conf
-            )
-        return cls(client.ApiClient(conf), settings, staging, public_keys)
+        """The cluster of `settings.kubeconfig`, else `KUBECONFIG`, else in-cluster."""
+        kube = await require(settings.kubeconfig, "niphas-builder")
+        return cls(kube, settings, staging, public_keys)
 
     async def close(self) -> None:
-        await self.api.close()
+        await self.kube.close()
 
     def manifest(self, job: BuildJob) -> dict[str, Any]:
         token = self.staging.token(job.drv_hash)
@@ -90,14 +84,10 @@ class JobExecutor:
     async def realise(self, job: BuildJob) -> Outcome:
         name = job_name(job)
         await self.staging.prepare(job)
-        try:
-            ok, reason = await self._run(job, name)
-            logs = await self._logs(name)
-            await self._delete(name)
-        except ApiException as exc:
-            raise TransientError(f"Kubernetes API: {exc.status} {exc.reason}") from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TransientError(f"Kubernetes API unreachable: {exc!r}") from exc
+        # API errors are KubeErrors, TransientErrors already: the build is retried later.
+        ok, reason = await self._run(job, name)
+        logs = await self._logs(name)
+        await self._delete(name)
         try:
             if ok:
                 # Only verified outputs get signed; a refusal fails the build with its reason.
@@ -111,89 +101,64 @@ class JobExecutor:
     async def _run(self, job: BuildJob, name: str) -> tuple[bool, str]:
         manifest = self.manifest(job)
         try:
-            created = await self.batch.create_namespaced_job(self.namespace, manifest)  # type: ignore[arg-type]  # a dict serialises as is
+            await self.kube.create(self._jobs, manifest)
             log.info("created Job %s/%s for %s", self.namespace, name, job.drv_path)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            created = await self.batch.read_namespaced_job(name, self.namespace)
-            staging = (created.metadata.annotations or {}).get("niphas.io/staging-url")
+        except KubeConflict:
+            current = await self.kube.get(self._job(name))
+            annotations = ((current or {}).get("metadata") or {}).get("annotations") or {}
+            staging = annotations.get("niphas.io/staging-url")
             if staging != self.staging.url(job):
                 # Its pod uploads to a builder that is gone: start it again, uploading here.
                 log.info("replacing Job %s/%s (it uploads to %s)", self.namespace, name, staging)
-                created = await self._replace(name, manifest)
+                await self._replace(name, manifest)
             else:
                 log.info("adopted running Job %s/%s for %s", self.namespace, name, job.drv_path)
-        return await self._follow(name, created)
+        return await self._follow(name)
 
-    async def _replace(self, name: str, manifest: dict[str, Any]) -> Any:
+    async def _replace(self, name: str, manifest: dict[str, Any]) -> None:
         await self._delete(name)
         for _ in range(600):
             try:
-                return await self.batch.create_namespaced_job(self.namespace, manifest)  # type: ignore[arg-type]
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-            await asyncio.sleep(0.2)  # still being deleted
+                await self.kube.create(self._jobs, manifest)
+                return
+            except KubeConflict:
+                await asyncio.sleep(0.2)  # still being deleted
         raise TransientError(f"Job {name} was not deleted within 120 s")
 
-    async def _follow(self, name: str, current: Any) -> tuple[bool, str]:
-        """Watch the Job from the version we hold until it finishes."""
-        while True:
-            done = verdict(current)
+    async def _follow(self, name: str) -> tuple[bool, str]:
+        """List + watch the Job until it finishes."""
+        selection = Selection(self._jobs, field_selector=f"metadata.name={name}")
+        listed = False
+        events = list_and_watch(self.kube, selection, resync_s=FOLLOW_RESYNC_S, retry=None)
+        async for event in events:
+            if (event.kind == SYNCED and not listed) or event.kind == "DELETED":
+                raise TransientError(f"Job {name} was deleted before it finished")
+            listed = event.kind == LISTED
+            done = None if event.kind == SYNCED else verdict(event.obj)
             if done is not None:
                 return done
-            version = current.metadata.resource_version
-            stream = watch.Watch()
-            try:
-                async for event in stream.stream(
-                    self.batch.list_namespaced_job,
-                    self.namespace,
-                    field_selector=f"metadata.name={name}",
-                    resource_version=version,
-                    timeout_seconds=WATCH_TIMEOUT_S,
-                ):
-                    if event["type"] == "DELETED":
-                        raise TransientError(f"Job {name} was deleted before it finished")
-                    if event["type"] in ("ADDED", "MODIFIED"):
-                        current = event["object"]
-                        if verdict(current) is not None:
-                            break
-            except ApiException as exc:
-                if exc.status != 410:
-                    raise
-            finally:
-                await stream.close()
-            if verdict(current) is None:
-                # The watch ended or the version expired: re-read, then watch again.
-                current = await self.batch.read_namespaced_job(name, self.namespace)
+        raise AssertionError("list_and_watch ends only with an error")
 
     async def _logs(self, name: str) -> str:
-        pods = await self.core.list_namespaced_pod(
-            self.namespace, label_selector=f"job-name={name}"
+        pods, _ = await self.kube.list(
+            collection_path("v1", "Pod", self.namespace), label_selector=f"job-name={name}"
         )
-        if not pods.items:
+        if not pods:
             return f"(no pod of Job {name} left a log)"
         texts = []
-        for pod in sorted(pods.items, key=lambda p: p.metadata.creation_timestamp or 0):
+        for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
+            pod_name = pod["metadata"]["name"]
+            path = f"{object_path('v1', 'Pod', self.namespace, pod_name)}/log"
+            query = {"container": "build", "tailLines": str(self.settings.log_tail_lines)}
             try:
-                text = await self.core.read_namespaced_pod_log(
-                    pod.metadata.name,
-                    self.namespace,
-                    container="build",
-                    tail_lines=self.settings.log_tail_lines,
-                )
-            except ApiException as exc:
-                text = f"(log of {pod.metadata.name} unavailable: {exc.status} {exc.reason})"
-            texts.append(str(text))
+                texts.append(await self.kube.text(path, query=query))
+            except KubeError as exc:
+                texts.append(f"(log of {pod_name} unavailable: {exc})")
         return "\n".join(texts)
 
     async def _delete(self, name: str) -> None:
-        try:
-            # Background: pods go with the Job through the garbage collector.
-            await self.batch.delete_namespaced_job(
-                name, self.namespace, propagation_policy="Background"
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        # Background: pods go with the Job through the garbage collector.
+        await self.kube.delete(self._job(name))
+
+    def _job(self, name: str) -> str:
+        return object_path("batch/v1", "Job", self.namespace, name)
