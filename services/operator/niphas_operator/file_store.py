@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +235,7 @@ class FileStore:
 
     # -- changes -----------------------------------------------------------------------------
 
-    async def workload_events(self) -> AsyncIterator[WatchEvent]:
+    async def workload_events(self) -> AsyncGenerator[WatchEvent]:
         seen: dict[Key, dict[str, Any]] = {}
         listed = float("-inf")
         while True:
@@ -251,7 +251,7 @@ class FileStore:
             seen = objects
             await asyncio.sleep(self._poll_s)
 
-    async def child_events(self) -> AsyncIterator[WatchEvent]:
+    async def child_events(self) -> AsyncGenerator[WatchEvent]:
         """The (empty) list of Deployments, then nothing: no cluster runs them."""
         yield WatchEvent(SYNCED)
         await asyncio.Event().wait()
