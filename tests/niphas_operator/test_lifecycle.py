@@ -52,141 +52,161 @@ async def test_build_done_moves_the_workload_and_rollback_restores_it(
     operator_settings: OperatorSettings,
     running_operator: OperatorRunner,
 ) -> None:
-    first, second = commit_of("one"), commit_of("two")
+    """The whole life, in order: each step starts from where the one before left it."""
     kubectl.apply(workload("web", ref="refs/heads/main"))
     async with running_operator(operator_settings):
-        # No store path yet: the operator asks the pipeline for an evaluation.
-        async def requested() -> list[dict[str, Any]]:
-            return await messages(bus, "push.received")
+        await _asks_for_a_first_build(kubectl, bus)
+        await _first_build_applied(kubectl, bus, operator_settings)
+        await _becomes_ready(kubectl, crd)
+        await _second_build_moves_on(kubectl, bus)
+        await _failed_build_degrades(kubectl, bus)
+        await _rollback_restores(kubectl, crd, bus)
 
-        pushes: list[dict[str, Any]] = []
 
-        async def check_pushes() -> None:
-            pushes[:] = await requested()
+async def _asks_for_a_first_build(kubectl: Kubectl, bus: Bus) -> None:
+    # No store path yet: the operator asks the pipeline for an evaluation.
+    async def requested() -> list[dict[str, Any]]:
+        return await messages(bus, "push.received")
 
-        await _eventually_async(check_pushes, lambda: len(pushes) == 1)
-        push = pushes[0]
-        assert push["forge"] == "niphas"
-        assert push["repository"] == REPOSITORY
-        assert push["ref"] == "refs/heads/main"
-        assert push["commit"] is None
-        assert push["delivery_id"] == f"{kubectl.namespace}/web/1"
-        await eventually(
-            lambda: (kubectl.get("nw", "web") or {}).get("status", {}).get("phase") == "Pending", 30
+    pushes: list[dict[str, Any]] = []
+
+    async def check_pushes() -> None:
+        pushes[:] = await requested()
+
+    await _eventually_async(check_pushes, lambda: len(pushes) == 1)
+    push = pushes[0]
+    assert push["forge"] == "niphas"
+    assert push["repository"] == REPOSITORY
+    assert push["ref"] == "refs/heads/main"
+    assert push["commit"] is None
+    assert push["delivery_id"] == f"{kubectl.namespace}/web/1"
+    await eventually(
+        lambda: (kubectl.get("nw", "web") or {}).get("status", {}).get("phase") == "Pending", 30
+    )
+    assert kubectl.get("deployment", "web") is None
+
+
+async def _first_build_applied(
+    kubectl: Kubectl, bus: Bus, operator_settings: OperatorSettings
+) -> None:
+    first = commit_of("one")
+    # The builder reports the first build, inside a trace the mount must join.
+    with tracer().start_as_current_span("build") as build_span:
+        await bus.publish(build_done(first, "web-1.0"))
+    build_trace = format(build_span.get_span_context().trace_id, "032x")
+    await eventually(lambda: _deployment_path(kubectl, "web") == store_path("web-1.0"), 30)
+    deployment = kubectl.get("deployment", "web")
+    assert deployment is not None
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["containers"][0]["command"] == [f"{store_path('web-1.0')}/bin/web"]
+    assert pod["containers"][0]["image"] == operator_settings.stub_image
+    assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/nix/store"
+    assert pod["volumes"][0]["csi"]["driver"] == "csi.niphas.io"
+    carried = pod["volumes"][0]["csi"]["volumeAttributes"]["traceparent"]
+    assert carried.split("-")[1] == build_trace
+    assert pod["nodeSelector"] == {"niphas.io/store": "true"}
+    owner = deployment["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == (
+        "NiphasWorkload",
+        "web",
+        True,
+    )
+    wanted = await messages(bus, "path.wanted")
+    assert [(w["node"], w["store_paths"]) for w in wanted] == [("node-a", [store_path("web-1.0")])]
+
+    obj = kubectl.get("nw", "web")
+    assert obj is not None
+    status = obj["status"]
+    assert status["storePath"] == store_path("web-1.0")
+    assert status["commit"] == first
+    assert status["closure"] == {"pathCount": 2, "narSize": 4096}
+    assert [h["storePath"] for h in status["history"]] == [store_path("web-1.0")]
+    conditions = _conditions(obj)
+    assert conditions["Built"]["status"] == "True"
+    assert conditions["ClosureAvailable"]["status"] == "True"
+    assert conditions["Degraded"]["status"] == "False"
+    assert conditions["Available"]["status"] == "False"  # no pods yet: no controllers here
+    assert status["phase"] == "Progressing"
+
+
+async def _becomes_ready(kubectl: Kubectl, crd: KubeApiServer) -> None:
+    # Readiness: write the Deployment's status as its controller would.
+    _mark_ready(crd, kubectl.namespace, "web", 1)
+    await eventually(
+        lambda: (kubectl.get("nw", "web") or {}).get("status", {}).get("phase") == "Running", 30
+    )
+    assert kubectl.get("nw", "web")["status"]["readyReplicas"] == 1  # type: ignore[index]
+
+
+async def _second_build_moves_on(kubectl: Kubectl, bus: Bus) -> None:
+    second = commit_of("two")
+    # A second commit builds: status, history and Deployment move on.
+    await bus.publish(build_done(second, "web-2.0"))
+    await eventually(lambda: _deployment_path(kubectl, "web") == store_path("web-2.0"), 30)
+    obj = kubectl.get("nw", "web")
+    assert obj is not None
+    assert [h["storePath"] for h in obj["status"]["history"]] == [
+        store_path("web-2.0"),
+        store_path("web-1.0"),
+    ]
+    assert [h["revision"] for h in obj["status"]["history"]] == [2, 1]
+    assert obj["status"]["commit"] == second
+
+
+async def _failed_build_degrades(kubectl: Kubectl, bus: Bus) -> None:
+    # A failed build: Degraded with the reason, the Deployment keeps serving 2.0.
+    await bus.publish(build_done(commit_of("three"), "web-3.0", failed=True))
+
+    def degraded() -> bool:
+        return (
+            _conditions(kubectl.get("nw", "web") or {}).get("Degraded", {}).get("status") == "True"
         )
-        assert kubectl.get("deployment", "web") is None
 
-        # The builder reports the first build, inside a trace the mount must join.
-        with tracer().start_as_current_span("build") as build_span:
-            await bus.publish(build_done(first, "web-1.0"))
-        build_trace = format(build_span.get_span_context().trace_id, "032x")
-        await eventually(lambda: _deployment_path(kubectl, "web") == store_path("web-1.0"), 30)
-        deployment = kubectl.get("deployment", "web")
-        assert deployment is not None
-        pod = deployment["spec"]["template"]["spec"]
-        assert pod["containers"][0]["command"] == [f"{store_path('web-1.0')}/bin/web"]
-        assert pod["containers"][0]["image"] == operator_settings.stub_image
-        assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/nix/store"
-        assert pod["volumes"][0]["csi"]["driver"] == "csi.niphas.io"
-        carried = pod["volumes"][0]["csi"]["volumeAttributes"]["traceparent"]
-        assert carried.split("-")[1] == build_trace
-        assert pod["nodeSelector"] == {"niphas.io/store": "true"}
-        owner = deployment["metadata"]["ownerReferences"][0]
-        assert (owner["kind"], owner["name"], owner["controller"]) == (
-            "NiphasWorkload",
+    await eventually(degraded, 30)
+    obj = kubectl.get("nw", "web")
+    assert obj is not None
+    assert _conditions(obj)["Degraded"]["reason"] == "BuildFailed"
+    assert "exit code 1" in _conditions(obj)["Degraded"]["message"]
+    assert obj["status"]["phase"] == "Degraded"
+    assert obj["status"]["storePath"] == store_path("web-2.0")
+    assert _deployment_path(kubectl, "web") == store_path("web-2.0")
+
+
+async def _rollback_restores(kubectl: Kubectl, crd: KubeApiServer, bus: Bus) -> None:
+    # Rollback to the first build: no evaluation, no build, no event at all.
+    before = await stream_totals(bus)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "niphas_common",
+            "rollback",
             "web",
-            True,
-        )
-        wanted = await messages(bus, "path.wanted")
-        assert [(w["node"], w["store_paths"]) for w in wanted] == [
-            ("node-a", [store_path("web-1.0")])
-        ]
-
-        obj = kubectl.get("nw", "web")
-        assert obj is not None
-        status = obj["status"]
-        assert status["storePath"] == store_path("web-1.0")
-        assert status["commit"] == first
-        assert status["closure"] == {"pathCount": 2, "narSize": 4096}
-        assert [h["storePath"] for h in status["history"]] == [store_path("web-1.0")]
-        conditions = _conditions(obj)
-        assert conditions["Built"]["status"] == "True"
-        assert conditions["ClosureAvailable"]["status"] == "True"
-        assert conditions["Degraded"]["status"] == "False"
-        assert conditions["Available"]["status"] == "False"  # no pods yet: no controllers here
-        assert status["phase"] == "Progressing"
-
-        # Readiness: write the Deployment's status as its controller would.
-        _mark_ready(crd, kubectl.namespace, "web", 1)
-        await eventually(
-            lambda: (kubectl.get("nw", "web") or {}).get("status", {}).get("phase") == "Running", 30
-        )
-        assert kubectl.get("nw", "web")["status"]["readyReplicas"] == 1  # type: ignore[index]
-
-        # A second commit builds: status, history and Deployment move on.
-        await bus.publish(build_done(second, "web-2.0"))
-        await eventually(lambda: _deployment_path(kubectl, "web") == store_path("web-2.0"), 30)
-        obj = kubectl.get("nw", "web")
-        assert obj is not None
-        assert [h["storePath"] for h in obj["status"]["history"]] == [
-            store_path("web-2.0"),
-            store_path("web-1.0"),
-        ]
-        assert [h["revision"] for h in obj["status"]["history"]] == [2, 1]
-        assert obj["status"]["commit"] == second
-
-        # A failed build: Degraded with the reason, the Deployment keeps serving 2.0.
-        await bus.publish(build_done(commit_of("three"), "web-3.0", failed=True))
-
-        def degraded() -> bool:
-            return (
-                _conditions(kubectl.get("nw", "web") or {}).get("Degraded", {}).get("status")
-                == "True"
-            )
-
-        await eventually(degraded, 30)
-        obj = kubectl.get("nw", "web")
-        assert obj is not None
-        assert _conditions(obj)["Degraded"]["reason"] == "BuildFailed"
-        assert "exit code 1" in _conditions(obj)["Degraded"]["message"]
-        assert obj["status"]["phase"] == "Degraded"
-        assert obj["status"]["storePath"] == store_path("web-2.0")
-        assert _deployment_path(kubectl, "web") == store_path("web-2.0")
-
-        # Rollback to the first build: no evaluation, no build, no event at all.
-        before = await stream_totals(bus)
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "niphas_common",
-                "rollback",
-                "web",
-                "--to",
-                "1",
-                "-n",
-                kubectl.namespace,
-                "--kubeconfig",
-                str(crd.kubeconfig),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        assert "pinned to revision 1" in out.stdout
-        await eventually(lambda: _deployment_path(kubectl, "web") == store_path("web-1.0"), 30)
-        deployment = kubectl.get("deployment", "web")
-        assert deployment is not None
-        container = deployment["spec"]["template"]["spec"]["containers"][0]
-        assert container["command"] == [f"{store_path('web-1.0')}/bin/web"]
-        await eventually(
-            lambda: (
-                (kubectl.get("nw", "web") or {}).get("status", {}).get("storePath")
-                == store_path("web-1.0")
-            ),
-            30,
-        )
-        assert await stream_totals(bus) == before
+            "--to",
+            "1",
+            "-n",
+            kubectl.namespace,
+            "--kubeconfig",
+            str(crd.kubeconfig),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "pinned to revision 1" in out.stdout
+    await eventually(lambda: _deployment_path(kubectl, "web") == store_path("web-1.0"), 30)
+    deployment = kubectl.get("deployment", "web")
+    assert deployment is not None
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == [f"{store_path('web-1.0')}/bin/web"]
+    await eventually(
+        lambda: (
+            (kubectl.get("nw", "web") or {}).get("status", {}).get("storePath")
+            == store_path("web-1.0")
+        ),
+        30,
+    )
+    assert await stream_totals(bus) == before
 
 
 async def test_deleting_the_workload_removes_its_children(

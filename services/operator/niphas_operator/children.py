@@ -1,9 +1,9 @@
 """The objects a workload owns, as plain manifests: Deployment, Service, PodDisruptionBudget.
 
-Pure functions of the workload and the store path it runs, shared by the cluster mode
-(server-side apply) and render mode (files for GitOps). Everything the pod runs comes from
-the closure, mounted read-only at /nix/store by the `csi.niphas.io` inline volume; the
-container image is a fixed stub that never changes with the app.
+Pure functions of the workload and the store path it runs; the workload store makes them
+real (server-side apply in a cluster, files for GitOps in render mode). Everything the pod
+runs comes from the closure, mounted read-only at /nix/store by the `csi.niphas.io` inline
+volume; the container image is a fixed stub that never changes with the app.
 """
 
 from __future__ import annotations
@@ -55,10 +55,61 @@ def deployment(
     pod: PodSettings,
     traceparent: str | None = None,
 ) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(workload, workload.name),
+        "spec": {
+            "replicas": workload.spec.replicas,
+            "selector": {"matchLabels": workload.selector()},
+            "template": {
+                "metadata": {
+                    "labels": workload.labels(),
+                    "annotations": {STORE_PATH_ANNOTATION: store_path},
+                },
+                "spec": _pod_spec(workload, store_path, command, pod, traceparent),
+            },
+        },
+    }
+
+
+def _pod_spec(
+    workload: Workload,
+    store_path: str,
+    command: list[str],
+    pod: PodSettings,
+    traceparent: str | None,
+) -> dict[str, Any]:
     spec = workload.spec
     attributes = {"storePath": store_path}
     if traceparent:
         attributes[TRACEPARENT_ATTRIBUTE] = traceparent
+    key, value = pod.store_node_label
+    pod_spec: dict[str, Any] = {
+        "containers": [_container(workload, command, pod)],
+        "nodeSelector": {**spec.node_selector, key: value},
+        "volumes": [
+            {
+                "name": CLOSURE_VOLUME,
+                "csi": {
+                    "driver": pod.csi_driver,
+                    "readOnly": True,
+                    "volumeAttributes": attributes,
+                },
+            }
+        ],
+    }
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.affinity:
+        pod_spec["affinity"] = spec.affinity
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    return pod_spec
+
+
+def _container(workload: Workload, command: list[str], pod: PodSettings) -> dict[str, Any]:
+    spec = workload.spec
     container: dict[str, Any] = {
         "name": "app",
         "image": pod.stub_image,
@@ -79,43 +130,7 @@ def deployment(
         "startupProbe": spec.startup_probe,
     }
     container.update({name: probe for name, probe in probes.items() if probe})
-    key, value = pod.store_node_label
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "nodeSelector": {**spec.node_selector, key: value},
-        "volumes": [
-            {
-                "name": CLOSURE_VOLUME,
-                "csi": {
-                    "driver": pod.csi_driver,
-                    "readOnly": True,
-                    "volumeAttributes": attributes,
-                },
-            }
-        ],
-    }
-    if spec.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
-    if spec.affinity:
-        pod_spec["affinity"] = spec.affinity
-    if spec.service_account_name:
-        pod_spec["serviceAccountName"] = spec.service_account_name
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _metadata(workload, workload.name),
-        "spec": {
-            "replicas": spec.replicas,
-            "selector": {"matchLabels": workload.selector()},
-            "template": {
-                "metadata": {
-                    "labels": workload.labels(),
-                    "annotations": {STORE_PATH_ANNOTATION: store_path},
-                },
-                "spec": pod_spec,
-            },
-        },
-    }
+    return container
 
 
 def service(workload: Workload) -> dict[str, Any] | None:
