@@ -47,7 +47,6 @@ from niphas_common.nix.runner import NixRunner
 from niphas_demo import timeline
 from niphas_demo.flow import Demo
 from niphas_demo.kubelet import Kubelet, PodSpec, read_deployment
-from niphas_demo.layout import NAMESPACE, WORKLOAD
 from niphas_demo.sample import SampleRepo, nix_system
 from niphas_demo.stack import unmount_below
 from niphas_demo.webhook import send_push
@@ -154,21 +153,21 @@ class Pipeline:
         return stages, rendered - sent, build.summary.split(":", 1)[0]
 
     async def _rendered(self, trace: str, commit: str) -> tuple[float, PodSpec]:
-        """Wait for the Deployment rendered for this push: the operator's state names the
+        """Wait for the Deployment rendered for this push: the workload's status names the
         commit and the volume carries the push's trace. Returns (file mtime, its spec)."""
         layout = self.demo.layout
-        state_file = layout.render / ".niphas-state.json"
+        status_file = layout.workload_status()
         deadline = time.monotonic() + STEP_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
-                state = json.loads(state_file.read_text())
+                status = json.loads(status_file.read_text()).get("status") or {}
                 mtime = layout.deployment().stat().st_mtime_ns / 1e9
                 spec = read_deployment(layout.deployment())
             except (OSError, ValueError, KeyError):
                 spec = None  # being replaced: read again
             if (
                 spec is not None
-                and state.get(f"{NAMESPACE}/{WORKLOAD}", {}).get("commit") == commit
+                and status.get("commit") == commit
                 and timeline.trace_id(spec.volume_attributes) == trace
             ):
                 return mtime, spec

@@ -82,11 +82,19 @@ class Layout:
         return self.state / "operator" / "render"
 
     @property
+    def status(self) -> Path:
+        """The operator's file store: each workload's status (what kubectl would show)."""
+        return self.state / "operator" / "status"
+
+    @property
     def csi_socket(self) -> Path:
         return self.state / "csi" / "csi.sock"
 
     def deployment(self) -> Path:
         return self.render / NAMESPACE / WORKLOAD / "deployment.yaml"
+
+    def workload_status(self) -> Path:
+        return self.status / NAMESPACE / f"{WORKLOAD}.json"
 
 
 def service_env(layout: Layout, ports: Ports, public_key: str, tools: str) -> dict[str, str]:
