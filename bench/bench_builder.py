@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import platform
 import shutil
 import statistics
 import sys
@@ -37,20 +36,17 @@ from niphas_schemas import BuildDone, EvalDone, EvaluatedAttribute
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
 from bench.report import Report, add_json_option
+from niphas_demo.sample import nix_system
 
 REPO = "https://forge.example/bench.git"
-
-
-def system() -> str:
-    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower())
-    return f"{machine or platform.machine().lower()}-linux"
 
 
 def instantiate(runner: NixRunner, tools: str, seed: str) -> tuple[str, str]:
     """A fresh trivial derivation: (drv path, output path)."""
     bb = f"${{builtins.storePath {tools}}}/bin/busybox"
+    system = nix_system()
     expr = (
-        f'let d = derivation {{ name = "bench-{seed}"; system = "{system()}"; builder = "{bb}"; '
+        f'let d = derivation {{ name = "bench-{seed}"; system = "{system}"; builder = "{bb}"; '
         f'args = [ "sh" "-c" "{bb} mkdir $out && echo {seed} > $out/seed" ]; }}; '
         "in { drv = d.drvPath; out = d.outPath; }"
     )
@@ -61,8 +57,8 @@ def instantiate(runner: NixRunner, tools: str, seed: str) -> tuple[str, str]:
 def eval_done(drv: str, out: str, n: int) -> EvalDone:
     attr = EvaluatedAttribute(
         attribute="default",
-        attr_path=f"packages.{system()}.default",
-        system=system(),
+        attr_path=f"packages.{nix_system()}.default",
+        system=nix_system(),
         drv_path=drv,
         outputs={"out": out},
     )

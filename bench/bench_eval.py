@@ -47,6 +47,7 @@ from niphas_common.bus.bus import Bus
 from niphas_common.nats_server import EmbeddedNats
 from niphas_common.nix.runner import NixRunner
 from niphas_common.settings import NatsSettings
+from niphas_demo.sample import FlakeRepo
 from niphas_eval.app import build_worker
 from niphas_eval.settings import EvalSettings, this_system
 from niphas_schemas import PushReceived
@@ -241,17 +242,6 @@ BARE_APPLY = (
 )
 
 
-def git(repo: Path, *args: str) -> str:
-    env = {
-        "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.test",
-        "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.test",
-        "HOME": "/nonexistent", "PATH": "/usr/bin:/bin",
-    }  # fmt: skip
-    return subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env
-    ).stdout.strip()
-
-
 async def bench_eval(packages: int, work: int, rounds: int) -> tuple[float, float]:
     """(bare median, worker median) in seconds."""
     system = this_system()
@@ -266,9 +256,8 @@ async def bench_eval(packages: int, work: int, rounds: int) -> tuple[float, floa
         shutil.copy2("/bin/busybox", tmp / "tools" / "bin" / "busybox")
         tools = runner.add_to_store(tmp / "tools")
         runner.add_root(tools, tmp / "tools-root")
-        repo = tmp / "forge" / "app"
-        repo.mkdir(parents=True)
-        git(repo, "init", "-q", "-b", "main")
+        repo = FlakeRepo(tmp / "forge" / "app")
+        repo.ensure()
         commits = []
         for i in range(rounds):
             text = (
@@ -276,11 +265,9 @@ async def bench_eval(packages: int, work: int, rounds: int) -> tuple[float, floa
                 .replace("@VERSION@", f"v{i}").replace("@PACKAGES@", str(packages))
                 .replace("@WORK@", str(work))
             )  # fmt: skip
-            (repo / "flake.nix").write_text(text)
-            git(repo, "add", "flake.nix")
-            git(repo, "commit", "-q", "-m", f"v{i}")
-            commits.append(git(repo, "rev-parse", "HEAD"))
-        url = f"file://{repo}"
+            # Committed with its flake.lock: the worker takes inputs only from the lock.
+            commits.append(repo.commit_flake(text, f"v{i}", must_lock=True))
+        url = repo.url
 
         def bare(commit: str) -> float:
             ref = f"git+{url}?ref=refs%2Fheads%2Fmain&rev={commit}#packages.{system}"
@@ -290,7 +277,9 @@ async def bench_eval(packages: int, work: int, rounds: int) -> tuple[float, floa
 
         with EmbeddedNats(tmp / "nats") as server:
             settings = EvalSettings(
-                state_dir=tmp / "state", allowed_refs=[f"file://{tmp}/forge/*"], concurrency=1
+                state_dir=tmp / "state",
+                allowed_refs=[f"file://{tmp}/forge/*", f"path:{tools}"],
+                concurrency=1,
             )
             bus = await Bus.connect(NatsSettings(url=server.url), name="bench")
             worker = await build_worker(bus, settings, runner=runner)

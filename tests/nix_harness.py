@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import platform
 import shutil
 import textwrap
 from collections.abc import Callable
@@ -24,14 +23,11 @@ import pytest
 from niphas_common.nix.runner import NixRunner, PathInfo
 from niphas_common.nix.signing import PublicKey, SecretKey, TrustedKeys
 from niphas_common.nix.store_path import StorePath
+from niphas_demo.sample import nix_system
+
+__all__ = ["nix_system"]  # re-exported for the test modules that build flakes
 
 BUSYBOX = Path("/bin/busybox")
-
-
-def nix_system() -> str:
-    """The Nix system double of this machine (flakes cannot read builtins.currentSystem)."""
-    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower())
-    return f"{machine or platform.machine().lower()}-linux"
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ the busybox builder (there is no nixpkgs offline), standing in for one hosted on
 The closure has three paths: the app (a script running `busybox httpd`), the page it serves
 (`www`, whose text carries the version) and the tools path holding the static busybox. Changing
 the version changes `www` and so the app: a new closure per version.
+
+`FlakeRepo` is the one helper that keeps a flake in a local git repository and commits it with
+its `flake.lock` (evaluation takes inputs only from the committed lock), as a forge user would
+push it; the demo, the tests' forge repositories and the benchmarks all use it, with
+`nix_system` and `add_tools` (a `path:/nix/store/...-tools` input the eval allowlist names).
 """
 
 from __future__ import annotations
@@ -54,15 +59,16 @@ _FLAKE = """\
 }
 """
 
-_GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Niphas Demo",
-    "GIT_AUTHOR_EMAIL": "demo@niphas.invalid",
-    "GIT_COMMITTER_NAME": "Niphas Demo",
-    "GIT_COMMITTER_EMAIL": "demo@niphas.invalid",
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Niphas",
+    "GIT_AUTHOR_EMAIL": "niphas@niphas.invalid",
+    "GIT_COMMITTER_NAME": "Niphas",
+    "GIT_COMMITTER_EMAIL": "niphas@niphas.invalid",
     "GIT_CONFIG_NOSYSTEM": "1",
     "HOME": "/nonexistent",
     "PATH": "/usr/bin:/bin",
 }
+"""git runs with a fixed identity and no user or system configuration."""
 
 
 def nix_system() -> str:
@@ -86,14 +92,14 @@ def add_tools(nix: NixRunner, directory: Path) -> str:
 
 
 @dataclass
-class SampleRepo:
-    """The repository a forge would host; `url` is what the webhook names as clone_url."""
+class FlakeRepo:
+    """A local git repository holding a flake, standing in for one hosted on a forge."""
 
     dir: Path
-    tools: str
 
     @property
     def url(self) -> str:
+        """What a webhook names as clone_url."""
         return f"file://{self.dir}"
 
     @property
@@ -106,11 +112,12 @@ class SampleRepo:
             check=True,
             capture_output=True,
             text=True,
-            env={**_GIT_ENV, "PATH": os.environ.get("PATH", _GIT_ENV["PATH"])},
+            env={**GIT_ENV, "PATH": os.environ.get("PATH", GIT_ENV["PATH"])},
         )
         return out.stdout.strip()
 
     def ensure(self) -> None:
+        """Create the directory and an empty repository on `main` unless one is there."""
         if not (self.dir / ".git").exists():
             self.dir.mkdir(parents=True, exist_ok=True)
             self.git("init", "-q", "-b", "main")
@@ -118,31 +125,55 @@ class SampleRepo:
     def head(self) -> str:
         return self.git("rev-parse", "HEAD")
 
+    def has_head(self) -> bool:
+        return (
+            subprocess.run(
+                ["git", "-C", str(self.dir), "rev-parse", "--verify", "-q", "HEAD"],
+                capture_output=True,
+                env=GIT_ENV,
+            ).returncode
+            == 0
+        )
+
+    def commit_flake(
+        self,
+        text: str,
+        message: str,
+        *,
+        lock: bool = True,
+        must_lock: bool = False,
+        allow_empty: bool = False,
+    ) -> str:
+        """Write and commit flake.nix with (when `lock`) its flake.lock, as an author runs
+        `nix flake lock`; returns the new commit id. A flake nix cannot lock (a syntax error)
+        is committed without a lock, unless `must_lock` (then `CommandError`)."""
+        (self.dir / "flake.nix").write_text(text)
+        self.git("add", "flake.nix")
+        if lock:
+            nix = NixRunner(timeout=120.0)
+            nix.run("nix", "flake", "lock", f"git+file://{self.dir}", check=must_lock)
+            if (self.dir / "flake.lock").exists():
+                self.git("add", "flake.lock")
+        self.git("commit", "-q", *(["--allow-empty"] if allow_empty else []), "-m", message)
+        return self.head()
+
+
+@dataclass
+class SampleRepo(FlakeRepo):
+    """The demo's repository: the web app flake, one commit per version."""
+
+    tools: str
+
     def commit_version(self, version: str) -> tuple[str, str]:
         """Commit the flake serving `version`; returns (before, after) commit ids."""
-        before = self.git("rev-parse", "--verify", "-q", "HEAD") if self._has_head() else "0" * 40
+        before = self.head() if self.has_head() else "0" * 40
         text = (
             _FLAKE.replace("@TOOLS@", self.tools)
             .replace("@SYSTEM@", nix_system())
             .replace("@APP@", APP_NAME)
             .replace("@VERSION@", version)
         )
-        (self.dir / "flake.nix").write_text(text)
-        self.git("add", "flake.nix")
-        # Evaluation takes inputs only from the committed lock, as a careful forge user would
-        # commit it.
-        NixRunner().run("nix", "flake", "lock", f"git+file://{self.dir}")
-        self.git("add", "flake.lock")
         # --allow-empty: a second demo run commits the same tree again, as a new push.
-        self.git("commit", "-q", "--allow-empty", "-m", f"serve {version}")
-        return before, self.head()
-
-    def _has_head(self) -> bool:
-        return (
-            subprocess.run(
-                ["git", "-C", str(self.dir), "rev-parse", "--verify", "-q", "HEAD"],
-                capture_output=True,
-                env=_GIT_ENV,
-            ).returncode
-            == 0
+        return before, self.commit_flake(
+            text, f"serve {version}", must_lock=True, allow_empty=True
         )

@@ -28,7 +28,8 @@ ROLES: dict[str, tuple[str, str]] = {
     "path.wanted": ("csi (a pod needs a closure); operator (preheat before rollout)", "mesh"),
     "path.available": ("mesh; builder (for the cache)", "mesh, csi"),
 }
-"""Who publishes and who consumes each subject (DESIGN.md's table)."""
+"""Who publishes and who consumes each subject (the AsyncAPI document and the README's
+subjects table both say this)."""
 
 
 def schema_filename(model: type[Event]) -> str:

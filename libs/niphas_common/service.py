@@ -4,18 +4,31 @@ A service registers an entry point in the `niphas.services` group pointing at a 
 the CLI finds it there, so this library never imports a service. `run_until_signalled` turns
 SIGTERM/SIGINT into a stop event: consumers stop fetching, finish in-flight events, and the
 connection drains before the process exits.
+
+Every service process runs inside a `ServiceRuntime` (usually through `running`), which owns
+what they all share: tracing (service name `niphas-<service>`), the one bus connection (named
+`niphas-<service>-<instance>` in NATS's monitoring), readiness (the service's local checks,
+then the bus connection, then the checks that need the bus) and the ops endpoints (/healthz,
+/readyz, /metrics) on `metrics_host:metrics_port`, or on the service's own HTTP app.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+from aiohttp import web
 from pydantic_settings import BaseSettings
+
+from niphas_common.bus.bus import Bus
+from niphas_common.http import Readiness, add_ops_routes, serve_ops
+from niphas_common.settings import NatsSettings, ServiceSettings
+from niphas_common.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +83,121 @@ async def run_until_signalled(main: ServiceMain) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def trace_name(service: str) -> str:
+    """The OpenTelemetry `service.name` of every process of `service`."""
+    return f"niphas-{service}"
+
+
+class ServiceRuntime:
+    """Tracing, the bus connection, readiness and the ops server of one service process."""
+
+    def __init__(
+        self, service: str, nats: NatsSettings, *, instance: str = "", bus: Bus | None = None
+    ) -> None:
+        """`bus`: an already connected bus the runtime takes over (tests)."""
+        self.service = service
+        self.nats = nats
+        self.connection_name = f"niphas-{service}-{instance}" if instance else f"niphas-{service}"
+        self._bus: Bus | None = bus
+        self._local: list[Readiness] = []
+        self._remote: list[Readiness] = []
+        self._ops: web.AppRunner | None = None
+        setup_tracing(trace_name(service))
+
+    @property
+    def bus(self) -> Bus:
+        if self._bus is None:
+            raise RuntimeError(f"{self.service}: the bus is not connected yet")
+        return self._bus
+
+    @property
+    def has_bus(self) -> bool:
+        return self._bus is not None
+
+    async def connect(self) -> Bus:
+        """Connect once (provisioning every stream); fails when NATS does not answer."""
+        self._bus = await Bus.connect(self.nats, name=self.connection_name)
+        return self._bus
+
+    async def connect_until(
+        self, stop: asyncio.Event, retry_s: float, then: Callable[[Bus], Awaitable[None]]
+    ) -> Bus | None:
+        """Connect and run `then` on the new bus, retrying both until they succeed or `stop`
+        is set (for a service that serves before NATS answers). Never cancelled half-way,
+        which would leave a half-open connection behind."""
+        while not stop.is_set():
+            bus: Bus | None = None
+            try:
+                bus = await Bus.connect(self.nats, name=self.connection_name)
+                await then(bus)
+            except Exception as exc:
+                log.warning("%s: bus not reachable yet (%s)", self.service, exc)
+                if bus is not None:
+                    with contextlib.suppress(Exception):
+                        await bus.close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), retry_s)
+                continue
+            self._bus = bus
+            return bus
+        return None
+
+    def ready_when(self, check: Readiness, *, needs_bus: bool = True) -> None:
+        """Add a readiness check: run before the bus check when it does not need the bus."""
+        (self._remote if needs_bus else self._local).append(check)
+
+    async def readiness(self) -> str | None:
+        """None when ready, else the first reason it is not."""
+        for check in self._local:
+            if (reason := await check()) is not None:
+                return reason
+        if self._bus is None or not self._bus.connected:
+            return "NATS not connected"
+        for check in self._remote:
+            if (reason := await check()) is not None:
+                return reason
+        return None
+
+    def add_ops_routes(self, app: web.Application) -> None:
+        """Serve /healthz, /readyz and /metrics on the service's own HTTP app."""
+        add_ops_routes(app, self.readiness)
+
+    async def serve_ops(self, settings: ServiceSettings) -> None:
+        """Start the ops server on `metrics_host:metrics_port` when a port is set."""
+        if settings.metrics_port is not None and self._ops is None:
+            self._ops = await serve_ops(
+                settings.metrics_host, settings.metrics_port, self.readiness
+            )
+
+    async def close(self) -> None:
+        """Stop the ops server, then drain the bus."""
+        if self._ops is not None:
+            await self._ops.cleanup()
+            self._ops = None
+        bus, self._bus = self._bus, None
+        if bus is not None:
+            with contextlib.suppress(Exception):
+                await bus.close()
+
+
+@contextlib.asynccontextmanager
+async def running(
+    service: str,
+    settings: ServiceSettings,
+    nats: NatsSettings,
+    *,
+    instance: str = "",
+    ops_server: bool = True,
+) -> AsyncIterator[ServiceRuntime]:
+    """A connected `ServiceRuntime` (and its ops server unless `ops_server` is False: the
+    service then adds the routes to its own app), closed on exit."""
+    runtime = ServiceRuntime(service, nats, instance=instance)
+    try:
+        await runtime.connect()
+        if ops_server:
+            await runtime.serve_ops(settings)
+        yield runtime
+    finally:
+        await runtime.close()

@@ -7,8 +7,9 @@ the settings here are the ones every process needs: where NATS is and how to log
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -102,5 +103,24 @@ class ServiceSettings(BaseSettings):
         default=8, ge=1, le=1024, description="Events handled at once per process"
     )
     metrics_port: int | None = Field(
-        default=None, ge=0, le=65535, description="Port for /metrics; None: no metrics server"
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the /healthz /readyz /metrics server; None: no such server (a "
+        "service with its own HTTP app serves them there too)",
     )
+    metrics_host: str = Field(
+        default="",
+        description="Address the /healthz /readyz /metrics server binds; empty: the service's "
+        "default, 0.0.0.0 for eval and builder (probed and scraped in their pods), 127.0.0.1 "
+        "for csi and operator (node-local; their manifests set 0.0.0.0)",
+    )
+
+    default_metrics_host: ClassVar[str] = "0.0.0.0"
+    """What an empty `metrics_host` means for this service."""
+
+    @model_validator(mode="after")
+    def _default_metrics_host(self) -> ServiceSettings:
+        if not self.metrics_host:
+            self.metrics_host = type(self).default_metrics_host
+        return self

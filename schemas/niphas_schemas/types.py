@@ -20,8 +20,33 @@ MAX_NAME_LEN = 211
 """Nix refuses store path names longer than this."""
 
 _NIX32 = f"[{NIX32_ALPHABET}]"
-STORE_PATH_RE = re.compile(rf"^{STORE_DIR}/({_NIX32}{{{HASH_PART_LEN}}})-([A-Za-z0-9+\-._?=]+)$")
+_NAME_CHARS = r"[A-Za-z0-9+\-._?=]"
+STORE_PATH_RE = re.compile(rf"^{STORE_DIR}/({_NIX32}{{{HASH_PART_LEN}}})-({_NAME_CHARS}+)$")
 SHA256_NIX32_RE = re.compile(rf"^sha256:{_NIX32}{{52}}$")
+_NAME_RE = re.compile(rf"^{_NAME_CHARS}+$")
+_HASH_PART_RE = re.compile(rf"^{_NIX32}{{{HASH_PART_LEN}}}$")
+
+# Nix's rules for store paths, written once: the event types below and
+# `niphas_common.nix.store_path` both ask these.
+
+
+def name_problem(name: str) -> str | None:
+    """Why Nix refuses `name` (the part after `<hash>-`) as a store path name; None if not."""
+    if not name:
+        return "store path name is empty"
+    if len(name) > MAX_NAME_LEN:
+        return f"store path name longer than {MAX_NAME_LEN} characters: {name!r}"
+    if name.startswith("."):
+        # Nix forbids this so that names can never be `.` or `..` or hidden files.
+        return f"store path name must not start with '.': {name!r}"
+    if not _NAME_RE.match(name):
+        return f"store path name has characters Nix forbids: {name!r}"
+    return None
+
+
+def hash_part_problem(hash_part: str) -> str | None:
+    """Why `hash_part` is not the 32-character nix32 hash part of a store path; None if it is."""
+    return None if _HASH_PART_RE.match(hash_part) else f"not a store path hash part: {hash_part!r}"
 
 
 def _check_store_path(value: str) -> str:
@@ -30,11 +55,8 @@ def _check_store_path(value: str) -> str:
         raise ValueError(
             f"not a store path: {value!r} (expected {STORE_DIR}/<32 nix32 chars>-<name>)"
         )
-    name = match.group(2)
-    if len(name) > MAX_NAME_LEN:
-        raise ValueError(f"store path name longer than {MAX_NAME_LEN} characters: {value!r}")
-    if name.startswith("."):
-        raise ValueError(f"store path name must not start with '.': {value!r}")
+    if (problem := name_problem(match.group(2))) is not None:
+        raise ValueError(problem)
     return value
 
 

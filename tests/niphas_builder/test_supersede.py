@@ -13,7 +13,7 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from niphas_builder import supersede
-from niphas_builder.lease import BUCKET, open_bucket
+from niphas_builder.single_flight import BUCKET
 from niphas_builder.settings import BuilderSettings
 from niphas_common.bus.bus import Bus
 from niphas_schemas import BuildDone, EvalDone
@@ -68,7 +68,7 @@ async def test_newer_commit_supersedes_queued_build(
 
 
 async def test_the_head_of_a_ref_is_its_latest_push_not_its_latest_evaluation(bus: Bus) -> None:
-    kv = await open_bucket(bus.js, supersede.BUCKET, supersede.TTL_S, "heads")
+    kv = await bus.key_value(supersede.BUCKET, ttl_s=supersede.TTL_S, description="heads")
     heads = supersede.RefHeads(kv)
     t0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 

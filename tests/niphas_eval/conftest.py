@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import subprocess
 import textwrap
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +21,7 @@ from aiohttp import web
 
 from niphas_common.bus import inspect
 from niphas_common.bus.bus import Bus
+from niphas_demo.sample import FlakeRepo
 from niphas_eval.app import build_worker
 from niphas_eval.ingress import WebhookIngress
 from niphas_eval.secrets import WebhookSecrets
@@ -29,15 +29,6 @@ from niphas_eval.settings import EvalSettings
 from niphas_eval.worker import EvalWorker
 from niphas_schemas import EvalDone, PushReceived
 from tests.nix_harness import NixTools, nix_system
-
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Niphas Test",
-    "GIT_AUTHOR_EMAIL": "test@niphas.invalid",
-    "GIT_COMMITTER_NAME": "Niphas Test",
-    "GIT_COMMITTER_EMAIL": "test@niphas.invalid",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "HOME": "/nonexistent",
-}
 
 FLAKE = """\
 {
@@ -75,26 +66,11 @@ def flake_nix(
 
 
 @dataclass
-class GitRepo:
+class GitRepo(FlakeRepo):
     """A local repository standing in for one hosted on a forge."""
 
-    dir: Path
     tools: NixTools
     commits: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"file://{self.dir}"
-
-    def git(self, *args: str) -> str:
-        out = subprocess.run(
-            ["git", "-C", str(self.dir), *args],
-            check=True,
-            capture_output=True,
-            text=True,
-            env={**GIT_ENV, "PATH": "/usr/bin:/bin"},
-        )
-        return out.stdout.strip()
 
     def commit(
         self,
@@ -104,22 +80,10 @@ class GitRepo:
         lock: bool = True,
         **kwargs: Any,
     ) -> str:
-        """Write flake.nix (default: `flake_nix(tools, **kwargs)`) and, with `lock`, its
-        flake.lock (as an author runs `nix flake lock`: the worker takes inputs only from the
-        committed lock); commit them, return the sha."""
+        """Commit flake.nix (default: `flake_nix(tools, **kwargs)`) with, when `lock`, its
+        flake.lock (the worker takes inputs only from the committed lock); return the sha."""
         text = flake if flake is not None else flake_nix(self.tools, **kwargs)
-        (self.dir / "flake.nix").write_text(textwrap.dedent(text))
-        self.git("add", "flake.nix")
-        if lock:
-            # A flake nix cannot lock (a syntax error) is committed without a lock.
-            subprocess.run(
-                ["nix", "flake", "lock", f"git+file://{self.dir}"],
-                check=False, capture_output=True, timeout=120,
-            )  # fmt: skip
-            if (self.dir / "flake.lock").exists():
-                self.git("add", "flake.lock")
-        self.git("commit", "-q", "-m", message)
-        sha = self.git("rev-parse", "HEAD")
+        sha = self.commit_flake(textwrap.dedent(text), message, lock=lock)
         self.commits.append(sha)
         return sha
 
@@ -130,7 +94,7 @@ def make_repo(tmp_path: Path, nix_tools: NixTools) -> Callable[[str], GitRepo]:
         directory = tmp_path / "forge" / name
         directory.mkdir(parents=True)
         repo = GitRepo(directory, nix_tools)
-        repo.git("init", "-q", "-b", "main")
+        repo.ensure()
         return repo
 
     return make
@@ -391,13 +355,14 @@ class Ingress:
 @pytest.fixture
 async def ingress(bus: Bus) -> AsyncIterator[Ingress]:
     """The webhook app on a loopback port, publishing through the test's bus."""
-    from niphas_eval.app import readiness
+    from niphas_common.service import ServiceRuntime
+    from niphas_eval.app import streams_ready
 
     settings = EvalSettings(role="ingress", publish_timeout_s=2.0)
+    runtime = ServiceRuntime("eval", bus.settings, bus=bus)
+    runtime.ready_when(streams_ready(bus, settings))
     hooks = WebhookIngress(bus, WebhookSecrets.from_mapping(SECRETS), publish_timeout_s=2.0)
-    runner = web.AppRunner(
-        hooks.app(readiness(bus, settings), max_body_bytes=64 * 1024), access_log=None
-    )
+    runner = web.AppRunner(hooks.app(runtime.readiness, max_body_bytes=64 * 1024), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

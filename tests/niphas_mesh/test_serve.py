@@ -67,7 +67,6 @@ async def test_http_surface(
 ) -> None:
     seed(tmp_path / "nodes" / "n1", signed_cache, cache_key, [built_closure.app])
     agent = await start_node("n1")
-    zst = await start_node("n2", nar_compression="zstd", cache_dir=signed_cache.dir)
     await ready(agent)
     app = built_closure.app
     expected = nar_bytes(tmp_path / "nodes" / "n1" / "nix" / "store" / app.base_name)
@@ -100,6 +99,20 @@ async def test_http_surface(
         async with http.get(f"{agent.url}/metrics") as resp:
             assert "niphas_mesh_served_bytes_total" in await resp.text()
 
+
+async def test_cache_dir_files_and_compressed_own_paths(
+    start_node: StartNode,
+    built_closure: BuiltClosure,
+    signed_cache: FileCache,
+    cache_key: CacheKey,
+    tmp_path: Path,
+) -> None:
+    seed(tmp_path / "n1", signed_cache, cache_key, [built_closure.app])
+    app = built_closure.app
+    expected = nar_bytes(tmp_path / "n1" / "nix" / "store" / app.base_name)
+    zst = await start_node("n2", nar_compression="zstd", cache_dir=signed_cache.dir)
+    await ready(zst)
+    async with aiohttp.ClientSession() as http:
         # n2 holds nothing itself: the cache directory's narinfo and NAR files are served.
         async with http.get(f"{zst.url}/{app.hash_part}.narinfo") as resp:
             assert resp.status == 200

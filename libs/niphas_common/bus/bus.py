@@ -1,4 +1,10 @@
-"""`Bus`: one NATS connection with its JetStream context, publisher and consumers."""
+"""`Bus`: one NATS connection with its JetStream context, publisher and consumers.
+
+Services reach NATS only through a `Bus`: publish an event, serve durable consumers, watch a
+subject (`watch`), open a key-value bucket (`key_value`), and read the connection's state
+(`connected`, `max_payload`, `stream_available`). `nc` and `js` stay for the library itself and
+for tests; import-linter forbids services to import `nats`, and a test forbids them `.nc`/`.js`.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,10 @@ from nats.js.api import PubAck
 
 from niphas_common.bus.connection import connect
 from niphas_common.bus.consumer import EventConsumer, Subscription
+from niphas_common.bus.kv import KeyValue, open_bucket
 from niphas_common.bus.publisher import Publisher
-from niphas_common.bus.topology import ensure_consumer, ensure_streams
+from niphas_common.bus.topology import ensure_consumer, ensure_streams, stream_name
+from niphas_common.bus.watch import E, Handler, Watch
 from niphas_common.metrics import EVENTS_PUBLISHED
 from niphas_common.settings import NatsSettings
 from niphas_schemas import Event
@@ -37,6 +45,39 @@ class Bus:
         if provision:
             await ensure_streams(bus.js, settings)
         return bus
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up right now (it reconnects by itself when it is not)."""
+        return bool(self.nc.is_connected)
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message, in bytes, the server accepts."""
+        return int(self.nc.max_payload)
+
+    async def stream_available(self, subject: str, timeout_s: float = 2.0) -> str | None:
+        """None when the stream of `subject` answers within `timeout_s`, else why not."""
+        stream = stream_name(subject)
+        try:
+            await asyncio.wait_for(self.js.stream_info(stream), timeout_s)
+        except Exception as exc:
+            return f"stream {stream} unavailable ({exc.__class__.__name__})"
+        return None
+
+    async def key_value(
+        self, bucket: str, *, ttl_s: float, description: str, replicas: int = 1
+    ) -> KeyValue:
+        """The key-value bucket `bucket`, created when missing (see `kv.open_bucket`)."""
+        return await open_bucket(
+            self.js, bucket, ttl_s=ttl_s, description=description, replicas=replicas
+        )
+
+    async def watch(self, model: type[E], handler: Handler[E], *, replay: bool) -> Watch[E]:
+        """Start a typed watch of `model`'s subject (see `watch.Watch`); stop it when done."""
+        watch = Watch(self.js, model, handler)
+        await watch.start(replay=replay)
+        return watch
 
     async def publish(self, event: Event) -> PubAck:
         ack = await self.publisher.publish(event)

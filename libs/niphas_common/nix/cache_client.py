@@ -28,7 +28,8 @@ from niphas_schemas.types import STORE_DIR
 from .compression import decompressor
 from .errors import CacheError, NarError, NarinfoError, NixError, SignatureError, VerificationError
 from .hashes import HashSink, NarVerifier
-from .nar_parser import NarLimits, NarRestorer
+from .nar_parser import NarLimits
+from .nar_restore import NarRestorer
 from .narinfo import NarInfo
 from .signing import TrustedKeys
 from .store_path import StorePath, validate_hash_part

@@ -7,42 +7,31 @@ disk; `StoreDir.real_path` maps between the two.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from niphas_schemas.types import (
     HASH_PART_LEN,
-    MAX_NAME_LEN,
-    NIX32_ALPHABET,
     STORE_DIR,
     STORE_PATH_RE,
+    hash_part_problem,
+    name_problem,
 )
 
 from .errors import StorePathError
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9+\-._?=]+$")
-_HASH_PART_RE = re.compile(rf"^[{NIX32_ALPHABET}]{{{HASH_PART_LEN}}}$")
-
 
 def validate_name(name: str) -> str:
     """Check a store path name (the part after `<hash>-`) against Nix's rules."""
-    if not name:
-        raise StorePathError("store path name is empty")
-    if len(name) > MAX_NAME_LEN:
-        raise StorePathError(f"store path name longer than {MAX_NAME_LEN} characters: {name!r}")
-    if name.startswith("."):
-        # Nix forbids this so that names can never be `.` or `..` or hidden files.
-        raise StorePathError(f"store path name must not start with '.': {name!r}")
-    if not _NAME_RE.match(name):
-        raise StorePathError(f"store path name has characters Nix forbids: {name!r}")
+    if (problem := name_problem(name)) is not None:
+        raise StorePathError(problem)
     return name
 
 
 def validate_hash_part(hash_part: str) -> str:
     """Check the 32-character nix32 hash part of a store path."""
-    if not _HASH_PART_RE.match(hash_part):
-        raise StorePathError(f"not a store path hash part: {hash_part!r}")
+    if (problem := hash_part_problem(hash_part)) is not None:
+        raise StorePathError(problem)
     return hash_part
 
 

@@ -10,14 +10,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from niphas_common.bus.bus import Bus
-from niphas_common.http import serve_ops
 from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.signing import SecretKey, TrustedKeys
-from niphas_common.service import ServiceSpec
+from niphas_common.service import ServiceSpec, running
 from niphas_common.settings import NatsSettings
-from niphas_common.tracing import setup_tracing
 
-from . import lease, supersede
+from . import single_flight, supersede
 from .builder import Builder
 from .cache import BuildCache, load_or_create_key
 from .executor import Executor, LocalExecutor
@@ -97,17 +95,21 @@ async def wired(
         trusted=trusted,
         compression=settings.compression,
     )
-    leases = await lease.open_bucket(
-        bus.js, lease.BUCKET, settings.lease_ttl_s, "Build leases and results by derivation"
+    claims = await bus.key_value(
+        single_flight.BUCKET,
+        ttl_s=settings.lease_ttl_s,
+        description="Build leases and results by derivation",
     )
     heads = None
     if settings.supersede:
-        kv = await lease.open_bucket(
-            bus.js, supersede.BUCKET, supersede.TTL_S, "Newest commit per repository and ref"
+        kv = await bus.key_value(
+            supersede.BUCKET,
+            ttl_s=supersede.TTL_S,
+            description="Newest commit per repository and ref",
         )
         heads = supersede.RefHeads(kv)
     executor = await make_executor(settings, runner, cache, key)
-    flight = lease.SingleFlight(leases, settings.name, settings.lease_ttl_s)
+    flight = single_flight.SingleFlight(claims, settings.name, settings.lease_ttl_s)
     try:
         async with staging_endpoint(executor, settings):
             yield Builder(bus, settings, cache, executor, flight, heads)
@@ -118,29 +120,18 @@ async def wired(
 
 async def main(stop: asyncio.Event) -> None:
     settings = BuilderSettings()
-    setup_tracing("niphas-builder")
-    bus = await Bus.connect(NatsSettings(), name=f"builder-{settings.name}")
-    ops = None
-    try:
-        async with wired(bus, settings) as builder:
-            if settings.metrics_port is not None:
-                ops = await serve_ops(settings.metrics_host, settings.metrics_port, _ready)
-            log.info(
-                "builder %s: cache %s, executor %s, %d builds at once",
-                settings.name,
-                settings.push_url.partition("?")[0],
-                settings.executor,
-                settings.max_parallel_builds,
-            )
-            await bus.serve([builder.subscription()], stop)
-    finally:
-        if ops is not None:
-            await ops.cleanup()
-        await bus.close()
-
-
-async def _ready() -> str | None:
-    return None
+    async with (
+        running("builder", settings, NatsSettings(), instance=settings.name) as runtime,
+        wired(runtime.bus, settings) as builder,
+    ):
+        log.info(
+            "builder %s: cache %s, executor %s, %d builds at once",
+            settings.name,
+            settings.push_url.partition("?")[0],
+            settings.executor,
+            settings.max_parallel_builds,
+        )
+        await runtime.bus.serve([builder.subscription()], stop)
 
 
 service = ServiceSpec(

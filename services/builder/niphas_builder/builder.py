@@ -31,10 +31,10 @@ from niphas_schemas import EvalDone, EvaluatedAttribute, PathAvailable
 
 from .cache import BuildCache
 from .executor import BuildJob, Executor
-from .lease import SingleFlight
 from .metrics import BUILD_SECONDS, BUILDS, PATHS_PUSHED, PUSHES, RESULTS
 from .result import BuildResult, built_outputs, log_tail, sorted_paths
 from .settings import BuilderSettings
+from .single_flight import SingleFlight
 from .supersede import RefHeads
 
 log = logging.getLogger(__name__)

@@ -80,7 +80,6 @@ class BuilderSettings(ServiceSettings):
         default="local",
         description="`local`: nix-store --realise on this node; `kubernetes`: one Job per build",
     )
-    metrics_host: str = Field(default="0.0.0.0", description="Address of /metrics, /healthz")
 
     # -- the Kubernetes executor -------------------------------------------------------------
     k8s_namespace: str = Field(default="niphas-system", description="Namespace of build Jobs")

@@ -15,10 +15,7 @@ import json
 import logging
 from datetime import datetime
 
-from nats.errors import Error as NatsError
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
-from nats.js.kv import KeyValue
-
+from niphas_common.bus.kv import BusError, KeyNotFound, KeyValue, RevisionMismatch
 from niphas_schemas import EvalDone
 
 log = logging.getLogger(__name__)
@@ -44,7 +41,7 @@ class RefHeads:
     async def _read(self, key: str) -> tuple[str, datetime, int] | None:
         try:
             entry = await self.kv.get(key)
-        except NotFoundError:
+        except KeyNotFound:
             return None
         try:
             body = json.loads(entry.value or b"")
@@ -70,9 +67,9 @@ class RefHeads:
                     else:
                         await self.kv.update(key, body, last=current[2])
                     return
-                except KeyWrongLastSequenceError:
+                except RevisionMismatch:
                     continue  # someone else wrote meanwhile: look again
-        except NatsError as exc:
+        except BusError as exc:
             log.warning("could not record the head of %s: %r", event.ref, exc)
 
     async def superseded_by(self, event: EvalDone) -> str | None:
@@ -81,7 +78,7 @@ class RefHeads:
             return None
         try:
             current = await self._read(_key(event.repository, event.ref))
-        except NatsError as exc:
+        except BusError as exc:
             log.warning("could not read the head of %s: %r", event.ref, exc)
             return None
         if current is None or current[0] == event.commit or current[1] <= pushed(event):

@@ -8,9 +8,9 @@ already on the node even while NATS is unreachable; only fetching a missing path
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated
@@ -18,16 +18,15 @@ from typing import Annotated
 import typer
 
 from niphas_common.bus.bus import Bus
-from niphas_common.http import serve_ops
+from niphas_common.http import Readiness
+from niphas_common.leases import Leases
 from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.store_path import StoreDir
-from niphas_common.service import ServiceSpec, run_until_signalled
+from niphas_common.service import ServiceRuntime, ServiceSpec, run_until_signalled
 from niphas_common.settings import NatsSettings
-from niphas_common.tracing import setup_tracing
 
-from .closure import NodeStore
+from .closure import Closures
 from .identity import IdentityService
-from .lease import Leases
 from .node import NodeService
 from .registrar import Registrar
 from .registration import RegistrationService
@@ -54,27 +53,13 @@ def endpoint_of(settings: CsiSettings) -> str:
     return settings.endpoint or f"unix://{settings.state_dir / 'csi' / 'csi.sock'}"
 
 
-async def _connect_bus(
-    volumes: Volumes, nats: NatsSettings, node_id: str, stop: asyncio.Event
-) -> Bus | None:
-    """Connect, retrying until it works or `stop` is set (never cancelled half-way, which
-    would leave a half-open connection behind)."""
-    while not stop.is_set():
-        bus: Bus | None = None
-        try:
-            bus = await Bus.connect(nats, name=f"csi-{node_id}")
-            wants = PathWants(bus, node_id)
-            await wants.start()
-        except Exception as exc:
-            log.warning("bus not reachable yet (%s); missing paths cannot be fetched", exc)
-            if bus is not None:
-                await bus.nc.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), BUS_RETRY_S)
-            continue
+def _start_wants(volumes: Volumes, node_id: str) -> Callable[[Bus], Awaitable[None]]:
+    async def start(bus: Bus) -> None:
+        wants = PathWants(bus, node_id)
+        await wants.start()
         volumes.wants = wants
-        return bus
-    return None
+
+    return start
 
 
 def _volumes(settings: CsiSettings) -> Volumes:
@@ -87,10 +72,17 @@ def _volumes(settings: CsiSettings) -> Volumes:
         state=VolumeState(root / "volumes"),
         leases=Leases(store_root),
         views=Views(root / "staging", StoreDir(root=store_root)),
-        store=NodeStore(runner, settings.concurrency),
+        closures=Closures(runner, settings.concurrency),
         wants=None,
         fetch=FetchPolicy(settings.fetch_timeout_s, settings.presence_recheck_s),
     )
+
+
+def _registered(registrar: Registrar) -> Readiness:
+    async def check() -> str | None:
+        return registrar.service.not_ready()
+
+    return check
 
 
 def _registrar(settings: CsiSettings) -> Registrar | None:
@@ -105,7 +97,7 @@ async def run(settings: CsiSettings, stop: asyncio.Event, nats: NatsSettings | N
     """Serve the CSI socket (and, when configured, kubelet's registration) until `stop`."""
     if os.geteuid() != 0:
         raise SystemExit("the csi service mounts volumes and must run as root")
-    setup_tracing("niphas-csi")
+    runtime = ServiceRuntime("csi", nats or NatsSettings(), instance=settings.node_id)
     registrar = _registrar(settings)  # first: a bad registration dir fails before anything runs
     volumes = _volumes(settings)
     await volumes.reconcile()
@@ -118,18 +110,12 @@ async def run(settings: CsiSettings, stop: asyncio.Event, nats: NatsSettings | N
     )
     log.info("csi node %s serving %s", settings.node_id, endpoint)
     bus_task = asyncio.create_task(
-        _connect_bus(volumes, nats or NatsSettings(), settings.node_id, stop)
+        runtime.connect_until(stop, BUS_RETRY_S, _start_wants(volumes, settings.node_id))
     )
-    ops = None
     try:
-        if settings.metrics_port is not None:
-
-            async def readiness() -> str | None:
-                if registrar is not None and (reason := registrar.service.not_ready()):
-                    return reason
-                return None if volumes.wants is not None else "bus not connected"
-
-            ops = await serve_ops(settings.metrics_host, settings.metrics_port, readiness)
+        if registrar is not None:
+            runtime.ready_when(_registered(registrar), needs_bus=False)
+        await runtime.serve_ops(settings)
         if registrar is not None:
             await registrar.start(socket_path(endpoint))
         await stop.wait()
@@ -137,17 +123,11 @@ async def run(settings: CsiSettings, stop: asyncio.Event, nats: NatsSettings | N
         if registrar is not None:
             await registrar.close()  # kubelet deregisters us before the CSI socket goes
         await server.stop(grace=5)
-        await _close_bus(volumes, await bus_task)
-        if ops is not None:
-            await ops.cleanup()
-
-
-async def _close_bus(volumes: Volumes, bus: Bus | None) -> None:
-    if volumes.wants is not None:
-        await volumes.wants.stop()
-        volumes.wants = None
-    if bus is not None:
-        await bus.close()
+        await bus_task
+        if volumes.wants is not None:
+            await volumes.wants.stop()
+            volumes.wants = None
+        await runtime.close()
 
 
 async def main(stop: asyncio.Event) -> None:

@@ -18,7 +18,9 @@ class Presence:
     """Requested paths that are not valid in the store (their closure is unknown yet)."""
 
 
-class NodeStore:
+class Closures:
+    """Which paths of requested closures the node's store holds (one bounded `nix path-info`)."""
+
     def __init__(self, runner: NixRunner, concurrency: int) -> None:
         self.runner = runner
         # Bounded: each query is a nix process; a burst of pods must not fork hundreds.

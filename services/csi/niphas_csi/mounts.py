@@ -78,7 +78,10 @@ def bind_read_only(source: Path, target: Path) -> None:
 
 def make_private_mountpoint(path: Path) -> None:
     """Turn `path` into a private mount of itself (if it is not already a mount), so what is
-    mounted below it never propagates: the staging area of ENVIRONMENT.md's pitfall."""
+    mounted below it never propagates. On a host whose / is a shared mount (systemd's default),
+    a mount made under a shared parent is copied into every peer mount namespace (containers,
+    kubelet's pods) and can never be cleanly unmounted from here; the staging area must be
+    private."""
     if not is_mountpoint(path):
         mount(path, path, None, MS_BIND)
     mount("none", path, None, MS_PRIVATE)

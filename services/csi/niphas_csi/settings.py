@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -15,6 +16,8 @@ DRIVER_NAME = "csi.niphas.io"
 
 class CsiSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="NIPHAS_CSI_", extra="ignore")
+    default_metrics_host: ClassVar[str] = "127.0.0.1"
+    """The ops server stays on the node's loopback unless the DaemonSet says otherwise."""
 
     endpoint: str | None = Field(
         default=None,
@@ -75,7 +78,4 @@ class CsiSettings(ServiceSettings):
     )
     nix_timeout_s: float = Field(
         default=30.0, gt=0, description="Seconds a `nix path-info` of a closure may take"
-    )
-    metrics_host: str = Field(
-        default="127.0.0.1", description="Address the /healthz /readyz /metrics server binds"
     )

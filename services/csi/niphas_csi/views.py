@@ -10,8 +10,9 @@ for hundreds of paths, and ONE mount whatever the closure size (mounts per node 
 fs.mount-max). The rare store path that is a regular file cannot be redirected; it gets a bind
 mount of its own inside the view. Symlink store paths are recreated as symlinks.
 
-Views live in a private staging directory (ENVIRONMENT.md's propagation pitfall: nothing made
-here propagates anywhere), are shared by every volume with the same closure, and are
+Views live in a private staging directory (on a host whose / is a shared mount, a mount made
+there would otherwise propagate into every peer namespace: see `mounts.make_private_mountpoint`;
+nothing made here propagates anywhere), are shared by every volume with the same closure, and are
 refcounted; a pod's target is a bind of its view.
 """
 

@@ -18,11 +18,11 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Histogram
 
 from niphas_common import tracing
+from niphas_common.leases import Leases
 
 from . import mounts
-from .closure import NodeStore
+from .closure import Closures
 from .errors import Conflict, MountFailed, VolumeError
-from .lease import Leases
 from .request import PublishRequest
 from .state import VolumeRecord, VolumeState
 from .views import OVERLAY_SOURCE, Views, view_key
@@ -51,14 +51,14 @@ class Volumes:
         state: VolumeState,
         leases: Leases,
         views: Views,
-        store: NodeStore,
+        closures: Closures,
         wants: PathWants | None,
         fetch: FetchPolicy,
     ) -> None:
         self.state = state
         self.leases = leases
         self.views = views
-        self.store = store
+        self.closures = closures
         self.wants = wants
         self.fetch = fetch
         self.records: dict[str, VolumeRecord] = {}
@@ -144,14 +144,14 @@ class Volumes:
             # and a closure never changes, so there is nothing to ask nix.
             if other.store_paths == request.store_paths and other.view in self.views.mounted:
                 return other.closure
-        presence = await self.store.presence(request.store_paths)
+        presence = await self.closures.presence(request.store_paths)
         if not presence.missing:
             return presence.closure
         if self.wants is None:
             raise VolumeError(f"not on this node and no mesh to ask: {', '.join(presence.missing)}")
 
         async def still_missing(paths: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-            return (await self.store.presence(list(paths))).missing
+            return (await self.closures.presence(list(paths))).missing
 
         limit = self.fetch.timeout_s if timeout_s is None else min(timeout_s, self.fetch.timeout_s)
         await self.wants.fetch(
@@ -161,7 +161,7 @@ class Volumes:
             still_missing=still_missing,  # type: ignore[arg-type]
             recheck_s=self.fetch.recheck_s,
         )
-        presence = await self.store.presence(request.store_paths)
+        presence = await self.closures.presence(request.store_paths)
         if presence.missing:
             raise VolumeError(f"announced but not valid in the store: {presence.missing}")
         return presence.closure

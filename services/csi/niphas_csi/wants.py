@@ -1,7 +1,7 @@
 """Asking the node's mesh agent for missing paths: publish `path.wanted`, wait for its
 `path.available` answers (state `available` from this node, or `failed` with a reason).
 
-One ordered consumer on `path.available` (new messages only) runs for the life of the driver,
+One watch of `path.available` (new events only) runs for the life of the driver,
 so it is listening before any want is published; each waiting publish registers the paths it
 waits for. The store is also re-checked now and then, in case an answer was missed.
 """
@@ -13,12 +13,9 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from nats.js.api import DeliverPolicy
 
 from niphas_common.bus.bus import Bus
-from niphas_common.bus.codec import decode
+from niphas_common.bus.watch import Watch
 from niphas_schemas import PathAvailable, PathWanted
 
 from .errors import FetchDeadline, PathsUnavailable
@@ -41,28 +38,17 @@ class PathWants:
         self.bus = bus
         self.node_id = node_id
         self._waits: set[_Wait] = set()
-        self._sub: Any = None
+        self._watch: Watch[PathAvailable] | None = None
 
     async def start(self) -> None:
-        self._sub = await self.bus.js.subscribe(
-            PathAvailable.subject,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.NEW,
-            cb=self._on_message,
-        )
+        self._watch = await self.bus.watch(PathAvailable, self._on_event, replay=False)
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            await watch.stop()
 
-    async def _on_message(self, msg: Any) -> None:
-        try:
-            event = decode(PathAvailable, msg.data)
-        except Exception:
-            log.warning("ignoring an undecodable path.available message")
-            return
+    async def _on_event(self, event: PathAvailable, _seq: int) -> None:
         if event.holder != self.node_id or event.state not in ("available", "failed"):
             return
         for wait in self._waits:

@@ -10,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import typer
 from aiohttp import web
 
 from niphas_common.bus.bus import Bus
-from niphas_common.bus.topology import ConsumerSpec, stream_name
-from niphas_common.http import Readiness, serve_ops
+from niphas_common.bus.topology import ConsumerSpec
+from niphas_common.http import Readiness
 from niphas_common.nix.runner import NixRunner
-from niphas_common.service import ServiceSpec, run_until_signalled
+from niphas_common.service import ServiceRuntime, ServiceSpec, run_until_signalled, running
 from niphas_common.settings import NatsSettings
-from niphas_common.tracing import setup_tracing
 from niphas_eval.evaluator import Evaluator
 from niphas_eval.flakeref import Allowlist
 from niphas_eval.ingress import WebhookIngress
@@ -61,7 +61,7 @@ async def build_worker(
         allow_import_from_derivation=settings.allow_import_from_derivation,
     )
     results = await ResultStore.open(
-        bus.js,
+        bus,
         settings.results_bucket,
         ttl_s=settings.results_ttl_days * 86400.0,
         replicas=bus.settings.replicas,
@@ -78,55 +78,57 @@ async def build_worker(
     )
 
 
-def readiness(bus: Bus, settings: EvalSettings) -> Readiness:
-    streams = [stream_name("push.received")]
+def streams_ready(bus: Bus, settings: EvalSettings) -> Readiness:
+    """Readiness beyond the connection: the streams this process publishes to answer."""
+    subjects = ["push.received"]
     if settings.runs_workers:
-        streams.append(stream_name("eval.done"))
+        subjects.append("eval.done")
 
     async def check() -> str | None:
-        if not bus.nc.is_connected:
-            return "NATS not connected"
-        for stream in streams:
-            try:
-                await asyncio.wait_for(bus.js.stream_info(stream), 2.0)
-            except Exception as exc:
-                return f"stream {stream} unavailable ({exc.__class__.__name__})"
+        for subject in subjects:
+            if (reason := await bus.stream_available(subject)) is not None:
+                return reason
         return None
 
     return check
 
 
 async def run(settings: EvalSettings, nats: NatsSettings, stop: asyncio.Event) -> None:
-    setup_tracing("niphas-eval")
-    bus = await Bus.connect(nats, name=f"niphas-eval-{settings.role}")
-    site: web.AppRunner | None = None
+    async with running(
+        "eval", settings, nats, instance=settings.role, ops_server=not settings.runs_ingress
+    ) as runtime:
+        bus = runtime.bus
+        runtime.ready_when(streams_ready(bus, settings))
+        async with _ingress(runtime, settings):
+            if settings.runs_workers:
+                worker = await build_worker(bus, settings)
+                if not settings.allowed_refs:
+                    log.warning("NIPHAS_EVAL_ALLOWED_REFS is empty: every push will be refused")
+                await bus.serve([worker.subscription()], stop)
+            else:
+                await stop.wait()
+
+
+@contextlib.asynccontextmanager
+async def _ingress(runtime: ServiceRuntime, settings: EvalSettings) -> AsyncIterator[None]:
+    """The webhook server (with the ops endpoints) while the role includes the ingress."""
+    if not settings.runs_ingress:
+        yield
+        return
+    secrets = WebhookSecrets(settings.webhook_secrets_file, settings.webhook_secrets)
+    if not len(secrets):
+        log.warning("no webhook secrets configured: every webhook will be refused")
+    ingress = WebhookIngress(runtime.bus, secrets, publish_timeout_s=settings.publish_timeout_s)
+    site = web.AppRunner(
+        ingress.app(runtime.readiness, max_body_bytes=settings.max_body_bytes), access_log=None
+    )
+    await site.setup()
     try:
-        ready = readiness(bus, settings)
-        if settings.runs_ingress:
-            secrets = WebhookSecrets(settings.webhook_secrets_file, settings.webhook_secrets)
-            if not len(secrets):
-                log.warning("no webhook secrets configured: every webhook will be refused")
-            ingress = WebhookIngress(bus, secrets, publish_timeout_s=settings.publish_timeout_s)
-            site = web.AppRunner(
-                ingress.app(ready, max_body_bytes=settings.max_body_bytes), access_log=None
-            )
-            await site.setup()
-            await web.TCPSite(site, settings.listen_host, settings.listen_port).start()
-            log.info("webhooks on http://%s/hooks/{github,gitea,gitlab}", settings.listen)
-        elif settings.metrics_port is not None:
-            site = await serve_ops("0.0.0.0", settings.metrics_port, ready)
-        if settings.runs_workers:
-            worker = await build_worker(bus, settings)
-            if not settings.allowed_refs:
-                log.warning("NIPHAS_EVAL_ALLOWED_REFS is empty: every push will be refused")
-            await bus.serve([worker.subscription()], stop)
-        else:
-            await stop.wait()
+        await web.TCPSite(site, settings.listen_host, settings.listen_port).start()
+        log.info("webhooks on http://%s/hooks/{github,gitea,gitlab}", settings.listen)
+        yield
     finally:
-        if site is not None:
-            await site.cleanup()
-        with contextlib.suppress(Exception):
-            await bus.close()
+        await site.cleanup()
 
 
 async def main(stop: asyncio.Event) -> None:

@@ -115,7 +115,7 @@ class WebhookIngress:
 
     async def _publish(self, push: PushReceived) -> tuple[int, dict[str, Any]]:
         unavailable = {"status": "unavailable", "reason": "the event bus is not reachable"}
-        if not self._bus.nc.is_connected:
+        if not self._bus.connected:
             # Reconnecting: a publish would sit in the client's buffer until its timeout.
             return 503, unavailable
         try:

@@ -27,12 +27,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from niphas_common.bus.bus import Bus
+from niphas_common.bus.kv import KeyNotFound, KeyValue, RevisionMismatch
 from niphas_schemas import EvalDone
 
 log = logging.getLogger(__name__)
@@ -96,7 +94,7 @@ class ResultStore:
     @classmethod
     async def open(
         cls,
-        js: JetStreamContext,
+        bus: Bus,
         bucket: str,
         *,
         ttl_s: float,
@@ -105,20 +103,12 @@ class ResultStore:
         stale_after_s: float,
     ) -> ResultStore:
         """Open the bucket, creating it the first time (idempotent)."""
-        try:
-            kv = await js.key_value(bucket)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(
-                KeyValueConfig(
-                    bucket=bucket,
-                    description="niphas eval: (repository, commit) already evaluated",
-                    history=1,
-                    ttl=ttl_s,
-                    storage=StorageType.FILE,
-                    replicas=replicas,
-                )
-            )
-            log.info("created key-value bucket %s", bucket)
+        kv = await bus.key_value(
+            bucket,
+            ttl_s=ttl_s,
+            description="niphas eval: (repository, commit) already evaluated",
+            replicas=replicas,
+        )
         return cls(kv, worker=worker, stale_after_s=stale_after_s)
 
     async def claim(self, key: str, push_event_id: str) -> Claim:
@@ -127,11 +117,11 @@ class ResultStore:
             try:
                 await self._kv.create(key, mine.encode())
                 return Claim("mine", mine)
-            except KeyWrongLastSequenceError:
+            except RevisionMismatch:
                 pass
             try:
                 entry = await self._kv.get(key)
-            except KeyNotFoundError:
+            except KeyNotFound:
                 continue  # deleted or expired between the two calls
             found = Record.decode(entry.value)
             if found is not None and found.reusable:
@@ -143,7 +133,7 @@ class ResultStore:
             try:
                 await self._kv.update(key, mine.encode(), last=entry.revision)
                 return Claim("mine", mine)
-            except KeyWrongLastSequenceError:
+            except RevisionMismatch:
                 continue
         return Claim("busy", None)
 
@@ -153,6 +143,6 @@ class ResultStore:
     async def get(self, key: str) -> Record | None:
         try:
             entry = await self._kv.get(key)
-        except KeyNotFoundError:
+        except KeyNotFound:
             return None
         return Record.decode(entry.value)

@@ -228,7 +228,7 @@ class EvalWorker:
 
     def _limit(self) -> int:
         """Largest message body the server takes, less room for headers."""
-        return max(self._bus.nc.max_payload - 4096, 4096)
+        return max(self._bus.max_payload - 4096, 4096)
 
     def _fitting(self, done: EvalDone) -> EvalDone:
         """`done`, or, when it exceeds the server's max_payload (thousands of attributes),
@@ -239,7 +239,7 @@ class EvalWorker:
         log.error("eval.done of %s@%s too large: %d bytes", done.repository, done.commit, size)
         error = (
             f"the result ({len(done.attributes)} attributes, {size} bytes) exceeds the NATS "
-            f"server's max_payload ({self._bus.nc.max_payload} bytes): split the flake's "
+            f"server's max_payload ({self._bus.max_payload} bytes): split the flake's "
             "packages or raise max_payload"
         )
         return done.model_copy(update={"status": "failed", "attributes": (), "error": error})

@@ -1,6 +1,7 @@
 """The wrapper flake: one directory per evaluation, holding a flake.nix that takes the pushed
 commit as its input `target` and returns what the commit provides for one system, and the
-flake.lock that pins `target` and every input of the pushed flake (see flakelock.py).
+flake.lock that pins `target` and every input of the pushed flake (see flakelock.py). The
+flake.nix is wrapper.nix, a file of this package.
 
 The wrapper is our own `path:` flake, trusted; the pushed code only ever runs as `target`.
 Its output `result` lists, for every attribute of `packages.<system>` and of an optional
@@ -14,67 +15,13 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-_WRAPPER = """\
-{
-  description = "niphas eval: what one commit of a flake provides for @SYSTEM@";
-  # The pushed commit; flake.lock beside this file locks it and its checked inputs.
-  inputs.target.url = @TARGET@;
-  outputs = { self, target }:
-    let
-      system = "@SYSTEM@";
-      strict = x: builtins.tryEval (builtins.deepSeq x x);
-      failed = "evaluation failed (throw or assert)";
-      describe = prefix: name: value:
-        let
-          base = { attribute = name; attrPath = "${prefix}.${name}"; };
-          forced = builtins.tryEval value;
-          v = forced.value;
-          isDrv = forced.success && builtins.isAttrs v && (v.type or null) == "derivation";
-          drvPath = strict v.drvPath;
-          outputs = strict (builtins.listToAttrs
-            (map (o: { name = o; value = v.${o}.outPath; }) (v.outputs or [ "out" ])));
-          drvName = strict (v.name or null);
-          drvSystem = strict (v.system or null);
-          main = strict (v.meta.mainProgram or null);
-        in
-          if !forced.success then base // { error = failed; }
-          else if !isDrv then base // { error = "not a derivation"; }
-          else if !(drvPath.success && outputs.success) then base // { error = failed; }
-          else base // {
-            drvPath = drvPath.value;
-            outputs = outputs.value;
-            name = if drvName.success then drvName.value else null;
-            system = if drvSystem.success then drvSystem.value else null;
-            mainProgram =
-              if main.success && builtins.isString main.value then main.value else null;
-          };
-      describeAll = prefix: set:
-        map (name: describe prefix name set.${name}) (builtins.attrNames set);
-      packages = target.packages or { };
-      hasPackages = builtins.isAttrs packages && packages ? ${system}
-        && builtins.isAttrs packages.${system};
-      niphas = target.niphas or null;
-      hasNiphas = builtins.isAttrs niphas;
-      perSystem = hasNiphas && niphas ? ${system} && builtins.isAttrs niphas.${system};
-    in {
-      # For `#target.<attrPath>.drvPath`: one failed attribute's own error message.
-      inherit target;
-      result = {
-        rev = target.rev or null;
-        narHash = target.narHash or null;
-        inherit hasPackages hasNiphas;
-        attributes =
-          (if hasPackages then describeAll "packages.${system}" packages.${system} else [ ])
-          ++ (if perSystem then describeAll "niphas.${system}" niphas.${system}
-              else if hasNiphas then describeAll "niphas" niphas
-              else [ ]);
-      };
-    };
-}
-"""
+_WRAPPER = (resources.files("niphas_eval") / "wrapper.nix").read_text()
+"""The wrapper's flake.nix (wrapper.nix beside this module, shipped in the package), with
+`@SYSTEM@` and `@TARGET@` to fill in."""
 
 
 def nix_string(text: str) -> str:

@@ -3,7 +3,8 @@
 `start_agent` builds and starts everything from settings (app.py calls it; tests start several
 agents, one per simulated node, the same way), after removing what a killed earlier run left
 half-done (`leftovers.after_crash`); `Agent.run` keeps the store announcements and
-the disk usage in step until stopped.
+the disk usage in step until stopped. The agent runs in a `ServiceRuntime` (tracing, the bus,
+readiness); its `Router` over the bus feeds the holder index and carries announcements.
 """
 
 from __future__ import annotations
@@ -12,16 +13,17 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from niphas_common.bus.bus import Bus
 from niphas_common.bus.consumer import Subscription
 from niphas_common.bus.topology import ConsumerSpec
 from niphas_common.nix.errors import NixError
 from niphas_common.nix.runner import PathInfo
 from niphas_common.nix.signing import TrustedKeys
+from niphas_common.service import ServiceRuntime
 from niphas_common.settings import NatsSettings
 from niphas_schemas import PathWanted
 
@@ -29,11 +31,12 @@ from .announcer import Announcer
 from .cache_view import CacheView
 from .fetcher import Fetcher
 from .gc import Collector
-from .index import HolderIndex, IndexFeed
+from .index import HolderIndex
 from .inflight import Inflight
 from .last_use import LastUse
 from .leftovers import after_crash
 from .metrics import INDEX_PATHS
+from .router import BusRouter, Router
 from .server import build_app
 from .settings import MeshSettings
 from .state_lock import StateLock
@@ -47,13 +50,12 @@ class Agent:
     settings: MeshSettings
     url: str
     store: NodeStore
-    index: HolderIndex
-    feed: IndexFeed
+    router: Router
     announcer: Announcer
     fetcher: Fetcher
     collector: Collector
     last_use: LastUse
-    bus: Bus
+    runtime: ServiceRuntime
     http: web.AppRunner
     session: aiohttp.ClientSession
     state_lock: StateLock
@@ -63,6 +65,10 @@ class Agent:
     def node(self) -> str:
         return self.settings.node
 
+    @property
+    def index(self) -> HolderIndex:
+        return self.router.index
+
     def subscription(self) -> Subscription[PathWanted]:
         durable = "mesh-" + self.node.replace(".", "_")
         spec = ConsumerSpec(
@@ -71,7 +77,7 @@ class Agent:
         return Subscription(PathWanted, spec, self.fetcher.handle_want, self.settings.concurrency)
 
     async def readiness(self) -> str | None:
-        if not self.feed.caught_up:
+        if not self.router.caught_up:
             return "reading path.available"
         if not self._reconciled:
             return "announcing the store"
@@ -79,11 +85,11 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve wants and keep announcements and disk usage in step until `stop` is set."""
-        while not self.feed.caught_up and not stop.is_set():
+        while not self.router.caught_up and not stop.is_set():
             await self.index.changed(0.1)
         await self.reconcile()
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.bus.serve([self.subscription()], stop))
+            tg.create_task(self.runtime.bus.serve([self.subscription()], stop))
             tg.create_task(self._every(self.settings.rescan_interval_s, self.reconcile, stop))
             tg.create_task(self._every(self.settings.gc_interval_s, self.collect, stop))
 
@@ -123,27 +129,40 @@ class Agent:
 
     async def close(self) -> None:
         await self.fetcher.close()
-        await self.feed.stop()
+        await self.router.stop()
         await self.session.close()
         await self.http.cleanup()
         self.last_use.save()
-        await self.bus.close()
+        await self.runtime.close()
         self.state_lock.release()
 
 
 async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
-    """Build every part from settings, start the HTTP server and the index feed."""
+    """Build every part from settings, start the HTTP server and the router."""
     state = settings.node_state_dir
     state.mkdir(parents=True, exist_ok=True)
     state_lock = StateLock(state, settings.node)  # before touching anything in it
+    runtime = ServiceRuntime("mesh", nats, instance=settings.node)
     try:
-        return await _start(settings, nats, state_lock)
+        return await _start(settings, runtime, state_lock)
     except BaseException:
+        await runtime.close()
         state_lock.release()
         raise
 
 
-async def _start(settings: MeshSettings, nats: NatsSettings, state_lock: StateLock) -> Agent:
+@dataclass
+class _Local:
+    """The node's own parts, ready before anything talks to the network."""
+
+    trusted: TrustedKeys
+    store: NodeStore
+    last_use: LastUse
+    inflight: Inflight
+    incoming: Path
+
+
+async def _open_local(settings: MeshSettings) -> _Local:
     trusted = TrustedKeys.parse(settings.trusted_public_keys)
     store = NodeStore(settings.store_root, trusted)
     await store.scan()
@@ -151,56 +170,49 @@ async def _start(settings: MeshSettings, nats: NatsSettings, state_lock: StateLo
     incoming = state / "incoming"
     # Nothing imports yet: whatever a killed earlier run left half-done goes now.
     await after_crash(store, incoming)
-    last_use = LastUse(state / "last-use.json")
-    inflight = Inflight()
+    return _Local(trusted, store, LastUse(state / "last-use.json"), Inflight(), incoming)
+
+
+async def _serve_cache(
+    settings: MeshSettings, local: _Local, runtime: ServiceRuntime
+) -> tuple[web.AppRunner, str]:
+    """The node's binary cache (with the ops endpoints) started; its runner and public URL."""
     view = CacheView(
         node=settings.node,
-        store=store,
-        last_use=last_use,
+        store=local.store,
+        last_use=local.last_use,
         compression=settings.nar_compression,
         priority=settings.priority,
         cache_dir=settings.effective_cache_dir,
-        inflight=inflight,
+        inflight=local.inflight,
         partial_wait_s=settings.stall_timeout_s / 2,
     )
-    agent: Agent | None = None
-
-    async def readiness() -> str | None:
-        return "starting" if agent is None else await agent.readiness()
-
-    http = web.AppRunner(build_app(view, readiness), access_log=None)
+    http = web.AppRunner(build_app(view, runtime.readiness), access_log=None)
     await http.setup()
     host, _, port = settings.listen.rpartition(":")
-    site = web.TCPSite(http, host or "0.0.0.0", int(port))
-    await site.start()
+    await web.TCPSite(http, host or "0.0.0.0", int(port)).start()
     bound = http.addresses[0][1] if http.addresses else int(port)
     url = settings.public_url or f"http://{host or '127.0.0.1'}:{bound}"
-    bus = await Bus.connect(nats, name=f"mesh-{settings.node}")
-    index = HolderIndex()
-    feed = IndexFeed(bus.js, index)
-    await feed.start()
-    announcer = Announcer(bus, settings.node, url.rstrip("/"))
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.stall_timeout_s
-    )
-    session = aiohttp.ClientSession(timeout=timeout)
-    collector = Collector(
-        store,
-        last_use,
-        lambda info: announcer.withdrawn(str(info.path)),
-        node=settings.node,
-        high_percent=settings.gc_high_percent,
-        low_percent=settings.gc_low_percent,
-    )
-    fetcher = Fetcher(
-        store=store,
-        index=index,
+    return http, url.rstrip("/")
+
+
+def _fetcher(
+    settings: MeshSettings,
+    local: _Local,
+    router: Router,
+    announcer: Announcer,
+    collector: Collector,
+    session: aiohttp.ClientSession,
+) -> Fetcher:
+    return Fetcher(
+        store=local.store,
+        index=router.index,
         announcer=announcer,
-        last_use=last_use,
-        incoming=incoming,
-        trusted=trusted,
+        last_use=local.last_use,
+        incoming=local.incoming,
+        trusted=local.trusted,
         session=session,
-        inflight=inflight,
+        inflight=local.inflight,
         fallback_caches=settings.fallback_caches.split(),
         concurrency=settings.fetch_concurrency,
         peer_wait_s=settings.peer_wait_s,
@@ -209,17 +221,47 @@ async def _start(settings: MeshSettings, nats: NatsSettings, state_lock: StateLo
         # A full disk under an import: one forced GC pass, then the want is tried again.
         free_space=lambda keep: collector.collect(force=True, keep=keep),
     )
+
+
+async def _start(settings: MeshSettings, runtime: ServiceRuntime, state_lock: StateLock) -> Agent:
+    local = await _open_local(settings)
+    agent: Agent | None = None
+
+    async def agent_ready() -> str | None:
+        return "starting" if agent is None else await agent.readiness()
+
+    runtime.ready_when(agent_ready)
+    http, url = await _serve_cache(settings, local, runtime)
+    try:
+        router = BusRouter(await runtime.connect())
+        await router.start()
+    except BaseException:
+        await http.cleanup()
+        raise
+    announcer = Announcer(router, settings.node, url)
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.stall_timeout_s
+    )
+    session = aiohttp.ClientSession(timeout=timeout)
+    collector = Collector(
+        local.store,
+        local.last_use,
+        lambda info: announcer.withdrawn(str(info.path)),
+        node=settings.node,
+        high_percent=settings.gc_high_percent,
+        low_percent=settings.gc_low_percent,
+    )
+    fetcher = _fetcher(settings, local, router, announcer, collector, session)
     agent = Agent(
         settings,
-        url.rstrip("/"),
-        store,
-        index,
-        feed,
+        url,
+        local.store,
+        router,
         announcer,
         fetcher,
         collector,
-        last_use,
-        bus,
+        local.last_use,
+        runtime,
         http,
         session,
         state_lock,

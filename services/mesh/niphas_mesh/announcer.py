@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 
-from niphas_common.bus.bus import Bus
 from niphas_common.nix.runner import PathInfo
 from niphas_schemas import PathAvailable
+
+from .router import Router
 
 log = logging.getLogger(__name__)
 
 
 class Announcer:
-    def __init__(self, bus: Bus, node: str, url: str) -> None:
-        self._bus = bus
+    def __init__(self, router: Router, node: str, url: str) -> None:
+        self._router = router
         self.node = node
         self.url = url
 
@@ -24,8 +25,7 @@ class Announcer:
             holder_url=self.url,
             **fields,
         )
-        ack = await self._bus.publish(event)
-        return int(ack.seq)
+        return await self._router.announce(event)
 
     async def available(self, info: PathInfo) -> int:
         return await self._publish(

@@ -10,7 +10,6 @@ import typer
 
 from niphas_common.service import ServiceSpec, run_until_signalled
 from niphas_common.settings import NatsSettings
-from niphas_common.tracing import setup_tracing
 
 from .agent import start_agent
 from .settings import MeshSettings
@@ -18,7 +17,6 @@ from .state_lock import StateInUse
 
 
 async def run(settings: MeshSettings, nats: NatsSettings, stop: asyncio.Event) -> None:
-    setup_tracing("mesh")
     agent = await start_agent(settings, nats)
     try:
         await agent.run(stop)

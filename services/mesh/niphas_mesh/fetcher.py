@@ -6,14 +6,12 @@ flight gets the verified narinfo from a holder, starts the flights of its refere
 (references are imported first), downloads the NAR from the same holder, then hands it to the
 importer and announces it.
 
-Holders come from the index: peers first (shuffled, so one seed does not serve everyone), the
-cache last, plus the configured fallback caches; a large NAR that several peers hold comes in
-byte ranges from all of them (`ranges`). A holder that fails verification, stalls or errors is
-reported (log + metric) and the next one is tried. When no peer has a path yet, the node
-announces `fetching`; if other nodes announced their fetch earlier, it streams the path from
-one of them while that node is still receiving it (`inflight`), otherwise it goes to the
-cache. So when many nodes want the same closure at once, the cache sends it about once and the
-followers do not wait for the first node's import.
+Which holder to try next is `holders.HolderChoice`'s call (peers first, fallback caches last,
+byte ranges from several peers for a large NAR, an earlier fetching node before the cache);
+`downloader.Downloader` gets and verifies the narinfo and NAR from that pick. A holder that
+fails verification, stalls or errors is reported (log + metric) and the next one is tried. So
+when many nodes want the same closure at once, the cache sends it about once and the followers
+do not wait for the first node's import.
 
 A full disk (Nix's import fails with ENOSPC) first gets one forced GC pass (`free_space`, the
 collector, wired in `agent`) that leaves the closures of the wants being answered; if it freed
@@ -26,29 +24,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence, Set
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 
 from niphas_common.bus.consumer import Delivery
-from niphas_common.nix.cache_client import BinaryCacheClient
 from niphas_common.nix.narinfo import NarInfo
 from niphas_common.nix.signing import TrustedKeys
 from niphas_common.nix.store_path import StorePath
 from niphas_schemas import PathWanted
 
 from .announcer import Announcer
-from .download import Rejected, fetch_nar, fetch_narinfo, land, partial_file
+from .download import Rejected
+from .downloader import Downloader, OnNarinfo
+from .holders import HolderChoice
 from .importer import Importer, ImportFailed
-from .index import HolderIndex, Holding
+from .index import HolderIndex
 from .inflight import Inflight
 from .last_use import LastUse
-from .metrics import FETCHED_BYTES, FETCHES, REJECTED, SINGLE_FLIGHT_JOINS
-from .ranges import RangedDownload, Source
+from .metrics import FETCHES, SINGLE_FLIGHT_JOINS
 from .store import NodeStore
 
 log = logging.getLogger(__name__)
@@ -57,8 +54,6 @@ RETRY_S = 2.0
 MISSING_RETRY_S = 0.5
 """Seconds before asking again a node that announced it is fetching a path but has nothing
 to serve of it yet."""
-MAX_RANGE_PEERS = 8
-"""Peers one NAR is fetched from at once in ranges."""
 
 
 FreeSpace = Callable[[Set[str]], Awaitable[Sequence[object]]]
@@ -93,24 +88,25 @@ class Fetcher:
         self.announcer = announcer
         self.last_use = last_use
         self.importer = Importer(store, incoming)
-        self.incoming = incoming
-        self.trusted = trusted
-        self.session = session
         self.inflight = inflight
         self.fallback_caches = tuple(fallback_caches)
         self.peer_wait_s = peer_wait_s
         self.range_min_bytes = range_min_bytes
-        self.range_bytes = range_bytes
         self.free_space = free_space
-        self._limit = asyncio.Semaphore(concurrency)
+        self.downloader = Downloader(
+            node=announcer.node,
+            trusted=trusted,
+            session=session,
+            inflight=inflight,
+            incoming=incoming,
+            concurrency=concurrency,
+            range_bytes=range_bytes,
+        )
         self._flights: dict[str, asyncio.Task[None]] = {}
-        self._clients: dict[str, BinaryCacheClient] = {}
         self._wanted: Counter[StorePath] = Counter()
         """Paths of the wants being answered right now (what `needed` starts from)."""
         self._references: dict[str, Sequence[StorePath]] = {}
         """Signed references of paths fetched but not valid yet (the store knows the rest)."""
-        self.downloads = 0
-        """NARs downloaded and verified (what single-flight keeps at one per path)."""
         self._collected = 0
         """Paths forced GC passes have deleted so far (an attempt compares before and after)."""
 
@@ -118,11 +114,15 @@ class Fetcher:
     def node(self) -> str:
         return self.announcer.node
 
+    @property
+    def downloads(self) -> int:
+        """NARs downloaded and verified (what single-flight keeps at one per path)."""
+        return self.downloader.downloads
+
     async def close(self) -> None:
         for task in list(self._flights.values()):
             task.cancel()
-        for client in self._clients.values():
-            await client.close()
+        await self.downloader.close()
 
     # -- the consumer's handler --------------------------------------------------------
 
@@ -257,144 +257,37 @@ class Fetcher:
         if valid is not None:
             await self.announcer.available(valid)
 
-    async def _download(self, path: StorePath, on_narinfo: Callable[[NarInfo], None]) -> NarInfo:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        since = datetime.now(UTC) - timedelta(seconds=self.peer_wait_s)
-        tried: set[tuple[str, str]] = set()  # (url, state): a fetching peer may come back
-        mine: int | None = None
+    async def _download(self, path: StorePath, on_narinfo: OnNarinfo) -> NarInfo:
+        choice = HolderChoice(
+            self.index,
+            str(path),
+            node=self.node,
+            url=self.announcer.url,
+            announce_fetching=lambda: self.announcer.fetching(str(path)),
+            fallback_caches=self.fallback_caches,
+            peer_wait_s=self.peer_wait_s,
+            range_min_bytes=self.range_min_bytes,
+        )
         errors: list[str] = []
-        while True:
-            holders = [h for h in self._holders(str(path)) if (h.url, h.state) not in tried]
-            if not any(h.kind == "node" for h in holders):
-                # No peer has it yet: announce our fetch; stream from a node that announced
-                # its own fetch earlier (never a later one: no cycles), else go to the cache.
-                if mine is None:
-                    mine = await self.announcer.fetching(str(path))
-                    await self.index.reached(mine, 5.0)
-                ahead = [
-                    h for h in self.index.fetchers(str(path), since, before=mine) if not self._me(h)
-                ]
-                fresh = [h for h in ahead if (h.url, h.state) not in tried]
-                waited = loop.time() - started
-                if ahead and waited < self.peer_wait_s:
-                    if not fresh:
-                        await self.index.changed(min(RETRY_S, self.peer_wait_s - waited))
-                        continue
-                    holders = [random.choice(fresh)]
-            if not holders:
-                detail = "; ".join(errors) or "no holder announced it"
-                raise FetchFailed(f"{path}: {detail}")
-            holder = holders[0]
-            peers = [h for h in holders if h.kind == "node" and h.state == "available"]
-            if len(peers) >= 2 and (peers[0].nar_size or 0) >= self.range_min_bytes:
-                # A large NAR several peers hold: byte ranges from all of them at once.
-                peers = peers[:MAX_RANGE_PEERS]
-                tried.update((h.url, h.state) for h in peers)
+        while pick := await choice.next():
+            if len(pick) > 1:  # a large NAR several peers hold: byte ranges from all at once
                 try:
-                    return await self._from_peers(peers, path, on_narinfo)
+                    return await self.downloader.from_peers(pick, path, on_narinfo)
                 except Rejected as exc:
                     errors.append(str(exc))
                 continue
-            tried.add((holder.url, holder.state))
+            holder = pick[0]
             try:
-                return await self._from(holder, path, on_narinfo)
+                return await self.downloader.from_holder(holder, path, on_narinfo)
             except Rejected as exc:
                 if exc.reason == "missing" and holder.state == "fetching":
                     # Its flight has no narinfo yet (or just ended): ask again shortly.
-                    tried.discard((holder.url, holder.state))
+                    choice.again(holder)
                     await asyncio.sleep(MISSING_RETRY_S)
                     continue
                 errors.append(str(exc))
-                self._reject(holder, path, exc)
-
-    def _reject(self, holder: Holding, path: StorePath, exc: Rejected) -> None:
-        if exc.reason != "missing":
-            REJECTED.labels(self.node, holder.holder, exc.reason).inc()
-            log.warning("rejected %s from %s (%s): %s", path, holder.url, exc.reason, exc.detail)
-
-    def _me(self, holder: Holding) -> bool:
-        """This node, at its URL or at an earlier run's (a restarted agent may listen on
-        another port or pod IP; what that run announced is stale, never worth waiting for)."""
-        return holder.url == self.announcer.url or (
-            holder.kind == "node" and holder.holder == self.node
-        )
-
-    def _holders(self, path: str) -> list[Holding]:
-        found = [h for h in self.index.available(path) if not self._me(h)]
-        known = {h.url for h in found}
-        epoch = datetime.fromtimestamp(0, UTC)
-        found += [
-            Holding("cache", url, url, "available", 0, epoch)
-            for url in self.fallback_caches
-            if url not in known
-        ]
-        return found
-
-    async def _from(
-        self, holder: Holding, path: StorePath, on_narinfo: Callable[[NarInfo], None]
-    ) -> NarInfo:
-        client = self._client(holder.url)
-        partial = self.inflight.begin(path.hash_part)  # begun with the flight; here: found
-        async with self._limit:
-            info = await fetch_narinfo(client, path)
-            on_narinfo(info)
-            partial.known(info)
-            size = await fetch_nar(client, info, self.incoming, partial)
-        self.downloads += 1
-        FETCHED_BYTES.labels(self.node, holder.kind).inc(size)
-        return info
-
-    async def _from_peers(
-        self, peers: list[Holding], path: StorePath, on_narinfo: Callable[[NarInfo], None]
-    ) -> NarInfo:
-        partial = self.inflight.begin(path.hash_part)
-        async with self._limit:
-            found = await asyncio.gather(
-                *(fetch_narinfo(self._client(h.url), path) for h in peers), return_exceptions=True
-            )
-            info: NarInfo | None = None
-            sources = []
-            for holder, got in zip(peers, found, strict=True):
-                if isinstance(got, Rejected):
-                    self._reject(holder, path, got)
-                elif isinstance(got, BaseException):
-                    raise got
-                elif got.compression == "none":  # all signed: the same NarHash and NarSize
-                    info = info or got
-                    sources.append(Source(holder, got.url))
-            if info is None:
-                raise Rejected("peers", "missing", f"no peer serves {path} uncompressed")
-            on_narinfo(info)
-            partial.known(info)
-            tmp = partial_file(info, self.incoming)
-            download = RangedDownload(
-                self.session,
-                info,
-                sources,
-                tmp,
-                partial,
-                self.range_bytes,
-                lambda holder, exc: self._reject(holder, path, exc),
-            )
-            try:
-                await download.run()
-                land(info, self.incoming, tmp, partial)
-            except BaseException:
-                partial.fail()
-                raise
-            finally:
-                tmp.unlink(missing_ok=True)
-        self.downloads += 1
-        FETCHED_BYTES.labels(self.node, "node").inc(info.nar_size)
-        return info
-
-    def _client(self, url: str) -> BinaryCacheClient:
-        client = self._clients.get(url)
-        if client is None:
-            client = BinaryCacheClient(url, self.trusted, session=self.session)
-            self._clients[url] = client
-        return client
+                self.downloader.reject(holder, path, exc)
+        raise FetchFailed(f"{path}: {'; '.join(errors) or 'no holder announced it'}")
 
 
 def _done() -> asyncio.Future[None]:

@@ -1,7 +1,7 @@
 """Who holds what: every holder's latest state for every store path, from `path.available`.
 
-The index is rebuilt on start by reading the whole PATH_AVAILABLE stream in order (an ordered,
-ephemeral consumer from the first message), then kept current by the same subscription. It is
+The index is rebuilt on start from the whole PATH_AVAILABLE stream, in order, then kept current
+(by a `router.Router`: the bus's, or an in-memory twin in tests). It is
 advice for choosing where to download from, never trusted: every narinfo and NAR is verified.
 Each entry remembers the stream sequence of its announcement, which orders concurrent
 `fetching` announcements: the first node to announce a fetch goes to the cache, the others
@@ -17,22 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 from dataclasses import dataclass
 from datetime import datetime
 
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
-
-from niphas_common.bus.codec import decode
-from niphas_common.bus.topology import stream_name
-from niphas_common.errors import PoisonMessage
 from niphas_schemas import PathAvailable
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,44 +121,3 @@ class HolderIndex:
 
 def _key(kind: str, holder: str, url: str) -> str:
     return f"node {holder}" if kind == "node" else f"cache {url}"
-
-
-class IndexFeed:
-    """Keeps a HolderIndex in step with the PATH_AVAILABLE stream."""
-
-    def __init__(self, js: JetStreamContext, index: HolderIndex) -> None:
-        self._js = js
-        self.index = index
-        self._start_seq = 0
-        self._sub: object | None = None
-
-    async def start(self) -> None:
-        subject = PathAvailable.subject
-        try:
-            info = await self._js.stream_info(stream_name(subject))
-            self._start_seq = info.state.last_seq
-        except NotFoundError:
-            self._start_seq = 0
-        self._sub = await self._js.subscribe(
-            subject, cb=self._on_msg, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
-        )
-
-    @property
-    def caught_up(self) -> bool:
-        """Whether everything stored before the agent started has been read."""
-        return self.index.last_seq >= self._start_seq
-
-    async def _on_msg(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
-        try:
-            event = decode(PathAvailable, msg.data)
-        except PoisonMessage as exc:
-            log.warning("index: skipping unreadable path.available #%d: %s", seq, exc)
-            self.index.last_seq = max(self.index.last_seq, seq)
-            return
-        self.index.apply(event, seq)
-
-    async def stop(self) -> None:
-        sub = self._sub
-        if sub is not None:
-            await sub.unsubscribe()  # type: ignore[attr-defined]

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from niphas_common.nix.hashes import Hash
 from niphas_common.nix.nar import INLINE_FILE_LIMIT, iter_nar, nar_bytes, nar_hash, write_nar
-from niphas_common.nix.nar_parser import parse, restore
+from niphas_common.nix.nar_parser import parse
+from niphas_common.nix.nar_restore import restore
 from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.store_path import StorePath
 

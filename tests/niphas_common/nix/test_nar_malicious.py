@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from niphas_common.nix.errors import NarError
-from niphas_common.nix.nar_parser import NarLimits, NarRestorer, parse, restore
+from niphas_common.nix.nar_parser import NarLimits, parse
+from niphas_common.nix.nar_restore import NarRestorer, restore
 
 from . import nar_model
 from .nar_model import Dir, File, Link, s

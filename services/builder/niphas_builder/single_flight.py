@@ -1,4 +1,4 @@
-"""Single-flight builds across every builder, through a JetStream KV bucket.
+"""Single-flight builds across every builder, through a JetStream KV bucket of build claims.
 
 One key per derivation (its hash part). Whoever `create`s the key holds the lease and builds;
 it renews the key with compare-and-set `update(last=revision)` every third of the TTL, and
@@ -18,12 +18,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from nats.errors import Error as NatsError
-from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
-from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from niphas_common.bus.kv import BusError, KeyNotFound, KeyValue, RevisionMismatch
 from niphas_common.errors import TransientError
 
 from .metrics import LEASE_WAITS
@@ -34,19 +31,6 @@ log = logging.getLogger(__name__)
 BUCKET = "niphas-builds"
 POLL_S = 0.2
 """How often a waiter looks at the key: a KV read is cheap, a build takes seconds."""
-
-
-async def open_bucket(js: JetStreamContext, name: str, ttl_s: float, description: str) -> KeyValue:
-    """The bucket `name`, created with `ttl_s` when missing."""
-    try:
-        return await js.key_value(name)
-    except NotFoundError:
-        pass
-    try:
-        return await js.create_key_value(bucket=name, ttl=ttl_s, description=description)
-    except NatsError as exc:  # created meanwhile by another builder with the same config
-        log.debug("create bucket %s: %r", name, exc)
-        return await js.key_value(name)
 
 
 @dataclass(frozen=True)
@@ -98,9 +82,9 @@ class SingleFlight:
         last TTL."""
         try:
             entry = await self.kv.get(key)
-        except NotFoundError:
+        except KeyNotFound:
             return None
-        except NatsError as exc:
+        except BusError as exc:
             raise TransientError(f"build lease store unavailable: {exc!r}") from exc
         record = _Record.decode(entry.value)
         return record.result_for(asker) if record is not None else None
@@ -123,9 +107,9 @@ class SingleFlight:
         while True:
             try:
                 revision = await self.kv.create(key, _Record("building", self.holder).encode())
-            except KeyWrongLastSequenceError:
+            except RevisionMismatch:
                 pass
-            except NatsError as exc:
+            except BusError as exc:
                 raise TransientError(f"build lease store unavailable: {exc!r}") from exc
             else:
                 return await self._lead(key, asker, revision, build)
@@ -155,9 +139,9 @@ class SingleFlight:
             await self.kv.update(
                 key, _Record("done", self.holder, result, asker).encode(), last=state["revision"]
             )
-        except KeyWrongLastSequenceError:
+        except RevisionMismatch:
             log.warning("lease on %s was lost during the build; result not shared", key)
-        except NatsError as exc:
+        except BusError as exc:
             # The result is in the cache and goes out in build.done; waiters find it there.
             log.warning("could not record the result of %s: %r", key, exc)
         return result
@@ -169,10 +153,10 @@ class SingleFlight:
                 state["revision"] = await self.kv.update(
                     key, _Record("building", self.holder).encode(), last=state["revision"]
                 )
-            except KeyWrongLastSequenceError:
+            except RevisionMismatch:
                 log.warning("lease on %s expired and was taken over; building on", key)
                 return
-            except NatsError as exc:
+            except BusError as exc:
                 log.warning("could not renew lease on %s: %r", key, exc)
 
     async def _wait(self, key: str, asker: str, deadline: float) -> BuildResult | None:
@@ -180,9 +164,9 @@ class SingleFlight:
         while time.monotonic() < deadline:
             try:
                 entry = await self.kv.get(key)
-            except NotFoundError:  # deleted, purged or expired
+            except KeyNotFound:  # deleted, purged or expired
                 return None
-            except NatsError as exc:
+            except BusError as exc:
                 raise TransientError(f"build lease store unavailable: {exc!r}") from exc
             record = _Record.decode(entry.value)
             if record is not None and record.result is not None:

@@ -1,0 +1,116 @@
+"""Which holder to download one store path from next: the mesh's load balancer.
+
+Holders come from the index: peers first (shuffled, so one seed does not serve everyone), the
+cache last, plus the configured fallback caches; never this node itself (at its URL or at an
+earlier run's). A large NAR that several peers hold is fetched from all of them at once in
+byte ranges. When no peer has the path yet, the node announces `fetching`; if other nodes
+announced their fetch earlier, it streams from one of them while that node is still receiving
+it (never from a later one: no cycles), otherwise it goes to the cache. Each holder is tried
+once per state (a `fetching` peer may come back as `available`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from .index import HolderIndex, Holding
+
+RETRY_S = 2.0
+"""Seconds between looks at the index while waiting for an earlier fetcher to have the path."""
+MAX_RANGE_PEERS = 8
+"""Peers one NAR is fetched from at once in ranges."""
+
+
+class HolderChoice:
+    """The holders of one path, handed out one pick at a time for one download."""
+
+    def __init__(
+        self,
+        index: HolderIndex,
+        path: str,
+        *,
+        node: str,
+        url: str,
+        announce_fetching: Callable[[], Awaitable[int]],
+        fallback_caches: Sequence[str] = (),
+        peer_wait_s: float = 30.0,
+        range_min_bytes: int = 64 << 20,
+    ) -> None:
+        self.index = index
+        self.path = path
+        self.node = node
+        self.url = url
+        self._announce_fetching = announce_fetching
+        self.fallback_caches = tuple(fallback_caches)
+        self.peer_wait_s = peer_wait_s
+        self.range_min_bytes = range_min_bytes
+        self._tried: set[tuple[str, str]] = set()  # (url, state)
+        self._mine: int | None = None
+        """The stream sequence of this node's `fetching` announcement, once made."""
+        self._since = datetime.now(UTC) - timedelta(seconds=peer_wait_s)
+        self._started = asyncio.get_running_loop().time()
+
+    async def next(self) -> list[Holding]:
+        """The next pick: one holder, or several peers to fetch byte ranges from; empty when
+        every holder has been tried."""
+        while True:
+            holders = [h for h in self.candidates() if (h.url, h.state) not in self._tried]
+            if not any(h.kind == "node" for h in holders):
+                ahead = await self._ahead()
+                if ahead is None:
+                    continue  # waited for an earlier fetcher to have something: look again
+                holders = ahead or holders
+            if not holders:
+                return []
+            peers = [h for h in holders if h.kind == "node" and h.state == "available"]
+            if len(peers) >= 2 and (peers[0].nar_size or 0) >= self.range_min_bytes:
+                peers = peers[:MAX_RANGE_PEERS]
+                self._tried.update((h.url, h.state) for h in peers)
+                return peers
+            self._tried.add((holders[0].url, holders[0].state))
+            return [holders[0]]
+
+    def again(self, holder: Holding) -> None:
+        """Let `holder` be picked again (a fetching peer that had nothing to serve yet)."""
+        self._tried.discard((holder.url, holder.state))
+
+    async def _ahead(self) -> list[Holding] | None:
+        """No peer has the path: announce this node's fetch (once), then a node that
+        announced its fetch earlier and is untried ([one]); [] to go to the caches; None
+        after waiting for news of an earlier fetcher already tried."""
+        if self._mine is None:
+            self._mine = await self._announce_fetching()
+            await self.index.reached(self._mine, 5.0)
+        ahead = [
+            h
+            for h in self.index.fetchers(self.path, self._since, before=self._mine)
+            if not self._me(h)
+        ]
+        fresh = [h for h in ahead if (h.url, h.state) not in self._tried]
+        waited = asyncio.get_running_loop().time() - self._started
+        if not ahead or waited >= self.peer_wait_s:
+            return []
+        if not fresh:
+            await self.index.changed(min(RETRY_S, self.peer_wait_s - waited))
+            return None
+        return [random.choice(fresh)]
+
+    def candidates(self) -> list[Holding]:
+        """Every holder worth asking, best first."""
+        found = [h for h in self.index.available(self.path) if not self._me(h)]
+        known = {h.url for h in found}
+        epoch = datetime.fromtimestamp(0, UTC)
+        found += [
+            Holding("cache", url, url, "available", 0, epoch)
+            for url in self.fallback_caches
+            if url not in known
+        ]
+        return found
+
+    def _me(self, holder: Holding) -> bool:
+        """This node, at its URL or at an earlier run's (a restarted agent may listen on
+        another port or pod IP; what that run announced is stale, never worth waiting for)."""
+        return holder.url == self.url or (holder.kind == "node" and holder.holder == self.node)

@@ -1,0 +1,159 @@
+"""Mesh logic without a NATS server or a Nix store: holder choice (`HolderChoice`) over an
+index fed by the in-memory router, and garbage collection (`Collector`) over an in-memory
+catalogue, withdrawing through the in-memory router. The same logic runs against real
+servers and stores in the other mesh tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from niphas_common.nix.hashes import Hash
+from niphas_common.nix.runner import PathInfo
+from niphas_common.nix.signing import TrustedKeys
+from niphas_common.nix.store_path import StorePath
+from niphas_mesh.announcer import Announcer
+from niphas_mesh.gc import Collector
+from niphas_mesh.holders import HolderChoice
+from niphas_mesh.last_use import LastUse
+from niphas_mesh.router import MemoryRouter, MemoryStream
+from niphas_mesh.store import NodeStore
+from niphas_schemas import PathAvailable
+
+PATH = "/nix/store/" + "a" * 32 + "-app"
+NAR_HASH = "sha256:" + "0" * 52
+
+
+def said(node: str, state: str, size: int = 100) -> PathAvailable:
+    """`node`'s announcement about PATH (an available one with a NAR hash and size)."""
+    held = {"nar_hash": NAR_HASH, "nar_size": size} if state == "available" else {}
+    return PathAvailable.model_validate(
+        {"holder_kind": "node", "holder": node, "holder_url": f"http://{node}", "state": state,
+         "store_path": PATH, **held}
+    )  # fmt: skip
+
+
+def available(node: str, size: int = 100) -> PathAvailable:
+    return said(node, "available", size)
+
+
+def fetching(node: str) -> PathAvailable:
+    return said(node, "fetching")
+
+
+async def choice_for(
+    router: MemoryRouter, me: str = "me", **options: object
+) -> tuple[HolderChoice, list[int]]:
+    announced: list[int] = []
+
+    async def announce_fetching() -> int:
+        announced.append(await router.announce(fetching(me)))
+        return announced[-1]
+
+    choice = HolderChoice(
+        router.index,
+        PATH,
+        node=me,
+        url=f"http://{me}",
+        announce_fetching=announce_fetching,
+        **options,  # type: ignore[arg-type]
+    )
+    return choice, announced
+
+
+@pytest.fixture
+async def router() -> MemoryRouter:
+    router = MemoryRouter(MemoryStream())
+    await router.start()
+    return router
+
+
+async def test_peers_before_caches_never_this_node(router: MemoryRouter) -> None:
+    await router.announce(available("me"))
+    await router.announce(available("peer"))
+    choice, announced = await choice_for(router, fallback_caches=["http://cache"])
+    assert [h.holder for h in await choice.next()] == ["peer"]
+    assert announced == []  # a peer holds it: no `fetching` word needed
+    assert [h.url for h in await choice.next()] == ["http://cache"]
+    assert await choice.next() == []
+
+
+async def test_a_large_nar_comes_in_ranges_from_several_peers(router: MemoryRouter) -> None:
+    for peer in ("p1", "p2", "p3"):
+        await router.announce(available(peer, size=1 << 30))
+    choice, _ = await choice_for(router, range_min_bytes=1 << 20)
+    assert {h.holder for h in await choice.next()} == {"p1", "p2", "p3"}
+
+
+async def test_an_earlier_fetcher_is_followed_a_later_one_never(router: MemoryRouter) -> None:
+    await router.announce(fetching("early"))
+    choice, announced = await choice_for(router, fallback_caches=["http://cache"])
+    assert [h.holder for h in await choice.next()] == ["early"]
+    assert len(announced) == 1
+    # The node that announced after this one is not waited for: only the cache is left
+    # once the earlier fetcher was tried (and the peer wait is over).
+    await router.announce(fetching("late"))
+    quick, _ = await choice_for(router, me="other", peer_wait_s=0.0, fallback_caches=["http://c"])
+    assert [h.url for h in await quick.next()] == ["http://c"]
+
+
+async def test_a_fetching_peer_that_had_nothing_yet_is_asked_again(router: MemoryRouter) -> None:
+    await router.announce(fetching("early"))
+    choice, _ = await choice_for(router)
+    first = await choice.next()
+    choice.again(first[0])
+    assert await choice.next() == first
+
+
+class CatalogueStore(NodeStore):
+    """A NodeStore whose catalogue, disk usage and deletions live in memory."""
+
+    def __init__(self, infos: list[PathInfo], per_path_percent: float) -> None:
+        super().__init__("", TrustedKeys([]))
+        self._paths.update({i.path.hash_part: i for i in infos})
+        self.per_path = per_path_percent
+
+    async def scan(self) -> object:  # type: ignore[override]
+        return None
+
+    async def delete(self, path: StorePath) -> bool:
+        return self._paths.pop(path.hash_part, None) is not None
+
+    def usage_percent(self) -> float:
+        return self.per_path * len(self._paths)
+
+    def is_signed(self, info: PathInfo) -> bool:
+        return True
+
+
+def info(name: str, *refs: PathInfo) -> PathInfo:
+    path = StorePath({"lib": "1", "app": "2", "old": "3", "kept": "4"}[name] * 32, name)
+    return PathInfo(path, Hash.parse(NAR_HASH), 100, tuple(r.path for r in refs))
+
+
+async def test_gc_deletes_least_recently_used_leaves_keeps_and_withdraws(
+    router: MemoryRouter, tmp_path: Path
+) -> None:
+    lib = info("lib")
+    app = info("app", lib)
+    old, kept = info("old"), info("kept")
+    store = CatalogueStore([lib, app, old, kept], per_path_percent=20.0)  # 80% used
+    last_use = LastUse(tmp_path / "last-use.json")
+    for n, i in enumerate((old, app, lib, kept)):
+        last_use.touch(i.path.hash_part, when=float(n))
+    announcer = Announcer(router, "n1", "http://n1")
+    for i in (lib, app, old, kept):
+        await announcer.available(i)
+    collector = Collector(
+        store,
+        last_use,
+        lambda i: announcer.withdrawn(str(i.path)),
+        node="n1",
+        high_percent=70.0,
+        low_percent=30.0,
+    )
+    deleted = await collector.collect(keep={kept.path.hash_part})
+    # Oldest leaf first; `lib` only once `app`, which referenced it, was gone.
+    assert [d.path.name for d in deleted] == ["old", "app", "lib"]
+    assert router.index.held_by("http://n1") == {str(kept.path)}
