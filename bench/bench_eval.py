@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from niphas_eval.settings import EvalSettings, this_system
 from niphas_schemas import PushReceived
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
+from bench.http_servers import free_port
 from bench.report import Report, add_json_option
 
 SECRET = "bench-secret"
@@ -68,12 +68,6 @@ app.router.add_post("/hooks/github", hook)
 app.router.add_get("/readyz", lambda r: web.Response(text="ready"))
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def delivery(i: int) -> tuple[bytes, dict[str, str]]:

@@ -41,7 +41,8 @@ from niphas_common.settings import NatsSettings
 from niphas_schemas import PathAvailable, PathWanted
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.*
-from bench.bench_mesh import NGINX, ROOT, Agents, Nginx, add, make_paths
+from bench.bench_mesh import ROOT, Agents, add, make_paths
+from bench.http_servers import NGINX, Nginx
 from bench.report import Report, Series, add_json_option
 from tests.niphas_mesh.test_fetch import announce_cache
 from tests.nix_harness import BuiltClosure

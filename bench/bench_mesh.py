@@ -33,14 +33,11 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,17 +52,11 @@ from niphas_schemas import PathAvailable, PathWanted
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
 from bench.cpu_shares import CpuShares
+from bench.http_servers import NGINX, Nginx, free_port, wait_http
 from bench.report import Report, add_json_option
 from bench.scratch_fs import journaled_ext4
 
 ROOT = Path(__file__).resolve().parents[1]
-NGINX = "/usr/sbin/nginx"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_paths(base: Path, label: str, size: int, files: int, n_paths: int) -> list[Path]:
@@ -116,56 +107,6 @@ def timed_row(
     ratio = ours / baseline
     report.row(measure, round(ours, 4), "s", baseline=round(baseline, 4), baseline_name=name,
                ratio=round(ratio, 3), target=f"<= {target:g}x", met=ratio <= target)  # fmt: skip
-
-
-class Nginx:
-    def __init__(self, tmp: Path, cache: Path) -> None:
-        self.port = free_port()
-        self.log = tmp / "nginx-access.log"
-        conf = tmp / "nginx.conf"
-        conf.write_text(
-            f"""
-daemon off; worker_processes 2; user root; pid {tmp}/nginx.pid; error_log {tmp}/nginx-error.log;
-events {{ worker_connections 1024; }}
-http {{
-  log_format bench '$uri $body_bytes_sent';
-  access_log {self.log} bench;
-  sendfile on; tcp_nopush on; keepalive_requests 100000;
-  default_type application/octet-stream;
-  server {{ listen 127.0.0.1:{self.port}; root {cache}; }}
-}}
-"""
-        )
-        self.proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp)])
-        self.url = f"http://127.0.0.1:{self.port}"
-        wait_http(f"{self.url}/nix-cache-info")
-
-    def nar_bytes(self) -> int:
-        if not self.log.exists():
-            return 0
-        return sum(
-            int(line.split()[1])
-            for line in self.log.read_text().splitlines()
-            if line.startswith("/nar/")
-        )
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGQUIT)
-        self.proc.wait(30)
-
-
-def wait_http(url: str, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > end:
-            raise RuntimeError(f"{url} never answered")
-        time.sleep(0.1)
 
 
 class Agents:
