@@ -48,7 +48,7 @@ lint: venv ## ruff, strict mypy, import-linter contracts, schema files up to dat
 	$(BIN)/lint-imports
 	$(BIN)/niphas schemas check schemas
 
-test: setup kube tools lint ## lint, then every test: real nats-server, nix, mounts, kube-apiserver
+test: setup node tools lint ## lint, then every test: real nats-server, nix, mounts, kube-apiserver, a real node
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
 bench: setup ## run every benchmark under bench/ (tables printed), write bench/RESULTS.md + plots

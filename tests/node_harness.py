@@ -7,13 +7,16 @@ teardown stops everything and fails the session if anything was left behind on t
 (mounts, cgroups, the bridge, network namespaces, iptables rules, sysctls). Only one node runs
 per host: a second test session started meanwhile fails at once naming the running node.
 
-Fixtures:
-- `real_node` (session): a `niphas_cluster.node.Node` (`.kubeconfig`, `.server`, `.token`).
-- `node_kubectl` (session): run kubectl against it.
+Fixtures (defined in tests/cluster/conftest.py with package scope, so the node is gone as
+soon as the tests that use it are done, before the rest of the suite runs):
+- `real_node`: a `niphas_cluster.node.Node` (`.kubeconfig`, `.server`, `.token`).
+- `node_kubectl`: run kubectl against it.
+- `niphas_image`: the platform's image, built at collection, imported when the node starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,17 +42,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         subprocess.run(["bash", str(IMAGE_SCRIPT)], check=True, stdout=subprocess.DEVNULL)
 
 
-@pytest.fixture(scope="session")
-def niphas_image() -> str:
-    """The platform's image (built at collection by scripts/build-image.sh); the node
-    imports it when it starts."""
-    from niphas_cluster.images import NIPHAS_IMAGE
-
-    return NIPHAS_IMAGE
-
-
-@pytest.fixture(scope="session")
-def real_node() -> Iterator[Node]:
+@contextlib.contextmanager
+def running_node() -> Iterator[Node]:
+    """The node for the duration of the block; fails if its teardown left anything behind."""
     layout = Layout()
     node = up(layout, log=lambda _msg: None)
     try:
@@ -59,8 +54,7 @@ def real_node() -> Iterator[Node]:
         assert not left, f"the node left things behind on the host: {left}"
 
 
-@pytest.fixture(scope="session")
-def node_kubectl(real_node: Node) -> Kubectl:
+def node_kubectl_for(real_node: Node) -> Kubectl:
     kubectl = kubectl_binary() or "kubectl"
 
     def run(

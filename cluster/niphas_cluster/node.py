@@ -95,6 +95,14 @@ def _start(layout: Layout, log: Callable[[str], None]) -> Node:
     return Node(layout, server, ca_file, layout.admin_kubeconfig, token)
 
 
+def restart_kubelet(node: Node) -> None:
+    """Stop the kubelet and start it again (pods keep running), until the node is Ready."""
+    stop(node.layout, "kubelet")
+    start_kubelet(node.layout)
+    ready = lambda: _node_ready(node.server, node.ca_file, node.token)  # noqa: E731
+    _wait(node.layout, "kubelet", ready, READY_TIMEOUT_S)
+
+
 def _preflight(layout: Layout) -> None:
     if "overlay" not in Path("/proc/filesystems").read_text():
         raise NodeStartError("the kernel has no overlay file system (containerd's snapshotter)")

@@ -57,6 +57,8 @@ class NodeDemo(Demo):
             "NIPHAS_CSI_ENDPOINT": f"unix://{CSI_SOCKET}",
             "NIPHAS_CSI_ALLOWED_TARGET_ROOT": str(KUBELET_ROOT / "pods"),
             "NIPHAS_CSI_REGISTRATION_DIR": str(KUBELET_ROOT / "plugins_registry"),
+            # A path no holder has fails the mount after this long (kubelet then retries).
+            "NIPHAS_CSI_FETCH_TIMEOUT_S": "15",
         }
 
     def install(self) -> None:
@@ -117,6 +119,35 @@ class NodeDemo(Demo):
                 break
             await asyncio.sleep(0.2)
         await self.close()
+
+
+def closure_pod(name: str, store_path: str) -> str:
+    """A pod mounting `store_path` through the driver, as a user would write it."""
+    return f"""\
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {NAMESPACE}}}
+spec:
+  containers:
+    - name: c
+      image: {PAUSE_IMAGE}
+      volumeMounts: [{{name: closure, mountPath: /nix/store, readOnly: true}}]
+  volumes:
+    - name: closure
+      csi:
+        driver: csi.niphas.io
+        readOnly: true
+        volumeAttributes: {{storePath: "{store_path}"}}
+"""
+
+
+def mount_failures(kubectl: Kubectl, pod: str) -> list[str]:
+    """Messages of the pod's FailedMount events."""
+    out = kubectl(
+        "-n", NAMESPACE, "get", "events", "-o", "json",
+        "--field-selector", f"involvedObject.name={pod},reason=FailedMount",
+    ).stdout  # fmt: skip
+    return [str(e.get("message", "")) for e in json.loads(out)["items"]]
 
 
 def _ready(pod: dict[str, object]) -> bool:
