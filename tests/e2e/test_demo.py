@@ -35,8 +35,8 @@ STAGES = [
     ("operator", "process build.done"),  # the operator moves the workload
     ("niphas-csi", "NodePublishVolume"),  # the mount...
     ("niphas-csi", "publish path.wanted"),  # ...asks the mesh for the closure
-    ("mesh", "process path.wanted"),  # the mesh fetch
-    ("mesh", "publish path.available"),
+    ("niphas-mesh", "process path.wanted"),  # the mesh fetch
+    ("niphas-mesh", "publish path.available"),
 ]
 
 # Per service, series that must have a sample after the run (regular expressions).
@@ -88,7 +88,7 @@ def assert_one_trace(spans: list[ReceivedSpan]) -> None:
         return chain
 
     # The fetch descends from the mount, the mount from the build, the build from the push.
-    fetch = next(s for s in spans if (s.service, s.name) == ("mesh", "process path.wanted"))
+    fetch = next(s for s in spans if (s.service, s.name) == ("niphas-mesh", "process path.wanted"))
     chain = ancestors(fetch)
     for name in ("NodePublishVolume", "process build.done", "process eval.done"):
         assert name in chain
@@ -115,7 +115,7 @@ async def test_demo_push_serve_change_rollback_one_trace(tmp_path: Path) -> None
             # Spans are exported in batches; the services flushed theirs when they stopped.
             await eventually(
                 lambda: (
-                    {("mesh", "publish path.available")}
+                    {("niphas-mesh", "publish path.available")}
                     <= {(s.service, s.name) for s in receiver.trace(first)}
                 ),
                 timeout_s=20,
