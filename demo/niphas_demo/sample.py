@@ -174,6 +174,4 @@ class SampleRepo(FlakeRepo):
             .replace("@VERSION@", version)
         )
         # --allow-empty: a second demo run commits the same tree again, as a new push.
-        return before, self.commit_flake(
-            text, f"serve {version}", must_lock=True, allow_empty=True
-        )
+        return before, self.commit_flake(text, f"serve {version}", must_lock=True, allow_empty=True)

@@ -113,7 +113,7 @@ class ServiceSettings(BaseSettings):
         default="",
         description="Address the /healthz /readyz /metrics server binds; empty: the service's "
         "default, 0.0.0.0 for eval and builder (probed and scraped in their pods), 127.0.0.1 "
-        "for csi and operator (node-local; their manifests set 0.0.0.0)",
+        "for csi, mesh and operator (node-local; manifests that need it set 0.0.0.0)",
     )
 
     default_metrics_host: ClassVar[str] = "0.0.0.0"

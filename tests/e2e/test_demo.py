@@ -32,7 +32,7 @@ STAGES = [
     ("niphas-eval", "publish eval.done"),
     ("niphas-builder", "process eval.done"),  # the build and the cache push
     ("niphas-builder", "publish build.done"),
-    ("operator", "process build.done"),  # the operator moves the workload
+    ("niphas-operator", "process build.done"),  # the operator moves the workload
     ("niphas-csi", "NodePublishVolume"),  # the mount...
     ("niphas-csi", "publish path.wanted"),  # ...asks the mesh for the closure
     ("niphas-mesh", "process path.wanted"),  # the mesh fetch

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from niphas_builder.single_flight import BUCKET
 from niphas_builder.settings import BuilderSettings
+from niphas_builder.single_flight import BUCKET
 from niphas_common.bus.bus import Bus
 from niphas_common.nix.cache_client import BinaryCacheClient
 from niphas_common.nix.errors import CommandError

@@ -13,8 +13,8 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from niphas_builder import supersede
-from niphas_builder.single_flight import BUCKET
 from niphas_builder.settings import BuilderSettings
+from niphas_builder.single_flight import BUCKET
 from niphas_common.bus.bus import Bus
 from niphas_schemas import BuildDone, EvalDone
 

@@ -1,6 +1,6 @@
 """Two operator processes (`niphas operator`) against one apiserver: only the Lease holder
-reconciles (the standby's reconcile counter stays at zero), and killing the leader with
-SIGKILL hands the Lease, and the work, to the standby."""
+reconciles (the standby's reconcile counter stays at zero, while both are ready), and killing
+the leader with SIGKILL hands the Lease, and the work, to the standby."""
 
 from __future__ import annotations
 
@@ -66,6 +66,13 @@ class OperatorProcess:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -112,6 +119,7 @@ async def test_only_the_leader_reconciles_and_killing_it_hands_over(
     await eventually(lambda: standby.reconciles() >= 0, 30)  # its metrics server is up
     assert leader.reconciles() > 0
     assert standby.reconciles() == 0
+    await eventually(lambda: leader.ready() and standby.ready(), 30)  # a standby is ready too
 
     leader.proc.send_signal(signal.SIGKILL)
     leader.proc.wait(10)

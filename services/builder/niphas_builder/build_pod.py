@@ -29,7 +29,8 @@ set -eu
 token=$STAGING_TOKEN
 unset STAGING_TOKEN
 # --derivation: is the .drv itself in the cache (a .drv installable means its outputs).
-if [ -n "$FLAKE_ATTR" ] && ! nix path-info --derivation --store "$CACHE_URL" "$DRV" >/dev/null 2>&1; then
+if [ -n "$FLAKE_ATTR" ] \\
+  && ! nix path-info --derivation --store "$CACHE_URL" "$DRV" >/dev/null 2>&1; then
   # The builder could not provide the .drv: evaluate the locked flake here, sandboxed.
   nix build --no-link --print-build-logs "$FLAKE_ATTR"
 else

@@ -42,7 +42,7 @@ class EvalSettings(ServiceSettings):
         default="127.0.0.1:8470",
         pattern=r"^\[?[A-Za-z0-9.:\-]*\]?:\d{1,5}$",
         description="HOST:PORT of the webhook server (with /healthz, /readyz, /metrics). "
-        "In a pod use 0.0.0.0:8470",
+        "In a pod bind 0.0.0.0 (the Deployment listens on 0.0.0.0:8080)",
     )
     # -- ingress ---------------------------------------------------------------------------
     webhook_secrets_file: Path | None = Field(

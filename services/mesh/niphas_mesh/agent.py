@@ -235,6 +235,7 @@ async def _start(settings: MeshSettings, runtime: ServiceRuntime, state_lock: St
     try:
         router = BusRouter(await runtime.connect())
         await router.start()
+        await runtime.serve_ops(settings)  # a separate ops port too, when one is set
     except BaseException:
         await http.cleanup()
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -14,6 +15,9 @@ class MeshSettings(ServiceSettings):
     model_config = SettingsConfigDict(
         env_prefix="NIPHAS_MESH_", extra="ignore", populate_by_name=True
     )
+    default_metrics_host: ClassVar[str] = "127.0.0.1"
+    """A separate ops server stays on the node's loopback unless told otherwise; the cache
+    port serves the same routes anyway."""
 
     node: str = Field(
         default="local",

@@ -1,22 +1,21 @@
-"""Wiring of the operator: settings -> bus, the workload store (the cluster's when one is
-configured, else the files of render mode), the one reconciler and the controller over it,
-leader election in a cluster. Nothing is created at import time."""
+"""Wiring of the operator: its service runtime (tracing, bus, readiness, ops server), the
+workload store (the cluster's when one is configured, else the files of render mode), the one
+reconciler and the controller over it, leader election in a cluster. Nothing is created at
+import time."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 
 from niphas_common.bus.bus import Bus
-from niphas_common.http import serve_ops
+from niphas_common.http import Readiness
 from niphas_common.kube.client import Kube
 from niphas_common.kube.config import connect
 from niphas_common.kube.watch import Backoff
-from niphas_common.service import ServiceSpec
+from niphas_common.service import ServiceRuntime, ServiceSpec, running
 from niphas_common.settings import NatsSettings
-from niphas_common.tracing import setup_tracing
 from niphas_operator.controller import Controller
 from niphas_operator.file_store import FileStore
 from niphas_operator.kubernetes_store import KubernetesStore, count_request
@@ -31,19 +30,14 @@ log = logging.getLogger(__name__)
 
 async def run(settings: OperatorSettings, nats: NatsSettings, stop: asyncio.Event) -> None:
     """The operator until `stop`: on the cluster when one is configured, else render mode."""
-    setup_tracing("operator")
-    bus = await Bus.connect(nats, name=f"operator-{settings.identity}")
-    try:
+    async with running("operator", settings, nats, instance=settings.identity) as runtime:
         kube = await connect(settings.kubeconfig, settings.field_manager, count=count_request)
-        async with _ops(settings, bus):
-            if kube is None:
-                log.info("no cluster configured: rendering to %s", settings.resolved_render_dir())
-                await _run_on_files(settings, bus, stop)
-                return
-            async with kube:
-                await _run_on_cluster(settings, bus, kube, stop)
-    finally:
-        await bus.close()
+        if kube is None:
+            log.info("no cluster configured: rendering to %s", settings.resolved_render_dir())
+            await _run_on_files(settings, runtime.bus, stop)
+            return
+        async with kube:
+            await _run_on_cluster(settings, runtime, kube, stop)
 
 
 def reconciler(settings: OperatorSettings, store: WorkloadStore, bus: Bus) -> Reconciler:
@@ -57,13 +51,8 @@ def reconciler(settings: OperatorSettings, store: WorkloadStore, bus: Bus) -> Re
 
 
 async def _run_on_cluster(
-    settings: OperatorSettings, bus: Bus, kube: Kube, stop: asyncio.Event
+    settings: OperatorSettings, runtime: ServiceRuntime, kube: Kube, stop: asyncio.Event
 ) -> None:
-    retry = Backoff(settings.retry_base_s, settings.retry_max_s)
-    store = await KubernetesStore.connect(
-        kube, namespace=settings.namespace, resync_s=settings.resync_s, retry=retry
-    )
-    controller = Controller(store, bus, reconciler(settings, store, bus), settings)
     elector = LeaderElector(
         kube,
         namespace=settings.lease_namespace,
@@ -72,7 +61,23 @@ async def _run_on_cluster(
         lease_duration_s=settings.lease_duration_s,
         renew_period_s=settings.renew_period_s,
     )
+    runtime.ready_when(_electing(elector))
+    retry = Backoff(settings.retry_base_s, settings.retry_max_s)
+    store = await KubernetesStore.connect(
+        kube, namespace=settings.namespace, resync_s=settings.resync_s, retry=retry
+    )
+    controller = Controller(store, runtime.bus, reconciler(settings, store, runtime.bus), settings)
     await elector.run(stop, controller.lead)
+
+
+def _electing(elector: LeaderElector) -> Readiness:
+    """Ready while leader election runs and its last request reached the API server (a
+    standby is ready: it takes over when the leader goes)."""
+
+    async def check() -> str | None:
+        return elector.not_ready()
+
+    return check
 
 
 async def _run_on_files(settings: OperatorSettings, bus: Bus, stop: asyncio.Event) -> None:
@@ -88,23 +93,6 @@ async def _run_on_files(settings: OperatorSettings, bus: Bus, stop: asyncio.Even
     )
     controller = Controller(store, bus, reconciler(settings, store, bus), own)
     await controller.lead(stop)
-
-
-@contextlib.asynccontextmanager
-async def _ops(settings: OperatorSettings, bus: Bus) -> AsyncIterator[None]:
-    """/healthz /readyz /metrics while the operator runs, when a port is set."""
-
-    async def readiness() -> str | None:
-        return None if bus.nc.is_connected else "not connected to NATS"
-
-    if settings.metrics_port is None:
-        yield
-        return
-    ops = await serve_ops(settings.metrics_host, settings.metrics_port, readiness)
-    try:
-        yield
-    finally:
-        await ops.cleanup()
 
 
 async def main(stop: asyncio.Event) -> None:

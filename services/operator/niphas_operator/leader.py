@@ -56,15 +56,30 @@ class LeaderElector:
         self._observed: tuple[str, float] | None = None
         """(resourceVersion, monotonic time first seen) of another holder's Lease."""
         self.leading = False
+        self.running = False
+        self.unreachable: str | None = "no Lease request made yet"
+        """Why the last Lease request did not reach the API server; None when it did."""
+
+    def not_ready(self) -> str | None:
+        """None while electing with the API server answering (leader or standby)."""
+        if not self.running:
+            return "leader election not running"
+        if self.unreachable is not None:
+            return f"API server unreachable: {self.unreachable}"
+        return None
 
     async def run(self, stop: asyncio.Event, lead: Lead) -> None:
         """Campaign until `stop`; run `lead` for each term this replica wins."""
-        while not stop.is_set():
-            if await self._try_acquire_or_renew():
-                await self._lead(stop, lead)
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self._period)
+        self.running = True
+        try:
+            while not stop.is_set():
+                if await self._try_acquire_or_renew():
+                    await self._lead(stop, lead)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self._period)
+        finally:
+            self.running = False
         await self._release()
 
     async def _lead(self, stop: asyncio.Event, lead: Lead) -> None:
@@ -101,31 +116,39 @@ class LeaderElector:
 
     async def _try_acquire_or_renew(self) -> bool:
         try:
-            lease = await self._kube.get(f"{self._path}/{self._name}")
-            now = _micro_time()
-            if lease is None:
-                await self._kube.create(self._path, self._lease(now, now, 0, None))
-                return True
-            spec: dict[str, Any] = lease.get("spec") or {}
-            holder = spec.get("holderIdentity")
-            rv = lease["metadata"]["resourceVersion"]
-            if holder == self.identity:
-                body = self._lease(spec.get("acquireTime") or now, now, 0, lease)
-                await self._kube.request("PUT", f"{self._path}/{self._name}", body=body)
-                return True
-            if holder and not self._expired(rv):
-                self.leading = False
-                return False
-            transitions = int(spec.get("leaseTransitions") or 0) + 1
-            body = self._lease(now, now, transitions, lease)
-            await self._kube.request("PUT", f"{self._path}/{self._name}", body=body)
-            return True
+            won = await self._acquire_or_renew()
         except KubeConflict:
+            self.unreachable = None
             self.leading = False
             return False
         except KubeError as exc:
+            self.unreachable = str(exc)[:200]
             log.warning("leader election: %s", exc)
             return False
+        self.unreachable = None
+        return won
+
+    async def _acquire_or_renew(self) -> bool:
+        """One Lease read and, unless another holder's Lease is still valid, one write."""
+        lease = await self._kube.get(f"{self._path}/{self._name}")
+        now = _micro_time()
+        if lease is None:
+            await self._kube.create(self._path, self._lease(now, now, 0, None))
+            return True
+        spec: dict[str, Any] = lease.get("spec") or {}
+        holder = spec.get("holderIdentity")
+        rv = lease["metadata"]["resourceVersion"]
+        if holder == self.identity:
+            body = self._lease(spec.get("acquireTime") or now, now, 0, lease)
+            await self._kube.request("PUT", f"{self._path}/{self._name}", body=body)
+            return True
+        if holder and not self._expired(rv):
+            self.leading = False
+            return False
+        transitions = int(spec.get("leaseTransitions") or 0) + 1
+        body = self._lease(now, now, transitions, lease)
+        await self._kube.request("PUT", f"{self._path}/{self._name}", body=body)
+        return True
 
     def _expired(self, resource_version: str) -> bool:
         now = time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -19,6 +20,8 @@ def _default_identity() -> str:
 
 class OperatorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="NIPHAS_OPERATOR_", extra="ignore")
+    default_metrics_host: ClassVar[str] = "127.0.0.1"
+    """The ops server stays on loopback unless the Deployment says otherwise (0.0.0.0)."""
 
     kubeconfig: Path | None = Field(
         default=None,
@@ -101,11 +104,6 @@ class OperatorSettings(ServiceSettings):
     )
     eval_consumer: str = Field(
         default="operator-eval-done", description="Durable consumer name on eval.done"
-    )
-
-    metrics_host: str = Field(
-        default="127.0.0.1",
-        description="Address of /healthz /readyz /metrics (0.0.0.0 in a pod, for scraping)",
     )
 
     def resolved_render_dir(self) -> Path:
