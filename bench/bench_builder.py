@@ -98,13 +98,70 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run(args: argparse.Namespace, work: Path) -> None:
-    runner = NixRunner()
+async def measure_cached(
+    args: argparse.Namespace,
+    ctx: tuple[NixRunner, Bus, Waiter, str, str],
+    lease_ttl_s: float,
+    created: list[str],
+) -> tuple[list[float], list[float]]:
+    """Round trips of an already cached derivation, and the bare cache check beside them."""
+    runner, bus, waiter, tools, push_url = ctx
+    drv, out = instantiate(runner, tools, f"cached-{uuid.uuid4().hex[:8]}")
+    created += [out, drv]
+    _, first = await waiter.roundtrip(bus, eval_done(drv, out, 0))
+    assert first.status == "built", first.log_tail
+    await asyncio.sleep(lease_ttl_s)  # wait until only the cache knows it
+    cached = []
+    for n in range(1, args.cached + 1):
+        took, done = await waiter.roundtrip(bus, eval_done(drv, out, n))
+        assert done.status in ("cached", "built"), done.log_tail
+        cached.append(took)
+    check = []
+    for _ in range(min(args.cached, 30)):
+        started = time.perf_counter()
+        runner.run("nix", "path-info", "--store", push_url, out)
+        check.append(time.perf_counter() - started)
+    return cached, check
+
+
+async def measure_uncached(
+    args: argparse.Namespace,
+    ctx: tuple[NixRunner, Bus, Waiter, str, str],
+    work: Path,
+    created: list[str],
+) -> tuple[list[float], list[float]]:
+    """Fresh derivations: the builder's round trip vs bare nix, alternating."""
+    runner, bus, waiter, tools, _ = ctx
+    ours, bare = [], []
+    bare_cache = f"file://{work / 'bare-cache'}?compression=zstd&secret-key={work / 'key.sec'}"
+    for n in range(args.uncached):
+        drv, out = instantiate(runner, tools, f"ours-{n}-{uuid.uuid4().hex[:8]}")
+        created += [out, drv]
+        took, done = await waiter.roundtrip(bus, eval_done(drv, out, 10_000 + n))
+        assert done.status == "built", done.log_tail
+        ours.append(took)
+        drv, out = instantiate(runner, tools, f"bare-{n}-{uuid.uuid4().hex[:8]}")
+        created += [out, drv]
+        started = time.perf_counter()
+        await runner.arun("nix-store", "--realise", drv)
+        await runner.arun("nix", "copy", "--to", bare_cache, out)
+        bare.append(time.perf_counter() - started)
+    return ours, bare
+
+
+def prepare_tools(runner: NixRunner, work: Path) -> str:
+    """Busybox as a store path (the builder of every benchmark derivation), rooted in `work`."""
     tools_src = work / "tools" / "bin"
     tools_src.mkdir(parents=True)
     shutil.copy2("/bin/busybox", tools_src / "busybox")
     tools = str(runner.add_to_store(work / "tools"))
     runner.add_root(tools, work / "tools-root")
+    return tools
+
+
+async def run(args: argparse.Namespace, work: Path) -> None:
+    runner = NixRunner()
+    tools = prepare_tools(runner, work)
     key = SecretKey.generate("bench-1")
     (work / "key.sec").write_text(str(key))
     created: list[str] = []
@@ -122,46 +179,14 @@ async def run(args: argparse.Namespace, work: Path) -> None:
     waiter = Waiter()
     sub = await bus.nc.subscribe(BuildDone.subject, cb=waiter.on_msg)
     stop = asyncio.Event()
+    ctx = (runner, bus, waiter, tools, settings.push_url)
     try:
         async with wired(bus, settings) as builder:
             serving = asyncio.create_task(
                 bus.serve([builder.subscription()], stop, fetch_timeout_s=0.2)
             )
-
-            # 1. Everything cached.
-            drv, out = instantiate(runner, tools, f"cached-{uuid.uuid4().hex[:8]}")
-            created += [out, drv]
-            _, first = await waiter.roundtrip(bus, eval_done(drv, out, 0))
-            assert first.status == "built", first.log_tail
-            await asyncio.sleep(settings.lease_ttl_s)  # wait until only the cache knows it
-            cached = []
-            for n in range(1, args.cached + 1):
-                took, done = await waiter.roundtrip(bus, eval_done(drv, out, n))
-                assert done.status in ("cached", "built"), done.log_tail
-                cached.append(took)
-            check = []
-            for _ in range(min(args.cached, 30)):
-                started = time.perf_counter()
-                runner.run("nix", "path-info", "--store", settings.push_url, out)
-                check.append(time.perf_counter() - started)
-
-            # 2. Uncached: builder vs bare nix, alternating.
-            ours, bare = [], []
-            bare_cache = (
-                f"file://{work / 'bare-cache'}?compression=zstd&secret-key={work / 'key.sec'}"
-            )
-            for n in range(args.uncached):
-                drv, out = instantiate(runner, tools, f"ours-{n}-{uuid.uuid4().hex[:8]}")
-                created += [out, drv]
-                took, done = await waiter.roundtrip(bus, eval_done(drv, out, 10_000 + n))
-                assert done.status == "built", done.log_tail
-                ours.append(took)
-                drv, out = instantiate(runner, tools, f"bare-{n}-{uuid.uuid4().hex[:8]}")
-                created += [out, drv]
-                started = time.perf_counter()
-                await runner.arun("nix-store", "--realise", drv)
-                await runner.arun("nix", "copy", "--to", bare_cache, out)
-                bare.append(time.perf_counter() - started)
+            cached, check = await measure_cached(args, ctx, settings.lease_ttl_s, created)
+            ours, bare = await measure_uncached(args, ctx, work, created)
             stop.set()
             await serving
     finally:
@@ -170,7 +195,17 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         server.stop()
         for path in created:
             runner.delete([path], check=False)
+    show(args, cached, check, ours, bare)
 
+
+def show(
+    args: argparse.Namespace,
+    cached: list[float],
+    check: list[float],
+    ours: list[float],
+    bare: list[float],
+) -> None:
+    """The table on stdout and the JSON report."""
     rows = [
         ("cached eval.done->build.done p50 (ms)", pct(cached, 0.5), statistics.median(check), None),
         ("cached eval.done->build.done p99 (ms)", pct(cached, 0.99), pct(check, 0.99), None),

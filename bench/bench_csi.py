@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -87,6 +88,65 @@ def publish_request(
     )
 
 
+@dataclass
+class Samples:
+    """Seconds per call, by row of the table."""
+
+    first_pub: list[float] = field(default_factory=list)
+    unpub: list[float] = field(default_factory=list)
+    more_pub: list[float] = field(default_factory=list)
+    baseline: list[float] = field(default_factory=list)
+    mount_count: int = 0
+
+
+async def time_volumes(
+    node: csi_pb2_grpc.NodeStub, pods: Path, app: str, closure: list[str], repeat: int
+) -> Samples:
+    """First-pod publish + unpublish rounds, then more pods sharing one anchor's view."""
+
+    def target(name: str) -> Path:
+        (pods / name).mkdir()
+        return pods / name / "mount"
+
+    samples = Samples()
+    for i in range(repeat):
+        t = target(f"first-{i}")
+        t0 = time.perf_counter()
+        await node.NodePublishVolume(publish_request(f"first-{i}", t, app), timeout=60)
+        samples.first_pub.append(time.perf_counter() - t0)
+        assert len(os.listdir(t)) == len(closure)
+        t0 = time.perf_counter()
+        await node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=f"first-{i}", target_path=str(t)),
+            timeout=60,
+        )
+        samples.unpub.append(time.perf_counter() - t0)
+
+    anchor = target("anchor")
+    await node.NodePublishVolume(publish_request("anchor", anchor, app), timeout=60)
+    for i in range(repeat):
+        t = target(f"more-{i}")
+        t0 = time.perf_counter()
+        await node.NodePublishVolume(publish_request(f"more-{i}", t, app), timeout=60)
+        samples.more_pub.append(time.perf_counter() - t0)
+    samples.mount_count = len(mounts.mounts())
+    return samples
+
+
+def hardlink_farms(work: Path, root: Path, closure: list[str], rounds: int) -> list[float]:
+    """Seconds per `cp -al` of the closure: the per-volume hardlink driver's way."""
+    sources = [str(root / p.lstrip("/")) for p in closure]
+    took = []
+    for i in range(rounds):
+        farm = work / f"farm-{i}"
+        farm.mkdir()
+        t0 = time.perf_counter()
+        subprocess.run(["cp", "-al", *sources, str(farm)], check=True)
+        took.append(time.perf_counter() - t0)
+        shutil.rmtree(farm)
+    return took
+
+
 async def measure(args: argparse.Namespace, work: Path, where: str) -> int:
     root = work / "node-store"
     started = time.perf_counter()
@@ -115,46 +175,9 @@ async def measure(args: argparse.Namespace, work: Path, where: str) -> int:
         await asyncio.sleep(0.01)
     channel = grpc.aio.insecure_channel(f"unix://{work / 'csi.sock'}")
     node = csi_pb2_grpc.NodeStub(channel)  # type: ignore[no-untyped-call]
-
-    def target(name: str) -> Path:
-        (pods / name).mkdir()
-        return pods / name / "mount"
-
-    first_pub: list[float] = []
-    unpub: list[float] = []
-    more_pub: list[float] = []
-    baseline: list[float] = []
     try:
-        for i in range(args.repeat):
-            t = target(f"first-{i}")
-            t0 = time.perf_counter()
-            await node.NodePublishVolume(publish_request(f"first-{i}", t, app), timeout=60)
-            first_pub.append(time.perf_counter() - t0)
-            assert len(os.listdir(t)) == len(closure)
-            t0 = time.perf_counter()
-            await node.NodeUnpublishVolume(
-                csi_pb2.NodeUnpublishVolumeRequest(volume_id=f"first-{i}", target_path=str(t)),
-                timeout=60,
-            )
-            unpub.append(time.perf_counter() - t0)
-
-        anchor = target("anchor")
-        await node.NodePublishVolume(publish_request("anchor", anchor, app), timeout=60)
-        for i in range(args.repeat):
-            t = target(f"more-{i}")
-            t0 = time.perf_counter()
-            await node.NodePublishVolume(publish_request(f"more-{i}", t, app), timeout=60)
-            more_pub.append(time.perf_counter() - t0)
-        mount_count = len(mounts.mounts())
-
-        sources = [str(root / p.lstrip("/")) for p in closure]
-        for i in range(max(5, args.repeat // 3)):
-            farm = work / f"farm-{i}"
-            farm.mkdir()
-            t0 = time.perf_counter()
-            subprocess.run(["cp", "-al", *sources, str(farm)], check=True)
-            baseline.append(time.perf_counter() - t0)
-            shutil.rmtree(farm)
+        samples = await time_volumes(node, pods, app, list(closure), args.repeat)
+        samples.baseline = hardlink_farms(work, root, list(closure), max(5, args.repeat // 3))
     finally:
         await channel.close()
         stop.set()
@@ -163,7 +186,13 @@ async def measure(args: argparse.Namespace, work: Path, where: str) -> int:
         for m in sorted(mounts.mounts(), key=lambda m: len(m.mount_point), reverse=True):
             if m.mount_point.startswith(f"{work}/"):  # not `work` itself: the scratch fs
                 mounts.umount(m.mount_point, lazy=True)
+    return show(args, samples, f"a {len(closure)}-path, {files}-file closure", where)
 
+
+def show(args: argparse.Namespace, samples: Samples, what: str, where: str) -> int:
+    """The table on stdout and the JSON report; the exit code (0: targets met)."""
+    first_pub, more_pub, unpub = samples.first_pub, samples.more_pub, samples.unpub
+    baseline, mount_count = samples.baseline, samples.mount_count
     print(f"{'':2}{'ms':<34} {'p50':>9} {'p99':>9} {'n':>5}")
     print(row("publish, first pod (builds view)", first_pub))
     print(row("publish, more pods (shared view)", more_pub))
@@ -174,7 +203,7 @@ async def measure(args: argparse.Namespace, work: Path, where: str) -> int:
           f"pods of the closure: {mount_count} mounts on the whole machine")  # fmt: skip
     ok = percentile(first_pub, 0.5) <= 0.100 and ratio >= 10 and percentile(unpub, 0.5) <= 0.050
     print("targets (p50 <= 100 ms, >= 10x, unpublish p50 <= 50 ms):", "met" if ok else "MISSED")
-    report = Report("csi", f"CSI: publish/unpublish of a {len(closure)}-path, {files}-file closure")
+    report = Report("csi", f"CSI: publish/unpublish of {what}")
     farm_ms = {
         "baseline": percentile(baseline, 0.5) * 1000,
         "baseline_name": "hardlink farm of the closure (cp -al), p50",

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -236,6 +237,73 @@ BARE_APPLY = (
 )
 
 
+def sample_commits(
+    tmp: Path, runner: NixRunner, system: str, packages: int, work: int, rounds: int
+) -> tuple[str, str, list[str]]:
+    """(tools store path, repository URL, one commit per round) of the generated flake."""
+    (tmp / "tools" / "bin").mkdir(parents=True)
+    shutil.copy2("/bin/busybox", tmp / "tools" / "bin" / "busybox")
+    tools = runner.add_to_store(tmp / "tools")
+    runner.add_root(tools, tmp / "tools-root")
+    repo = FlakeRepo(tmp / "forge" / "app")
+    repo.ensure()
+    commits = []
+    for i in range(rounds):
+        text = (
+            FLAKE.replace("@TOOLS@", str(tools)).replace("@SYSTEM@", system)
+            .replace("@VERSION@", f"v{i}").replace("@PACKAGES@", str(packages))
+            .replace("@WORK@", str(work))
+        )  # fmt: skip
+        # Committed with its flake.lock: the worker takes inputs only from the lock.
+        commits.append(repo.commit_flake(text, f"v{i}", must_lock=True))
+    return str(tools), repo.url, commits
+
+
+class WorkerRoundTrip:
+    """push.received published -> the eval.done it caused (one evaluation at a time)."""
+
+    def __init__(self, bus: Bus, url: str) -> None:
+        self.bus = bus
+        self.url = url
+        self.arrived: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_done(self, msg: object) -> None:
+        self.arrived.put_nowait(getattr(msg, "data", b""))
+
+    async def __call__(self, commit: str) -> tuple[float, dict[str, object]]:
+        push = PushReceived(
+            forge="github", repository=self.url, ref="refs/heads/main", commit=commit,
+            delivery_id=uuid.uuid4().hex,
+        )  # fmt: skip
+        started = time.perf_counter()
+        await self.bus.publish(push)
+        data = await asyncio.wait_for(self.arrived.get(), 600)
+        return time.perf_counter() - started, json.loads(data)
+
+
+async def alternate(
+    bare: Callable[[str], float],
+    through_worker: WorkerRoundTrip,
+    commits: list[str],
+    packages: int,
+) -> tuple[list[float], list[float]]:
+    """(bare seconds, worker seconds) per commit, the order alternating, both warm."""
+    bares: list[float] = []
+    workers: list[float] = []
+    for i, commit in enumerate(commits):
+        bare(commit)  # fetch the commit once (warm), untimed
+        if i % 2 == 0:
+            bares.append(bare(commit))
+            took, done = await through_worker(commit)
+        else:
+            took, done = await through_worker(commit)
+            bares.append(bare(commit))
+        workers.append(took)
+        assert done["status"] == "succeeded", done.get("error")
+        assert len(done["attributes"]) == packages  # type: ignore[arg-type]
+    return bares, workers
+
+
 async def bench_eval(packages: int, work: int, rounds: int) -> tuple[float, float]:
     """(bare median, worker median) in seconds."""
     system = this_system()
@@ -246,22 +314,7 @@ async def bench_eval(packages: int, work: int, rounds: int) -> tuple[float, floa
     )
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        (tmp / "tools" / "bin").mkdir(parents=True)
-        shutil.copy2("/bin/busybox", tmp / "tools" / "bin" / "busybox")
-        tools = runner.add_to_store(tmp / "tools")
-        runner.add_root(tools, tmp / "tools-root")
-        repo = FlakeRepo(tmp / "forge" / "app")
-        repo.ensure()
-        commits = []
-        for i in range(rounds):
-            text = (
-                FLAKE.replace("@TOOLS@", str(tools)).replace("@SYSTEM@", system)
-                .replace("@VERSION@", f"v{i}").replace("@PACKAGES@", str(packages))
-                .replace("@WORK@", str(work))
-            )  # fmt: skip
-            # Committed with its flake.lock: the worker takes inputs only from the lock.
-            commits.append(repo.commit_flake(text, f"v{i}", must_lock=True))
-        url = repo.url
+        tools, url, commits = sample_commits(tmp, runner, system, packages, work, rounds)
 
         def bare(commit: str) -> float:
             ref = f"git+{url}?ref=refs%2Fheads%2Fmain&rev={commit}#packages.{system}"
@@ -277,44 +330,21 @@ async def bench_eval(packages: int, work: int, rounds: int) -> tuple[float, floa
             )
             bus = await Bus.connect(NatsSettings(url=server.url), name="bench")
             worker = await build_worker(bus, settings, runner=runner)
-            arrived: asyncio.Queue[bytes] = asyncio.Queue()
-
-            async def on_done(msg: object) -> None:
-                arrived.put_nowait(getattr(msg, "data", b""))
-
-            sub = await bus.nc.subscribe("eval.done", cb=on_done)
+            through_worker = WorkerRoundTrip(bus, url)
+            sub = await bus.nc.subscribe("eval.done", cb=through_worker.on_done)
             stop = asyncio.Event()
             serving = asyncio.create_task(
                 bus.serve([worker.subscription()], stop, fetch_timeout_s=0.2)
             )
-
-            async def through_worker(commit: str) -> tuple[float, dict[str, object]]:
-                push = PushReceived(
-                    forge="github", repository=url, ref="refs/heads/main", commit=commit,
-                    delivery_id=uuid.uuid4().hex,
-                )  # fmt: skip
-                started = time.perf_counter()
-                await bus.publish(push)
-                data = await asyncio.wait_for(arrived.get(), 600)
-                return time.perf_counter() - started, json.loads(data)
-
-            bares: list[float] = []
-            workers: list[float] = []
-            for i, commit in enumerate(commits):
-                bare(commit)  # fetch the commit once (warm), untimed
-                if i % 2 == 0:
-                    bares.append(bare(commit))
-                    took, done = await through_worker(commit)
-                else:
-                    took, done = await through_worker(commit)
-                    bares.append(bare(commit))
-                workers.append(took)
-                assert done["status"] == "succeeded", done.get("error")
-                assert len(done["attributes"]) == packages  # type: ignore[arg-type]
+            bares, workers = await alternate(bare, through_worker, commits, packages)
             stop.set()
             await serving
             await sub.unsubscribe()
             await bus.close()
+    return show_eval(rounds, bares, workers)
+
+
+def show_eval(rounds: int, bares: list[float], workers: list[float]) -> tuple[float, float]:
     overhead = statistics.median(w - b for w, b in zip(workers, bares, strict=True))
     b, w = statistics.median(bares), statistics.median(workers)
     print(f"median of {rounds} commits, alternating order, both warm")

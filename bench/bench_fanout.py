@@ -41,8 +41,8 @@ from niphas_common.settings import NatsSettings
 from niphas_schemas import PathAvailable, PathWanted
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.*
-from bench.bench_mesh import ROOT, Agents, add, make_paths
 from bench.http_servers import NGINX, Nginx
+from bench.mesh_nodes import ROOT, Agents, add, make_paths
 from bench.report import Report, Series, add_json_option
 from tests.niphas_mesh.test_fetch import announce_cache
 from tests.nix_harness import BuiltClosure
@@ -185,6 +185,72 @@ def model(
     )
 
 
+Measured = dict[str, list[float]]
+"""Per node count, in order: cache bytes sent and seconds, with the mesh and without."""
+
+
+def prepare(
+    host: NixRunner,
+    tmp: Path,
+    ns: list[int],
+    args: argparse.Namespace,
+    closures: list[list[StorePath]],
+) -> list[dict[str, PathInfo]]:
+    """One generated closure per node count (added to `closures` as it is made, for the
+    cleanup), signed into a file cache under `tmp`; their path infos."""
+    print(f"generating {len(ns)} closures of {args.size_mb} MB ({args.paths} paths)", flush=True)
+    for n in ns:
+        dirs = make_paths(tmp / "src", f"fan{n}", args.size_mb << 20, args.files, args.paths)
+        closures.append(add(host, dirs))
+    shutil.rmtree(tmp / "src")
+    added = [path for closure in closures for path in closure]
+    host.copy(added, to=f"file://{tmp / 'cache'}?compression=none&secret-key={tmp / 'sk'}")
+    return [host.path_info(c) for c in closures]
+
+
+def rounds(
+    tmp: Path,
+    ns: list[int],
+    closures: list[list[StorePath]],
+    infos: list[dict[str, PathInfo]],
+    public: str,
+) -> Measured:
+    """One fan-out per node count with the mesh, then without; the table row as it goes."""
+    measured: Measured = {k: [] for k in ("mesh egress", "plain egress", "mesh time", "plain time")}
+    server = EmbeddedNats(tmp / "nats")
+    nats_url = server.start()
+    agents = Agents(tmp, nats_url, public)
+    nginx = Nginx(tmp, tmp / "cache")
+    try:
+        names = [f"n{i:02}" for i in range(max(ns))]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(agents.start, names))
+        print(f"{len(names)} agents ready in {time.perf_counter() - started:.0f} s\n")
+        print(f"| {'nodes':>5} | {'egress mesh':>11} | {'egress without':>14} | "
+              f"{'time mesh':>9} | {'time without':>12} |")  # fmt: skip
+        print(f"|{'-' * 7}|{'-' * 13}|{'-' * 16}|{'-' * 11}|{'-' * 14}|")
+        for n, closure, info in zip(ns, closures, infos, strict=True):
+            size = sum(i.nar_size for i in info.values())
+            before = nginx.nar_bytes()
+            t_mesh = asyncio.run(with_mesh(nats_url, nginx.url, info, names[:n], agents.urls))
+            mid = nginx.nar_bytes()
+            plain = tmp / f"plain-{n}"
+            t_plain = asyncio.run(without_mesh(plain, nginx.url, closure, public, n))
+            shutil.rmtree(plain)
+            e_mesh, e_plain = (mid - before) / size, (nginx.nar_bytes() - mid) / size
+            for k, v in zip(measured, (mid - before, nginx.nar_bytes() - mid, t_mesh, t_plain),
+                            strict=True):  # fmt: skip
+                measured[k].append(v)
+            print(f"| {n:>5} | {e_mesh:>10.2f}x | {e_plain:>13.2f}x | {t_mesh:>8.2f}s | "
+                  f"{t_plain:>11.2f}s |", flush=True)  # fmt: skip
+    finally:
+        agents.stop()
+        nginx.stop()
+        server.stop()
+    return measured
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", default="2,4,8,16,32", help="comma-separated node counts")
@@ -198,61 +264,27 @@ def main() -> int:
         subprocess.run(["bash", str(ROOT / "scripts" / "setup-bench-tools.sh")], check=True)
 
     host = NixRunner()
-    added: list[StorePath] = []
-    measured: dict[str, list[float]] = {
-        k: [] for k in ("mesh egress", "plain egress", "mesh time", "plain time")
-    }
+    closures: list[list[StorePath]] = []
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp_name:
         tmp = Path(tmp_name)
         key = SecretKey.generate("bench-1")
         (tmp / "sk").write_text(str(key))
-        public = str(key.public_key)
-        print(
-            f"generating {len(ns)} closures of {args.size_mb} MB ({args.paths} paths)", flush=True
-        )
-        closures = []
-        for n in ns:
-            dirs = make_paths(tmp / "src", f"fan{n}", args.size_mb << 20, args.files, args.paths)
-            closures.append(add(host, dirs))
-            added += closures[-1]
-        shutil.rmtree(tmp / "src")
-        host.copy(added, to=f"file://{tmp / 'cache'}?compression=none&secret-key={tmp / 'sk'}")
-        infos = [host.path_info(c) for c in closures]
-
-        server = EmbeddedNats(tmp / "nats")
-        nats_url = server.start()
-        agents = Agents(tmp, nats_url, public)
-        nginx = Nginx(tmp, tmp / "cache")
         try:
-            names = [f"n{i:02}" for i in range(max(ns))]
-            started = time.perf_counter()
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(agents.start, names))
-            print(f"{len(names)} agents ready in {time.perf_counter() - started:.0f} s\n")
-            print(f"| {'nodes':>5} | {'egress mesh':>11} | {'egress without':>14} | "
-                  f"{'time mesh':>9} | {'time without':>12} |")  # fmt: skip
-            print(f"|{'-' * 7}|{'-' * 13}|{'-' * 16}|{'-' * 11}|{'-' * 14}|")
-            for n, closure, info in zip(ns, closures, infos, strict=True):
-                size = sum(i.nar_size for i in info.values())
-                before = nginx.nar_bytes()
-                t_mesh = asyncio.run(with_mesh(nats_url, nginx.url, info, names[:n], agents.urls))
-                mid = nginx.nar_bytes()
-                plain = tmp / f"plain-{n}"
-                t_plain = asyncio.run(without_mesh(plain, nginx.url, closure, public, n))
-                shutil.rmtree(plain)
-                e_mesh, e_plain = (mid - before) / size, (nginx.nar_bytes() - mid) / size
-                for k, v in zip(measured, (mid - before, nginx.nar_bytes() - mid, t_mesh, t_plain),
-                                strict=True):  # fmt: skip
-                    measured[k].append(v)
-                print(f"| {n:>5} | {e_mesh:>10.2f}x | {e_plain:>13.2f}x | {t_mesh:>8.2f}s | "
-                      f"{t_plain:>11.2f}s |", flush=True)  # fmt: skip
+            infos = prepare(host, tmp, ns, args, closures)
+            measured = rounds(tmp, ns, closures, infos, str(key.public_key))
         finally:
-            agents.stop()
-            nginx.stop()
-            server.stop()
-            if added:
+            if added := [path for closure in closures for path in closure]:
                 host.run("nix-store", "--delete", *map(str, added), check=False)
+    report = fanout_report(args, ns, infos, measured)
+    for note in report.notes[1:]:
+        print(f"\n{note}")
+    report.write(args.json)
+    return 0 if report.all_met else 1
 
+
+def fanout_report(
+    args: argparse.Namespace, ns: list[int], infos: list[dict[str, PathInfo]], measured: Measured
+) -> Report:
     closure_bytes = statistics.median(sum(i.nar_size for i in info.values()) for info in infos)
     largest = max(i.nar_size for info in infos for i in info.values())
     report = Report(
@@ -280,10 +312,7 @@ def main() -> int:
         "too), so small N pay for the idle agents' share of the cores."
     )
     model(report, ns, int(closure_bytes), largest, measured)
-    for note in report.notes[1:]:
-        print(f"\n{note}")
-    report.write(args.json)
-    return 0 if report.all_met else 1
+    return report
 
 
 if __name__ == "__main__":

@@ -52,38 +52,10 @@ from niphas_schemas import PathAvailable, PathWanted
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
 from bench.cpu_shares import CpuShares
-from bench.http_servers import NGINX, Nginx, free_port, wait_http
+from bench.http_servers import NGINX, Nginx
+from bench.mesh_nodes import ROOT, Agents, add, make_paths
 from bench.report import Report, add_json_option
 from bench.scratch_fs import journaled_ext4
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_paths(base: Path, label: str, size: int, files: int, n_paths: int) -> list[Path]:
-    """`n_paths` directories of random files, ~size bytes and ~files files in all."""
-    dirs = []
-    per_path, per_files = size // n_paths, max(1, files // n_paths)
-    for p in range(n_paths):
-        d = base / f"{label}-{p:02}"
-        left = per_path
-        for i in range(per_files):
-            # Sizes vary (a few large, many small) around the mean.
-            n = (
-                left
-                if i == per_files - 1
-                else min(left, (per_path // per_files) * (1 + (i % 7)) // 4)
-            )
-            sub = d / f"d{i % 13}"
-            sub.mkdir(parents=True, exist_ok=True)
-            (sub / f"f{i:05}").write_bytes(os.urandom(max(n, 1)))
-            left -= n
-        dirs.append(d)
-    return dirs
-
-
-def add(host: NixRunner, dirs: list[Path]) -> list[StorePath]:
-    out = host.run("nix-store", "--add", *map(str, dirs)).text.split()
-    return [StorePath.parse(p) for p in out]
 
 
 def median_times(repeat: int, fns: list[Callable[[], None]]) -> list[float]:
@@ -107,52 +79,6 @@ def timed_row(
     ratio = ours / baseline
     report.row(measure, round(ours, 4), "s", baseline=round(baseline, 4), baseline_name=name,
                ratio=round(ratio, 3), target=f"<= {target:g}x", met=ratio <= target)  # fmt: skip
-
-
-class Agents:
-    """`niphas mesh` processes, one per simulated node (each in its CPU share, if any)."""
-
-    def __init__(
-        self, tmp: Path, nats_url: str, public_key: str, shares: CpuShares | None = None
-    ) -> None:
-        self.tmp, self.nats_url, self.public_key = tmp, nats_url, public_key
-        self.shares = shares
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.urls: dict[str, str] = {}
-
-    def start(self, node: str) -> str:
-        port = free_port()
-        env = {
-            **os.environ,
-            "NIPHAS_MESH_STATE_DIR": str(self.tmp / "state"),
-            "NIPHAS_MESH_TRUSTED_PUBLIC_KEYS": self.public_key,
-            "NIPHAS_LOG_LEVEL": "WARNING",
-        }
-        niphas = str(Path(sys.executable).with_name("niphas"))
-        argv = [niphas, "mesh", "--listen", f"127.0.0.1:{port}", "--node", node]
-        argv += ["--store-root", str(self.tmp / "nodes" / node), "--nats-url", self.nats_url]
-        if self.shares is not None:
-            argv = self.shares.wrap(node, argv)
-        self.procs[node] = subprocess.Popen(argv, env=env)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/readyz")
-        self.urls[node] = url
-        return url
-
-    def cpu_seconds(self, node: str) -> float:
-        """CPU time of the node's agent and of the `nix` processes it has reaped."""
-        fields = Path(f"/proc/{self.procs[node].pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return sum(int(t) for t in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def nix_copy(tmp: Path, url: str, paths: list[StorePath], key: str) -> Callable[[], None]:
@@ -280,6 +206,87 @@ def fan_out_round(
                target="<= 2x closure", met=share <= 2)  # fmt: skip
 
 
+def generate(
+    host: NixRunner, src: Path, args: argparse.Namespace, added: list[StorePath]
+) -> tuple[list[StorePath], list[StorePath], dict[str, dict[str, list[StorePath]]]]:
+    """The copied closure, the small paths of the narinfo lookups and each fan-out round's
+    closures, added to the host store (and to `added`, for the cleanup)."""
+    size = args.size_mb << 20
+    print(f"generating: {args.size_mb} MB / {args.files} files, {args.narinfo_paths} "
+          f"small paths, 4 x {args.size_mb // 2} MB for fan-out", flush=True)  # fmt: skip
+    copy_paths = add(host, make_paths(src, "copy", size, args.files, 10))
+    tiny = src / "tiny"
+    tiny_dirs = []
+    for i in range(args.narinfo_paths):
+        (tiny / f"t{i:04}").mkdir(parents=True)
+        (tiny / f"t{i:04}" / "x").write_text(f"{i}\n")
+        tiny_dirs.append(tiny / f"t{i:04}")
+    tiny_paths = add(host, tiny_dirs)
+    rounds = {
+        how: {
+            kind: add(host, make_paths(src, f"{kind}-{how}", size // 2, args.files // 2, 10))
+            for kind in ("single", "fanout")
+        }
+        for how in ("share", "shared")
+    }
+    added += copy_paths + tiny_paths
+    added += [p for closures in rounds.values() for paths in closures.values() for p in paths]
+    shutil.rmtree(src)
+    return copy_paths, tiny_paths, rounds
+
+
+def copy_rounds(
+    report: Report,
+    args: argparse.Namespace,
+    work: Path,
+    urls: tuple[str, str],
+    paths: tuple[list[StorePath], list[StorePath]],
+    public: str,
+) -> None:
+    """Part 1: `nix copy --from` and narinfo lookups, agent (urls[0]) vs nginx (urls[1])."""
+    copy_paths, tiny_paths = paths
+    t_agent, t_nginx = median_times(
+        args.repeat, [nix_copy(work, u, copy_paths, public) for u in urls]
+    )
+    ratio = t_agent / t_nginx
+    print(f"nix copy {args.size_mb} MB: agent {t_agent:.2f}s, nginx {t_nginx:.2f}s, "
+          f"ratio {ratio:.2f}x (target <= 1.2x)", flush=True)  # fmt: skip
+    timed_row(report, f"nix copy --from, {args.size_mb} MB / {args.files} files",
+              t_agent, t_nginx, "nginx", 1.2)  # fmt: skip
+    p_agent, p_nginx = median_times(
+        args.repeat, [path_info(work, u, tiny_paths, public) for u in urls]
+    )
+    print(f"narinfo lookups ({len(tiny_paths)} paths): agent {p_agent:.2f}s, "
+          f"nginx {p_nginx:.2f}s, ratio {p_agent / p_nginx:.2f}x",
+          flush=True)  # fmt: skip
+    timed_row(report, f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)",
+              p_agent, p_nginx, "nginx", 1.2)  # fmt: skip
+
+
+def fan_out_rounds(
+    report: Report,
+    args: argparse.Namespace,
+    host: NixRunner,
+    servers: tuple[Nginx, Agents, str, CpuShares | None],
+    rounds: dict[str, dict[str, list[StorePath]]],
+) -> None:
+    """Part 2: with one CPU share per node (when cgroups allow), then sharing the cores."""
+    nginx, agents, nats_url, shares = servers
+    nodes = [f"n{i}" for i in range(1, args.nodes + 1)]
+    for node in nodes:
+        agents.start(node)
+    if shares is not None:
+        shares.limit(args.node_cores)
+        fan_out_round(report, host, nginx, agents, nats_url, nodes, rounds["share"],
+                      f"one {args.node_cores:g}-core share per node", 3.0)  # fmt: skip
+        shares.limit(None)
+    else:
+        report.note("no writable cgroup cpu controller: nodes share the host's cores")
+    fan_out_round(report, host, nginx, agents, nats_url, nodes, rounds["shared"],
+                  f"sharing {os.cpu_count()} cores",
+                  3.0 if shares is None else None)  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=200)
@@ -303,85 +310,36 @@ def main() -> int:
         key = SecretKey.generate("bench-1")
         (tmp / "sk").write_text(str(key))
         public = str(key.public_key)
-        size = args.size_mb << 20
-        print(f"generating: {args.size_mb} MB / {args.files} files, {args.narinfo_paths} "
-              f"small paths, 4 x {args.size_mb // 2} MB for fan-out", flush=True)  # fmt: skip
-        src = tmp / "src"
-        copy_paths = add(host, make_paths(src, "copy", size, args.files, 10))
-        tiny = src / "tiny"
-        tiny_dirs = []
-        for i in range(args.narinfo_paths):
-            (tiny / f"t{i:04}").mkdir(parents=True)
-            (tiny / f"t{i:04}" / "x").write_text(f"{i}\n")
-            tiny_dirs.append(tiny / f"t{i:04}")
-        tiny_paths = add(host, tiny_dirs)
-        rounds = {
-            how: {
-                kind: add(host, make_paths(src, f"{kind}-{how}", size // 2, args.files // 2, 10))
-                for kind in ("single", "fanout")
-            }
-            for how in ("share", "shared")
-        }
-        added = copy_paths + tiny_paths
-        added += [p for closures in rounds.values() for paths in closures.values() for p in paths]
-        shutil.rmtree(src)
-        cache = tmp / "cache"
-        host.copy(added, to=f"file://{cache}?compression=none&secret-key={tmp / 'sk'}")
-        scratch = stack.enter_context(journaled_ext4(tmp / "fs", 8))
-        work = scratch[0]
-        report.note(scratch[1])
-        seed = NixRunner(store=str(work / "nodes" / "n0"), options={"trusted-public-keys": public})
-        seed.copy(copy_paths + tiny_paths, src=f"file://{cache}", to=str(work / "nodes" / "n0"))
-
-        # Setup wrote ~1 GB (random files, the store, the cache): flush it now, so its
-        # writeback does not land on the clock of whichever side happens to run first.
-        os.sync()
-        server = EmbeddedNats(tmp / "nats")
-        nats_url = server.start()
-        shares = CpuShares.create("niphas-bench-mesh")
-        agents = Agents(work, nats_url, public, shares)
-        nginx = Nginx(tmp, cache)
         try:
-            if not args.skip_copy:
-                agent = agents.start("n0")
-                t_agent, t_nginx = median_times(
-                    args.repeat,
-                    [nix_copy(work, u, copy_paths, public) for u in (agent, nginx.url)],
-                )
-                ratio = t_agent / t_nginx
-                print(f"nix copy {args.size_mb} MB: agent {t_agent:.2f}s, nginx {t_nginx:.2f}s, "
-                      f"ratio {ratio:.2f}x (target <= 1.2x)", flush=True)  # fmt: skip
-                timed_row(report, f"nix copy --from, {args.size_mb} MB / {args.files} files",
-                          t_agent, t_nginx, "nginx", 1.2)  # fmt: skip
-                p_agent, p_nginx = median_times(
-                    args.repeat,
-                    [path_info(work, u, tiny_paths, public) for u in (agent, nginx.url)],
-                )
-                print(f"narinfo lookups ({len(tiny_paths)} paths): agent {p_agent:.2f}s, "
-                      f"nginx {p_nginx:.2f}s, ratio {p_agent / p_nginx:.2f}x",
-                      flush=True)  # fmt: skip
-                timed_row(report, f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)",
-                          p_agent, p_nginx, "nginx", 1.2)  # fmt: skip
-
-            nodes = [f"n{i}" for i in range(1, args.nodes + 1)]
-            for node in nodes:
-                agents.start(node)
-            if shares is not None:
-                shares.limit(args.node_cores)
-                fan_out_round(report, host, nginx, agents, nats_url, nodes, rounds["share"],
-                              f"one {args.node_cores:g}-core share per node", 3.0)  # fmt: skip
-                shares.limit(None)
-            else:
-                report.note("no writable cgroup cpu controller: nodes share the host's cores")
-            fan_out_round(report, host, nginx, agents, nats_url, nodes, rounds["shared"],
-                          f"sharing {os.cpu_count()} cores",
-                          3.0 if shares is None else None)  # fmt: skip
+            copy_paths, tiny_paths, rounds = generate(host, tmp / "src", args, added)
+            cache = tmp / "cache"
+            host.copy(added, to=f"file://{cache}?compression=none&secret-key={tmp / 'sk'}")
+            scratch = stack.enter_context(journaled_ext4(tmp / "fs", 8))
+            work = scratch[0]
+            report.note(scratch[1])
+            node0 = str(work / "nodes" / "n0")
+            seed = NixRunner(store=node0, options={"trusted-public-keys": public})
+            seed.copy(copy_paths + tiny_paths, src=f"file://{cache}", to=node0)
+            # Setup wrote ~1 GB (random files, the store, the cache): flush it now, so its
+            # writeback does not land on the clock of whichever side happens to run first.
+            os.sync()
+            server = EmbeddedNats(tmp / "nats")
+            nats_url = server.start()
+            shares = CpuShares.create("niphas-bench-mesh")
+            agents = Agents(work, nats_url, public, shares)
+            nginx = Nginx(tmp, cache)
+            try:
+                if not args.skip_copy:
+                    urls = (agents.start("n0"), nginx.url)
+                    copy_rounds(report, args, work, urls, (copy_paths, tiny_paths), public)
+                fan_out_rounds(report, args, host, (nginx, agents, nats_url, shares), rounds)
+            finally:
+                agents.stop()
+                nginx.stop()
+                server.stop()
+                if shares is not None:
+                    shares.remove()
         finally:
-            agents.stop()
-            nginx.stop()
-            server.stop()
-            if shares is not None:
-                shares.remove()
             if added:
                 host.run("nix-store", "--delete", *map(str, added), check=False)
     report.note(f"medians of {args.repeat} interleaved runs (agent, nginx); 2 shared cores")

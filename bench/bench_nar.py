@@ -111,7 +111,14 @@ def run(runner: NixRunner, path: str, repeat: int, report: Report) -> int:
     t_raw, t_verify = median_times(repeat, [raw_sha256, verify])
     os.close(devnull)
 
-    mb = nar_size / 1e6
+    return show(report, nar_size / 1e6, repeat, (t_nix, t_fd, t_iter, t_raw, t_verify))
+
+
+def show(
+    report: Report, mb: float, repeat: int, times: tuple[float, float, float, float, float]
+) -> int:
+    """The table on stdout and the report's rows; 0 when both targets are met."""
+    t_nix, t_fd, t_iter, t_raw, t_verify = times
     rows = [
         ("nix-store --dump > /dev/null", t_nix, None),
         ("ours: write_nar (fd, sendfile)", t_fd, t_nix / t_fd),

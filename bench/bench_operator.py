@@ -255,38 +255,46 @@ async def _build_latency(
             event = build_done(commit_of(name), name, attribute=f"attr{i}")
             start = time.perf_counter()
             await bus.publish(event)
-            deployment_path = f"/apis/apps/v1/namespaces/{namespace}/deployments/b{i}"
-            while True:
-                deployment = await kube.get(deployment_path)
-                annotations = (
-                    (deployment or {}).get("spec", {}).get("template", {}).get("metadata", {})
-                ).get("annotations", {})
-                if annotations.get("niphas.io/store-path") == store_path(name):
-                    break
-                await asyncio.sleep(0.005)
+            await _until_deployed(kube, namespace, f"b{i}", store_path(name))
             latencies.append(time.perf_counter() - start)
             # Floor: one direct server-side apply of a changed Deployment.
             start = time.perf_counter()
-            await kube.apply(
-                {
-                    "apiVersion": "apps/v1",
-                    "kind": "Deployment",
-                    "metadata": {"name": "floor", "namespace": namespace},
-                    "spec": {
-                        "replicas": 1,
-                        "selector": {"matchLabels": {"app": "floor"}},
-                        "template": {
-                            "metadata": {"labels": {"app": "floor"}, "annotations": {"k": name}},
-                            "spec": {"containers": [{"name": "app", "image": "stub"}]},
-                        },
-                    },
-                }
-            )
+            await kube.apply(_floor_deployment(namespace, name))
             floor.append(time.perf_counter() - start)
     finally:
         stop.set()
         await task
     return latencies, floor
+
+
+async def _until_deployed(kube: Kube, namespace: str, name: str, path: str) -> None:
+    """Poll until Deployment `name`'s pod template carries store path `path`."""
+    deployment_path = f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}"
+    while True:
+        deployment = await kube.get(deployment_path)
+        annotations = (
+            (deployment or {}).get("spec", {}).get("template", {}).get("metadata", {})
+        ).get("annotations", {})
+        if annotations.get("niphas.io/store-path") == path:
+            return
+        await asyncio.sleep(0.005)
+
+
+def _floor_deployment(namespace: str, change: str) -> dict[str, Any]:
+    """A Deployment whose pod template differs by `change` on every apply."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "floor", "namespace": namespace},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "floor"}},
+            "template": {
+                "metadata": {"labels": {"app": "floor"}, "annotations": {"k": change}},
+                "spec": {"containers": [{"name": "app", "image": "stub"}]},
+            },
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -59,3 +59,19 @@ async def wait_or_kill_group(proc: subprocess.Popen[Any], timeout_s: float) -> i
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def terminate(proc: subprocess.Popen[Any], kill: Callable[[], None] | None = None) -> None:
+    """SIGTERM a running process and wait up to 20 s for it; then `kill` (default: SIGKILL
+    the process and wait for it)."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        if kill is not None:
+            kill()
+        else:
+            proc.kill()
+            proc.wait(10)

@@ -197,3 +197,11 @@ def make_file_cache(
         return FileCache(directory, compression)
 
     return make
+
+
+@pytest.fixture
+def signed_cache(
+    built_closure: BuiltClosure, make_file_cache: Callable[..., FileCache]
+) -> FileCache:
+    """The built closure in a signed, uncompressed file cache (the builder's cache)."""
+    return make_file_cache(built_closure.paths, "none")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.niphas_mesh.conftest import signed_cache, start_node
+from tests.niphas_mesh.conftest import start_node
 
-__all__ = ["signed_cache", "small_disk", "start_node"]
+__all__ = ["small_disk", "start_node"]
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,6 @@ from tests.nix_harness import BuiltClosure, CacheKey, FileCache
 from .conftest import NODE_ID, Driver, Node, driver_settings
 
 pytestmark = [pytest.mark.root, pytest.mark.nix]
-
-
-@pytest.fixture
-def signed_cache(
-    built_closure: BuiltClosure, make_file_cache: Callable[..., FileCache]
-) -> FileCache:
-    return make_file_cache(built_closure.paths, "none")
 
 
 @pytest.fixture

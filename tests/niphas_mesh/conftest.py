@@ -15,7 +15,7 @@ from niphas_common.nix.store_path import StorePath
 from niphas_common.settings import NatsSettings
 from niphas_mesh.agent import Agent, start_agent
 from niphas_mesh.settings import MeshSettings
-from tests.nix_harness import BuiltClosure, CacheKey, FileCache
+from tests.nix_harness import CacheKey, FileCache
 
 StartNode = Callable[..., Coroutine[Any, Any, Agent]]
 
@@ -24,14 +24,6 @@ def seed(root: Path, cache: FileCache, key: CacheKey, paths: list[StorePath]) ->
     """Put `paths` (with the cache's signatures) into the chroot store at `root`."""
     runner = NixRunner(store=str(root), options={"trusted-public-keys": str(key.public)})
     runner.copy(paths, src=cache.url, to=str(root))
-
-
-@pytest.fixture
-def signed_cache(
-    built_closure: BuiltClosure, make_file_cache: Callable[..., FileCache]
-) -> FileCache:
-    """The built closure in a signed, uncompressed file cache (the builder's cache)."""
-    return make_file_cache(built_closure.paths, "none")
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from niphas_operator.settings import OperatorSettings
-from tests.helpers import eventually
+from tests.helpers import eventually, terminate
 from tests.niphas_operator.conftest import Kubectl, store_path, workload
 
 pytestmark = pytest.mark.slow
@@ -74,13 +74,7 @@ class OperatorProcess:
             return False
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
 
 
 @pytest.fixture

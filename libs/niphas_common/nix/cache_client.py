@@ -196,36 +196,38 @@ class BinaryCacheClient:
     async def narinfo(self, path: StorePath | str) -> NarInfo | None:
         """The verified narinfo of `path`, or None when the cache does not have it."""
         sp = path if isinstance(path, StorePath) else StorePath.parse(path, self.store_dir)
-        async with self._limit:
-            raw = await self._transport.get(f"{sp.hash_part}.narinfo")
-        if raw is None:
+        info = await self._parsed(sp.hash_part, str(sp))
+        if info is None:
             return None
-        try:
-            info = NarInfo.parse(raw.decode(), self.store_dir)
-        except (UnicodeDecodeError, NarinfoError) as exc:
-            raise NarinfoError(f"{sp}: {exc}") from exc
         if info.store_path != sp:
             # A valid signature for another path must not be accepted for this one.
             raise VerificationError(f"{sp}: the cache answered with {info.store_path}")
-        if self.trusted_keys is not None:
-            info.check_signature(self.trusted_keys)
-        _check_nar_url(info)
-        return info
+        return self._verified(info)
 
     async def narinfo_by_hash(self, hash_part: str) -> NarInfo | None:
         """The verified narinfo of the path with `hash_part` (what a `<hash>.narinfo` request
         names), or None when the cache does not have it."""
         validate_hash_part(hash_part)
+        info = await self._parsed(hash_part, f"{hash_part}.narinfo")
+        if info is None:
+            return None
+        if info.hash_part != hash_part:
+            raise VerificationError(f"{hash_part}.narinfo describes {info.store_path}")
+        return self._verified(info)
+
+    async def _parsed(self, hash_part: str, what: str) -> NarInfo | None:
+        """`<hash_part>.narinfo` parsed (not yet verified); None when the cache lacks it."""
         async with self._limit:
             raw = await self._transport.get(f"{hash_part}.narinfo")
         if raw is None:
             return None
         try:
-            info = NarInfo.parse(raw.decode(), self.store_dir)
+            return NarInfo.parse(raw.decode(), self.store_dir)
         except (UnicodeDecodeError, NarinfoError) as exc:
-            raise NarinfoError(f"{hash_part}.narinfo: {exc}") from exc
-        if info.hash_part != hash_part:
-            raise VerificationError(f"{hash_part}.narinfo describes {info.store_path}")
+            raise NarinfoError(f"{what}: {exc}") from exc
+
+    def _verified(self, info: NarInfo) -> NarInfo:
+        """`info` once its signature (when keys are configured) and NAR URL are checked."""
         if self.trusted_keys is not None:
             info.check_signature(self.trusted_keys)
         _check_nar_url(info)

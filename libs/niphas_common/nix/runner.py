@@ -133,6 +133,15 @@ class NixRunner:
             return dict(self.env or {})
         return None if self.env is None else {**os.environ, **self.env}
 
+    def _announce(
+        self, program: str, args: tuple[str, ...], timeout: float | None
+    ) -> tuple[list[str], float | None]:
+        """The full command line (logged as `$ cmd`, the one log of every nix call) and its
+        time limit."""
+        cmd = self.command(program, *args)
+        log.info("$ %s", shlex.join(cmd))
+        return cmd, timeout or self.timeout
+
     def run(
         self,
         program: str,
@@ -143,9 +152,7 @@ class NixRunner:
         check: bool = True,
     ) -> CommandResult:
         """Run synchronously. `stdout` may redirect output (e.g. a NAR dump) to a file."""
-        cmd = self.command(program, *args)
-        limit = timeout or self.timeout
-        log.info("$ %s", shlex.join(cmd))
+        cmd, limit = self._announce(program, args, timeout)
         try:
             proc = subprocess.Popen(
                 cmd,
@@ -179,9 +186,7 @@ class NixRunner:
         check: bool = True,
     ) -> CommandResult:
         """Run without blocking the event loop; cancellation kills the command."""
-        cmd = self.command(program, *args)
-        limit = timeout or self.timeout
-        log.info("$ %s", shlex.join(cmd))
+        cmd, limit = self._announce(program, args, timeout)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *cmd,
