@@ -12,11 +12,15 @@ from niphas_common.service import ServiceSpec, run_until_signalled
 from niphas_common.settings import NatsSettings
 
 from .agent import start_agent
+from .cache_role import run_cache
 from .settings import MeshSettings
 from .state_lock import StateInUse
 
 
 async def run(settings: MeshSettings, nats: NatsSettings, stop: asyncio.Event) -> None:
+    if settings.role == "cache":
+        await run_cache(settings, stop)  # a directory over HTTP: no store, no NATS
+        return
     agent = await start_agent(settings, nats)
     try:
         await agent.run(stop)

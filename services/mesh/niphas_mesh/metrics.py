@@ -39,3 +39,9 @@ DISK_USED = Gauge(
 INDEX_PATHS = Gauge(
     "niphas_mesh_index_paths", "Store paths with at least one known holder", ["node"]
 )
+CACHE_UPLOADS = Counter(
+    "niphas_mesh_cache_uploads_total",
+    "Uploads to the cluster cache (role cache), by outcome (stored, refused, unauthorized, "
+    "bad_name)",
+    ["node", "outcome"],
+)

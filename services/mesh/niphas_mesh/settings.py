@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -19,6 +19,12 @@ class MeshSettings(ServiceSettings):
     """A separate ops server stays on the node's loopback unless told otherwise; the cache
     port serves the same routes anyway."""
 
+    role: Literal["node", "cache"] = Field(
+        default="node",
+        description="`node`: this node's agent (its store, peers, NATS). `cache`: the cluster's "
+        "binary cache: serve only `cache_dir` and accept signed uploads over HTTP PUT (no store, "
+        "no NATS)",
+    )
     node: str = Field(
         default="local",
         pattern=r"^[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?$",
@@ -40,7 +46,16 @@ class MeshSettings(ServiceSettings):
     cache_dir: Path | None = Field(
         default=None,
         description="A file:// binary cache directory also served over HTTP (the builder's "
-        "cache in the embedded default); None: <state_dir>/cache when it exists",
+        "cache in the embedded default); None: <state_dir>/cache when it exists (role cache: "
+        "the directory served and written; None: <state_dir>/cache)",
+    )
+    upload_token_file: Path | None = Field(
+        default=None,
+        description="Role cache: file holding the token uploads must present (HTTP basic auth "
+        "password, as nix sends it from a netrc-file); None, missing or empty: uploads get 503",
+    )
+    upload_max_nar_bytes: int = Field(
+        default=16 << 30, ge=1, description="Role cache: largest NAR file (bytes) accepted"
     )
     fallback_caches: str = Field(
         default="",
