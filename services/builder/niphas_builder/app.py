@@ -17,7 +17,7 @@ from niphas_common.settings import NatsSettings
 
 from . import single_flight, supersede
 from .builder import Builder
-from .cache import BuildCache, load_or_create_key
+from .cache import BuildCache, load_or_create_key, with_upload_credentials
 from .executor import Executor, LocalExecutor
 from .sandbox import sandboxed_runner
 from .settings import BuilderSettings
@@ -84,7 +84,12 @@ async def wired(
     bus: Bus, settings: BuilderSettings, runner: NixRunner | None = None
 ) -> AsyncIterator[Builder]:
     """A Builder with its cache, executor and KV buckets; closed on exit."""
-    runner = runner or NixRunner(store=settings.store)
+    runner = with_upload_credentials(
+        runner or NixRunner(store=settings.store),
+        settings.push_url,
+        settings.cache_token_file,
+        settings.cache_netrc_file,
+    )
     key = signing_key(settings)
     trusted = TrustedKeys([key.public_key, *settings.trusted_public_keys.split()])
     cache = BuildCache(

@@ -14,7 +14,9 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from niphas_common.errors import TransientError
 from niphas_common.nix.cache_client import BinaryCacheClient
@@ -45,6 +47,36 @@ def load_or_create_key(path: Path, name: str = "niphas-local-1") -> SecretKey:
     path.with_suffix(".pub").write_text(f"{SecretKey.load(path).public_key}\n")
     log.info("created cache signing key %s", path)
     return SecretKey.load(path)
+
+
+def with_upload_credentials(
+    runner: NixRunner, push_url: str, token_file: Path | None, netrc: Path
+) -> NixRunner:
+    """`runner` sending the cache's upload token when it pushes to an http(s) cache.
+
+    Nix sends the credentials its `netrc-file` holds for a host as HTTP basic auth (on every
+    request to that host, uploads included), so the token goes into a netrc (mode 0600) and the
+    runner passes `--option netrc-file`: only a path ever appears on a command line or in a
+    log. Builds never get it (they run through a runner of their own, see sandbox.py)."""
+    host = urlsplit(push_url).hostname
+    if token_file is None or host is None or not push_url.startswith(("http://", "https://")):
+        return runner
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        raise ValueError(
+            f"cache upload token {token_file} unreadable ({exc.strerror}): create the Secret "
+            "niphas-cache-upload (key token), or unset NIPHAS_BUILDER_CACHE_TOKEN_FILE"
+        ) from exc
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"cache upload token {token_file}: empty or containing white space")
+    netrc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = netrc.with_name(f".{netrc.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"machine {host} login niphas password {token}\n")
+    os.replace(tmp, netrc)
+    return replace(runner, options={**runner.options, "netrc-file": str(netrc)})
 
 
 def with_params(url: str, **params: str) -> str:

@@ -52,6 +52,12 @@ class BuilderSettings(ServiceSettings):
         description="Where to read the cache back (file:// or http(s)://) to skip what it "
         "holds; default: cache_url. Also the holder_url announced in path.available",
     )
+    cache_token_file: Path | None = Field(
+        default=None,
+        description="File holding the upload token of an http(s) cache (the in-cluster cache: "
+        "Secret niphas-cache-upload, key token). nix sends it as HTTP basic auth from a netrc "
+        "the builder writes at start (<state_dir>/builder/cache-netrc); None: no credentials",
+    )
     compression: Literal["zstd", "none"] = Field(
         default="zstd", description="NAR compression in the cache (never xz: ~100x slower)"
     )
@@ -135,6 +141,10 @@ class BuilderSettings(ServiceSettings):
     @property
     def read_url(self) -> str:
         return self.cache_read_url or self.push_url.partition("?")[0]
+
+    @property
+    def cache_netrc_file(self) -> Path:
+        return self.state_dir / "builder" / "cache-netrc"
 
     @property
     def staging_base_url(self) -> str:
