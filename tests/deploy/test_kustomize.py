@@ -89,7 +89,8 @@ def _pod_templates(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, A
 def test_least_privilege_and_secret_references() -> None:
     """Only the operator and the builder talk to the API (each with its own service account
     and RBAC); every other pod gets no token. Every service container reaches NATS with the
-    user/password from the `niphas-nats` Secret the NATS servers use."""
+    user/password from the `niphas-nats` Secret the NATS servers use, except the cluster cache,
+    which is no NATS client and gets no NATS credentials."""
     objects = render("base")
     bound = {
         s["name"]
@@ -107,6 +108,9 @@ def test_least_privilege_and_secret_references() -> None:
             assert account in bound, name
         for container in pod["containers"]:
             if container["name"] == "node-driver-registrar":
+                continue
+            if name == "niphas-cache":
+                assert not any("NATS" in e["name"] for e in container["env"]), name
                 continue
             env = {e["name"]: e for e in container.get("env", [])}
             secret = env["NIPHAS_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
