@@ -12,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 need=()
-for pkg in containerd runc containernetworking-plugins iptables conntrack umoci debootstrap iproute2 iputils-ping util-linux gcc libc6-dev; do
+for pkg in containerd runc containernetworking-plugins iptables conntrack dnsmasq-base umoci debootstrap iproute2 iputils-ping util-linux gcc libc6-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -11,14 +11,14 @@ import shutil
 import socket
 from pathlib import Path
 
-from .layout import SERVICE_CIDR, Layout, kube_cache
+from .layout import GATEWAY, NODE_NAME, POD_SUBNET, SERVICE_CIDR, Layout, kube_cache
 from .pki import Credentials
 from .processes import spawn
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -46,10 +46,9 @@ def start_etcd(layout: Layout) -> str:
 
 
 def start_apiserver(layout: Layout, etcd_url: str, creds: Credentials) -> tuple[str, Path]:
-    """Returns the server URL and its CA certificate (self-signed, written at start)."""
-    port = free_port()
-    certs = layout.work / "certs"
-    certs.mkdir(parents=True, exist_ok=True)
+    """Returns the server URL and the CA that signed its certificate. It serves on the
+    node's gateway address: host processes and, through the `kubernetes` Service, pods."""
+    port = free_port(GATEWAY)
     spawn(
         layout,
         "kube-apiserver",
@@ -57,9 +56,10 @@ def start_apiserver(layout: Layout, etcd_url: str, creds: Credentials) -> tuple[
             str(kube_cache() / "kube-apiserver"),
             f"--etcd-servers={etcd_url}",
             f"--secure-port={port}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--cert-dir={certs}",
+            f"--bind-address={GATEWAY}",
+            f"--advertise-address={GATEWAY}",
+            f"--tls-cert-file={creds.serving_cert}",
+            f"--tls-private-key-file={creds.serving_key}",
             f"--token-auth-file={creds.token_file}",
             "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NodeRestriction",
@@ -74,7 +74,7 @@ def start_apiserver(layout: Layout, etcd_url: str, creds: Credentials) -> tuple[
             "--v=1",
         ],
     )
-    return f"https://127.0.0.1:{port}", certs / "apiserver.crt"
+    return f"https://{GATEWAY}:{port}", creds.ca_file
 
 
 def start_controllers(layout: Layout, ca_file: Path, creds: Credentials) -> None:
@@ -108,6 +108,33 @@ def start_controllers(layout: Layout, ca_file: Path, creds: Credentials) -> None
             "--bind-address=127.0.0.1",
             "--port=0",
             "--secure-port=0",
+            "--profiling=false",
+            "--v=1",
+        ],
+    )
+
+
+def start_kube_proxy(layout: Layout) -> None:
+    """Service ClusterIPs through iptables. Every service connection is masqueraded: pods have
+    no default route, only the pod subnet and the service range through the gateway, so
+    replies must come back through the host."""
+    spawn(
+        layout,
+        "kube-proxy",
+        [
+            str(kube_cache() / "kube-proxy"),
+            f"--kubeconfig={layout.work / 'kube-proxy.kubeconfig'}",
+            "--proxy-mode=iptables",
+            "--masquerade-all",
+            f"--cluster-cidr={POD_SUBNET}",
+            f"--hostname-override={NODE_NAME}",
+            "--bind-address=127.0.0.1",
+            "--healthz-bind-address=127.0.0.1:10256",
+            "--metrics-bind-address=127.0.0.1:10249",
+            # Leave the host's conntrack limits and timeouts alone.
+            "--conntrack-max-per-core=0",
+            "--conntrack-tcp-timeout-established=0",
+            "--conntrack-tcp-timeout-close-wait=0",
             "--profiling=false",
             "--v=1",
         ],

@@ -24,6 +24,12 @@ SYSCTLS = (
     # the CNI bridge plugin turns forwarding on for its gateway
     "net/ipv4/ip_forward",
     "net/ipv6/conf/all/forwarding",
+    # kube-proxy (iptables mode)
+    "net/ipv4/conf/all/route_localnet",
+    "net/bridge/bridge-nf-call-iptables",
+    "net/netfilter/nf_conntrack_max",
+    "net/netfilter/nf_conntrack_tcp_timeout_established",
+    "net/netfilter/nf_conntrack_tcp_timeout_close_wait",
 )
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 NETNS_DIR = Path("/run/netns")

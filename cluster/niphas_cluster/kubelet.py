@@ -3,7 +3,7 @@ serving on loopback, no image garbage collection (images cannot be pulled again 
 
 from __future__ import annotations
 
-from .layout import KUBELET_PORT, NODE_NAME, Layout, kube_cache
+from .layout import CLUSTER_DOMAIN, GATEWAY, KUBELET_PORT, NODE_NAME, Layout, kube_cache
 from .processes import spawn
 
 
@@ -37,7 +37,9 @@ def start_kubelet(layout: Layout) -> None:
             "--anonymous-auth=true",
             "--authorization-mode=AlwaysAllow",
             f"--resolv-conf={work / 'resolv.conf'}",
-            "--cluster-domain=cluster.local",
+            f"--cluster-domain={CLUSTER_DOMAIN}",
+            # The node's dnsmasq (dns.py) on the gateway: cluster names only.
+            f"--cluster-dns={GATEWAY}",
             "--eviction-hard=memory.available<100Mi,nodefs.available<1%,imagefs.available<1%",
             "--image-gc-high-threshold=100",
             "--image-gc-low-threshold=99",

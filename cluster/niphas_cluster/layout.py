@@ -23,6 +23,9 @@ as host processes, e.g. a test's cache or the builder's staging endpoint."""
 KUBELET_PORT = 10250
 PAUSE_IMAGE = "niphas.local/pause:3.4"
 SERVICE_CIDR = "10.96.0.0/24"
+API_SERVICE_IP = "10.96.0.1"
+"""The `kubernetes` Service's ClusterIP (the first address of SERVICE_CIDR)."""
+CLUSTER_DOMAIN = "cluster.local"
 
 
 def kube_cache() -> Path:
@@ -52,7 +55,8 @@ class Layout:
 
     @property
     def logs(self) -> Path:
-        return self.work / "logs"
+        """Kept after teardown (a failed start is read there), emptied at the next start."""
+        return self.state / "logs"
 
     @property
     def pids(self) -> Path:

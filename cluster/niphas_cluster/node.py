@@ -9,6 +9,7 @@ import json
 import shutil
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,13 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import host
-from .control_plane import start_apiserver, start_controllers, start_etcd
+from .control_plane import start_apiserver, start_controllers, start_etcd, start_kube_proxy
+from .dns import start_dns
 from .images import ensure_pause_image, import_niphas_image
 from .kubelet import start_kubelet
 from .layout import KUBELET_PORT, NODE_NAME, Layout
 from .pki import write_credentials, write_kubeconfig
 from .processes import ORDER, NodeStartError, died, pid_of, running, stop
 from .runtime import remove_all_containers, start_containerd
+from .storage import offer_volumes
 
 READY_TIMEOUT_S = 120.0
 
@@ -72,7 +75,8 @@ def up(layout: Layout | None = None, log: Callable[[str], None] = print) -> Node
 
 
 def _start(layout: Layout, log: Callable[[str], None]) -> Node:
-    shutil.rmtree(layout.work, ignore_errors=True)
+    for old in (layout.work, layout.logs):
+        shutil.rmtree(old, ignore_errors=True)
     layout.work.mkdir(parents=True)
     creds = write_credentials(layout.work)
     log("starting containerd")
@@ -83,14 +87,17 @@ def _start(layout: Layout, log: Callable[[str], None]) -> Node:
     log("starting etcd and kube-apiserver")
     server, ca_file = start_apiserver(layout, etcd_url, creds)
     _wait(layout, "kube-apiserver", lambda: _healthy(server, ca_file, creds.tokens["admin"]), 90)
-    for name in ("admin", "kubelet", "controller-manager", "scheduler"):
+    for name in ("admin", "kubelet", "controller-manager", "scheduler", "kube-proxy"):
         write_kubeconfig(layout.work / f"{name}.kubeconfig", server, ca_file, creds.tokens[name])
-    log("starting controller-manager, scheduler and kubelet")
+    log("starting cluster DNS, controller-manager, scheduler, kube-proxy and kubelet")
+    start_dns(layout, server, ca_file, creds.tokens["dns"])
     start_controllers(layout, ca_file, creds)
+    start_kube_proxy(layout)
     if import_niphas_image(layout):
         log("the niphas image is in the node's containerd")
     start_kubelet(layout)
     token = creds.tokens["admin"]
+    offer_volumes(layout, _kubectl())
     _wait(layout, "kubelet", lambda: _node_ready(server, ca_file, token), READY_TIMEOUT_S)
     return Node(layout, server, ca_file, layout.admin_kubeconfig, token)
 
@@ -175,7 +182,7 @@ def _down(layout: Layout, log: Callable[[str], None]) -> list[str]:
     stop(layout, "kubelet")
     if pid_of(layout, "containerd") is not None:
         remove_all_containers(layout)
-    for name in ("containerd", "kube-apiserver", "etcd"):
+    for name in ("kube-proxy", "dns-sync", "dnsmasq", "containerd", "kube-apiserver", "etcd"):
         stop(layout, name)
     if snapshot is None:
         return []
@@ -192,9 +199,15 @@ def _down(layout: Layout, log: Callable[[str], None]) -> list[str]:
     return left
 
 
+def _kubectl() -> str:
+    """The venv's kubectl beside this interpreter, else one on PATH."""
+    beside = Path(sys.executable).with_name("kubectl")
+    return str(beside) if beside.exists() else shutil.which("kubectl") or "kubectl"
+
+
 def _drain(layout: Layout, timeout_s: float = 30.0) -> None:
     kubeconfig = str(layout.admin_kubeconfig)
-    kubectl = shutil.which("kubectl") or "kubectl"
+    kubectl = _kubectl()
     subprocess.run(
         [kubectl, "--kubeconfig", kubeconfig, "delete", "pods", "--all", "--all-namespaces",
          "--grace-period=1", "--wait=false"],

@@ -25,8 +25,11 @@ ORDER = (
     "containerd",
     "etcd",
     "kube-apiserver",
+    "dnsmasq",
+    "dns-sync",
     "kube-controller-manager",
     "kube-scheduler",
+    "kube-proxy",
     "kubelet",
 )
 
@@ -119,12 +122,24 @@ def log_tail(layout: Layout, name: str, lines: int = 20) -> str:
 
 def died(layout: Layout, name: str) -> NodeStartError:
     """The error for a daemon that exited during start: its last meaningful log line."""
-    tail = log_tail(layout, name, 40).splitlines()
+    # Go programs end with a stack trace: the cause is the last log line before it.
+    lines = [line for line in log_tail(layout, name, 200).splitlines() if not _is_trace(line)]
     cause = next(
-        (line for line in reversed(tail) if any(w in line.lower() for w in _CAUSE_WORDS)),
-        tail[-1] if tail else "no output",
+        (line for line in reversed(lines) if any(w in line.lower() for w in _CAUSE_WORDS)),
+        lines[-1] if lines else "no output",
     )
-    return NodeStartError(f"{name} exited during start: {cause.strip()[:400]}")
+    return NodeStartError(
+        f"{name} exited during start: {cause.strip()[:400]} (log: {layout.logs / name}.log)"
+    )
+
+
+def _is_trace(line: str) -> bool:
+    text = line.strip()
+    return (
+        not text
+        or text.startswith(("goroutine ", "k8s.io/", "main.", "runtime.", "created by ", "/"))
+        or (text.endswith(")") and "(" in text and " " not in text)
+    )
 
 
 _CAUSE_WORDS = ("error", "fatal", "failed", "address already in use", "permission denied")

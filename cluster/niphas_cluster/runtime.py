@@ -2,7 +2,8 @@
 (its own root, state dir and socket, so a system containerd is never touched).
 
 Pods get addresses on a bridge the host holds the gateway address of, with no default route
-and no masquerading: the host reaches pod IPs and pods reach each other, nothing else.
+and no masquerading: the host reaches pod IPs and pods reach each other and Services (their
+range is routed through the gateway, where kube-proxy's rules are), nothing else.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .layout import BRIDGE, GATEWAY, PAUSE_IMAGE, POD_SUBNET, Layout
+from .layout import BRIDGE, GATEWAY, PAUSE_IMAGE, POD_SUBNET, SERVICE_CIDR, Layout
 from .processes import spawn
 
 CNI_BIN = Path("/usr/lib/cni")
@@ -69,6 +70,8 @@ def cni_config(layout: Layout) -> dict[str, object]:
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": POD_SUBNET}]],
+                    # Services through the host (kube-proxy); still no default route.
+                    "routes": [{"dst": SERVICE_CIDR, "gw": GATEWAY}],
                     "dataDir": str(layout.work / "cni-ipam"),
                 },
             }

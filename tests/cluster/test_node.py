@@ -14,7 +14,7 @@ import pytest
 from niphas_cluster.layout import NODE_NAME, PAUSE_IMAGE, POD_SUBNET, Layout
 from niphas_cluster.node import Node, up
 from niphas_cluster.processes import NodeStartError, running
-from tests.cluster.pods import new_namespace, wait_for
+from tests.cluster.pods import new_namespace, pod_ready, wait_for
 from tests.node_harness import Kubectl
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -60,3 +60,57 @@ def test_a_second_node_on_the_host_is_refused(real_node: Node) -> None:
     with pytest.raises(NodeStartError, match="already runs on this host"):
         up(Layout(), log=lambda _m: None)
     assert set(running(real_node.layout)) >= {"kube-apiserver", "kubelet"}
+
+
+CLIENT = """\
+import socket, ssl, time, urllib.request
+for _ in range(50):  # the node's DNS learns a new Service within a second
+    try:
+        print("web", socket.gethostbyname("web"))
+        break
+    except OSError:
+        time.sleep(0.2)
+print("status", urllib.request.urlopen("http://web/", timeout=5).status)
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+request = urllib.request.Request(
+    "https://kubernetes.default.svc/api",
+    headers={"Authorization": "Bearer " + open(sa + "/token").read()},
+)
+context = ssl.create_default_context(cafile=sa + "/ca.crt")
+print("api", urllib.request.urlopen(request, timeout=5, context=context).status)
+try:
+    socket.gethostbyname("deb.debian.org")
+    print("outside resolves")
+except OSError:
+    print("outside unknown")
+"""
+
+
+def test_pods_find_services_by_name_and_the_api_with_their_service_account(
+    real_node: Node, node_kubectl: Kubectl, niphas_image: str
+) -> None:
+    namespace = new_namespace(node_kubectl)
+    node_kubectl(
+        "-n", namespace, "run", "web", f"--image={niphas_image}", "--image-pull-policy=Never",
+        "--labels=app=web", "--command", "--", "python3", "-m", "http.server", "8000",
+    )  # fmt: skip
+    node_kubectl("-n", namespace, "expose", "pod", "web", "--port=80", "--target-port=8000")
+    wait_for(node_kubectl, namespace, "pod", "web", pod_ready)
+    node_kubectl(
+        "-n", namespace, "run", "client", f"--image={niphas_image}",
+        "--image-pull-policy=Never", "--restart=Never", "--command", "--",
+        "python3", "-c", CLIENT,
+    )  # fmt: skip
+    wait_for(
+        node_kubectl, namespace, "pod", "client",
+        lambda p: p["status"].get("phase") in ("Succeeded", "Failed"),
+    )  # fmt: skip
+    out = node_kubectl("-n", namespace, "logs", "client").stdout
+    service_ip = node_kubectl(
+        "-n", namespace, "get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"
+    ).stdout
+    assert f"web {service_ip}" in out, out
+    assert "status 200" in out
+    assert "api 200" in out
+    # Cluster names only: nothing outside the cluster is looked up.
+    assert "outside unknown" in out
