@@ -10,10 +10,13 @@
   /proc, which the kernel refuses while the runtime masks paths under /proc. Hence
   `privileged: true` (the alternative, CAP_SYS_ADMIN with seccomp and AppArmor `Unconfined`
   and `procMount: Unmasked`, needs the ProcMountType feature gate).
-- The outputs leave unsigned, uploaded with `nix copy` to the builder's staging endpoint
-  (`staging.py`), which verifies and signs them. The upload token is in the container's
-  environment but the script moves it into an unexported shell variable before any nix
-  process starts, so no build (and no fixed-output `impureEnvVars`) can read it.
+- What it made leaves unsigned, uploaded with `nix copy` to the builder's staging endpoint
+  (`staging.py`): the derivation closure (`.drv` files and sources, which it has from
+  evaluating the flake or from the cache) and the outputs' closure. Only what the cache
+  lacks travels. The builder verifies all of it by content and signs it. The upload token is
+  in the container's environment but the script moves it into an unexported shell variable
+  before any nix process starts, so no build (and no fixed-output `impureEnvVars`) can read
+  it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ if [ -n "$FLAKE_ATTR" ] \\
 else
   nix-store --realise "$DRV"
 fi
+if ! nix-store --check-validity "$DRV" 2>/dev/null; then
+  echo "niphas: evaluating $FLAKE_ATTR here did not give $DRV (another Nix version?)" >&2
+  exit 1
+fi
+# What the builder may lack: the .drv files and sources, then the outputs and their closure.
+nix copy --derivation --to "$STAGING_URL/$token?compression=zstd" "$DRV"
 nix copy --to "$STAGING_URL/$token?compression=zstd" $OUTPUTS
 """
 

@@ -2,13 +2,16 @@
 for them.
 
 A build pod holds no key. Before its Job starts, the builder pushes the derivation's closure
-(the `.drv` files and sources, from its own store) to the cache, signed, so the pod can
-substitute it, and opens a staging directory for the job. The pod builds, then uploads its
-unsigned outputs with `nix copy --to <staging URL>/<token>` (Nix's HTTP binary cache store
-writes with PUT; `staging_server` receives them). When the Job has finished, `publish`
-verifies every upload (`verify`), signs it with the cluster key and copies it to the real
-cache; only then does the builder publish build.done. Anything that does not check out is
-refused as a whole, and nothing of that job is signed.
+(the `.drv` files and sources), when its own store has it, to the cache, signed, so the pod
+can substitute it, and opens a staging directory for the job. Without it (the eval worker
+instantiated the `.drv` in another pod's store), the pod evaluates the locked flake itself.
+The pod builds, then uploads with `nix copy --to <staging URL>/<token>` (Nix's HTTP binary
+cache store writes with PUT; `staging_server` receives them) the job's derivation closure and
+its outputs' closure, unsigned. When the Job has finished, `publish` verifies every upload
+(`verify`: the NAR; `provenance`: what vouches for the path), signs it with the cluster key
+and copies it to the real cache, derivations and sources first; only then does the builder
+publish build.done. Anything that does not check out is refused as a whole, and nothing of
+that job is signed.
 
 The token is an HMAC of the derivation's hash under a key derived from the signing key: a
 builder restarted in the same pod recomputes it for a Job it adopts, and it is good for that
@@ -25,14 +28,26 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from niphas_common.errors import TransientError
+from niphas_common.nix.derivation import Derivation
 from niphas_common.nix.errors import CacheError, CommandError, NixError
+from niphas_common.nix.nar_parser import NarParser
+from niphas_common.nix.narinfo import NarInfo
 from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.signing import SecretKey
 from niphas_common.nix.store_path import StorePath
 
 from .cache import BuildCache, with_params
 from .executor import BuildJob
-from .verify import UploadRefused, check_complete, read_uploads, unsigned, verify_nar
+from .provenance import derivation_of, vouch
+from .verify import (
+    TextSink,
+    UploadRefused,
+    check_complete,
+    door_problem,
+    read_uploads,
+    unsigned,
+    verify_nar,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +75,9 @@ class StagingArea:
             cache.push_url, compression=compression, secret_key=str(key_file)
         )
         self._token_key = hmac.new(key.key, b"niphas-staging-token", hashlib.sha256).digest()
-        self._allowed: dict[str, frozenset[str]] = {}
+        self._jobs: dict[str, frozenset[str] | None] = {}
+        """Jobs waiting for uploads: drv hash -> the outputs of the derivation closure, when
+        the builder read them from its own store (else None: `provenance` walks uploads)."""
 
     # -- what the server asks ---------------------------------------------------------------
 
@@ -74,10 +91,14 @@ class StagingArea:
     def accepts(self, drv_hash: str, token: str) -> bool:
         """Whether `token` is the one for `drv_hash`, and a build of it is waiting."""
         good = hmac.compare_digest(self.token(drv_hash), token)
-        return good and drv_hash in self._allowed
+        return good and drv_hash in self._jobs
 
-    def allowed(self, drv_hash: str) -> frozenset[str]:
-        return self._allowed.get(drv_hash, frozenset())
+    def known_outputs(self, drv_hash: str) -> frozenset[str] | None:
+        return self._jobs.get(drv_hash)
+
+    def door_problem(self, drv_hash: str, info: NarInfo) -> str | None:
+        """Why a narinfo is refused at upload already (see `verify.door_problem`)."""
+        return door_problem(info, self.known_outputs(drv_hash))
 
     def directory(self, drv_hash: str) -> Path:
         return self.root / drv_hash
@@ -87,7 +108,7 @@ class StagingArea:
     async def prepare(self, job: BuildJob) -> None:
         """Make the derivation's closure substitutable from the cache and open the job's
         staging directory (kept as is: a restarted builder adopting a Job keeps its uploads)."""
-        outputs = frozenset(job.outputs.values())
+        outputs: frozenset[str] | None = None
         valid = await self.runner.arun("nix-store", "--check-validity", job.drv_path, check=False)
         have_drv = valid.returncode == 0
         if have_drv:
@@ -95,15 +116,14 @@ class StagingArea:
                 await self.runner.arun(
                     "nix", "copy", "--derivation", "--to", self._push_url, job.drv_path
                 )
-                outputs |= await self._closure_outputs(job.drv_path)
+                outputs = await self._closure_outputs(job.drv_path)
             except CommandError as exc:
                 raise TransientError(f"pushing {job.drv_path} to the cache: {exc}") from exc
         else:
-            # The pod evaluates the locked flake itself; then only the job's own outputs can
-            # be vouched for (dependencies must come from the cache).
+            # The pod evaluates the locked flake itself and uploads the derivations too.
             log.info("%s is not in this builder's store; build pods evaluate the flake", job)
         self.directory(job.drv_hash).mkdir(parents=True, exist_ok=True)
-        self._allowed[job.drv_hash] = outputs
+        self._jobs[job.drv_hash] = outputs
 
     async def _closure_outputs(self, drv_path: str) -> frozenset[str]:
         """Every output path of the derivation and of the derivations it depends on."""
@@ -116,21 +136,44 @@ class StagingArea:
         )
 
     async def publish(self, job: BuildJob) -> list[str]:
-        """Verify the job's uploads, sign them and copy them to the cache; return the paths
-        published. Raises UploadRefused (nothing signed) when anything does not check out."""
+        """Verify the job's uploads, sign them and copy them to the cache (derivations and
+        sources, then outputs); return the paths published. Raises UploadRefused (nothing
+        signed) when anything does not check out."""
         directory = self.directory(job.drv_hash)
-        uploads = read_uploads(directory, self.allowed(job.drv_hash))
+        uploads = read_uploads(directory)
         fresh = {p: u for p, u in uploads.items() if not await self._in_cache(u.info.store_path)}
-        for upload in fresh.values():
-            verify_nar(upload)
+        texts: dict[str, bytes] = {}
+        for path, upload in fresh.items():
+            if (text := verify_nar(upload)) is not None:
+                texts[path] = text
+        known = self.known_outputs(job.drv_hash)
+        vouched = await vouch(job.drv_path, fresh, texts, known, self._cached_drv)
         await check_complete(fresh, job.outputs.values(), self._in_cache)
         for upload in fresh.values():
             signed = unsigned(upload.info).signed(self.key)
             (directory / f"{signed.hash_part}.narinfo").write_text(signed.render())
-        if fresh:
-            await self._copy(directory, fresh)
+        for batch in (vouched.self_proving, sorted(vouched.outputs)):
+            if batch:
+                await self._copy(directory, batch)
         log.info("verified, signed and pushed %d uploaded paths of %s", len(fresh), job.drv_path)
         return sorted(fresh)
+
+    async def _cached_drv(self, path: StorePath) -> Derivation | None:
+        """A `.drv` the cache holds under a trusted signature (checked again by content)."""
+        try:
+            info = await self.cache.client.narinfo(path)
+            if info is None:
+                return None
+            sink = TextSink()
+            parser = NarParser(sink)
+            async for piece in self.cache.client.iter_nar(info):
+                parser.feed(piece)
+            parser.finish()
+        except CacheError as exc:
+            raise TransientError(f"binary cache unreachable: {exc}") from exc
+        except NixError:
+            return None  # present but not trusted, or damaged: not a reason to vouch
+        return derivation_of(path, sink.text, {str(r) for r in info.references})
 
     async def _copy(self, directory: Path, paths: Iterable[str]) -> None:
         (directory / "nix-cache-info").write_text(CACHE_INFO)
@@ -141,7 +184,7 @@ class StagingArea:
                 "--from", f"file://{directory}", "--to", self._push_url, *sorted(paths),
             )  # fmt: skip
         except CommandError as exc:
-            raise TransientError(f"pushing verified outputs to the cache: {exc}") from exc
+            raise TransientError(f"pushing verified uploads to the cache: {exc}") from exc
 
     async def _in_cache(self, path: StorePath) -> bool:
         try:
@@ -152,7 +195,7 @@ class StagingArea:
             return False  # present but not trusted: not a reason to vouch for it
 
     def discard(self, job: BuildJob) -> None:
-        self._allowed.pop(job.drv_hash, None)
+        self._jobs.pop(job.drv_hash, None)
         shutil.rmtree(self.directory(job.drv_hash), ignore_errors=True)
 
 

@@ -4,9 +4,10 @@ Under `/staging/<drv hash>/<token>/` it answers what `nix copy --to http://...` 
 asks, in that order: GET nix-cache-info; GET and HEAD `<hash>.narinfo` (200 for a path the
 real cache already holds, with its narinfo, so the pod uploads only what is new); HEAD
 `nar/<file>`; PUT `nar/<file>.nar[.zst]`, then PUT `<hash>.narinfo`. Nothing else can be
-written. A narinfo for a path the job may not produce is refused at once (HTTP 403 with the
-reason, which lands in the pod's log); the full verification happens when the Job is done
-(`StagingArea.publish`). Uploads are written to a temporary file and renamed, so a half
+written. When the builder knows the job's outputs (it had the `.drv`), a narinfo for any
+other path that is neither a `.drv` nor a source is refused at once (HTTP 403 with the
+reason, which lands in the pod's log); the full verification, by content, happens when the
+Job is done (`StagingArea.publish`). Uploads are written to a temporary file and renamed, so a half
 upload is never mistaken for a whole one.
 """
 
@@ -86,8 +87,8 @@ async def put_narinfo(request: web.Request) -> web.Response:
         raise web.HTTPForbidden(text=f"only NARs and narinfos can be uploaded, not {name!r}\n")
     try:
         info = parse_narinfo(await request.read(), name)
-        if str(info.store_path) not in area.allowed(drv):
-            raise UploadRefused(f"{info.store_path} is not an output of this build")
+        if (problem := area.door_problem(drv, info)) is not None:
+            raise UploadRefused(problem)
     except UploadRefused as exc:
         raise web.HTTPForbidden(text=f"{exc}\n") from exc
     _write(area.directory(drv) / name, await request.read())

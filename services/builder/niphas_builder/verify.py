@@ -2,8 +2,9 @@
 
 A build pod runs untrusted code, so its uploads are claims, not facts. Each uploaded narinfo
 is accepted only when:
-- its store path is one the job may produce (an output of the derivation or of one of the
-  derivations it depends on), so a pod cannot get a signature for anybody else's path;
+- its store path is vouched for by content (`provenance.py`): a `.drv` or a source whose
+  path is the one its bytes hash to, or an output of a derivation in the job's verified
+  derivation closure; so a pod cannot get a signature for anybody else's path;
 - its NAR, decompressed, is a well-formed NAR whose sha256 and size are the narinfo's NarHash
   and NarSize (recomputed here from the bytes, never taken from the pod);
 - every reference is a well-formed store path that is uploaded too or already in the cache,
@@ -21,7 +22,7 @@ from pathlib import Path
 from niphas_common.nix.compression import decompressor
 from niphas_common.nix.errors import NixError
 from niphas_common.nix.hashes import NarVerifier
-from niphas_common.nix.nar_parser import NarParser, NullSink
+from niphas_common.nix.nar_parser import NarParser, NarPath, NullSink
 from niphas_common.nix.narinfo import NarInfo
 from niphas_common.nix.store_path import StorePath
 
@@ -30,6 +31,9 @@ NAR_URL_RE = re.compile(r"^nar/[0-9a-z]{52}\.nar(\.zst)?$")
 accepted, so a narinfo cannot point the builder at another file."""
 COMPRESSIONS = ("zstd", "none")
 READ_CHUNK = 1 << 20
+MAX_DRV_BYTES = 16 << 20
+"""A `.drv` larger than this is not read into memory (real ones are kilobytes)."""
+SOURCE_CA = "fixed:r:sha256:"
 
 
 class UploadRefused(Exception):
@@ -42,15 +46,47 @@ class Upload:
     nar_file: Path
 
 
-def read_uploads(directory: Path, allowed: frozenset[str]) -> dict[str, Upload]:
-    """The narinfos uploaded into `directory`, parsed and checked against `allowed`."""
+class TextSink(NullSink):
+    """Keeps the contents of a NAR that is one small regular file (a `.drv`); `text` stays
+    None for anything else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: bytes | None = None
+        self._buf: bytearray | None = None
+
+    def begin_file(self, path: NarPath, executable: bool, size: int) -> None:
+        super().begin_file(path, executable, size)
+        if path == () and not executable and size <= MAX_DRV_BYTES:
+            self._buf = bytearray()
+
+    def write(self, data: memoryview) -> None:
+        if self._buf is not None:
+            self._buf += data
+
+    def end_file(self) -> None:
+        if self._buf is not None:
+            self.text, self._buf = bytes(self._buf), None
+
+
+def door_problem(info: NarInfo, outputs: frozenset[str] | None) -> str | None:
+    """Why the staging endpoint turns a narinfo away at once, if it does. With the job's
+    outputs known (the builder had its `.drv`), only those, `.drv` files and sources get in;
+    without, anything may be uploaded and `publish` decides."""
+    path = info.store_path
+    if outputs is None or str(path) in outputs or path.is_derivation:
+        return None
+    if (info.ca or "").startswith(SOURCE_CA):
+        return None  # claims to be a source: checked against its content when published
+    return f"{path} is not an output of this build"
+
+
+def read_uploads(directory: Path) -> dict[str, Upload]:
+    """The narinfos uploaded into `directory`, parsed (what they may be is `provenance`'s)."""
     uploads: dict[str, Upload] = {}
     for file in sorted(directory.glob("*.narinfo")):
         info = parse_narinfo(file.read_bytes(), file.name)
-        path = str(info.store_path)
-        if path not in allowed:
-            raise UploadRefused(f"{path} is not an output of this build or its dependencies")
-        uploads[path] = Upload(info, directory / info.url)
+        uploads[str(info.store_path)] = Upload(info, directory / info.url)
     return uploads
 
 
@@ -70,8 +106,9 @@ def parse_narinfo(data: bytes, file_name: str) -> NarInfo:
     return info
 
 
-def verify_nar(upload: Upload) -> None:
-    """The NAR file decompresses to a well-formed NAR matching NarHash and NarSize."""
+def verify_nar(upload: Upload) -> bytes | None:
+    """The NAR file decompresses to a well-formed NAR matching NarHash and NarSize. Returns
+    the contents of a NAR that is one small regular file (what a `.drv` is), else None."""
     info = upload.info
     what = str(info.store_path)
     try:
@@ -79,7 +116,8 @@ def verify_nar(upload: Upload) -> None:
     except OSError as exc:
         raise UploadRefused(f"{what}: its NAR {info.url} was not uploaded") from exc
     checker = NarVerifier(info.nar_hash, info.nar_size, what)
-    parser = NarParser(NullSink())
+    sink = TextSink() if info.store_path.is_derivation else NullSink()
+    parser = NarParser(sink)
     unpack = decompressor(info.compression)
     try:
         with source:
@@ -92,6 +130,7 @@ def verify_nar(upload: Upload) -> None:
         checker.finish()
     except NixError as exc:
         raise UploadRefused(f"{what}: uploaded NAR does not match its narinfo: {exc}") from exc
+    return sink.text if isinstance(sink, TextSink) else None
 
 
 async def check_complete(
