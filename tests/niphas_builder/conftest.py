@@ -165,13 +165,10 @@ class Staging:
         return f"{self.area.url(job)}/{token}?compression={compression}"
 
 
-@pytest.fixture
-async def staging(
-    tmp_path: Path, cache_key: CacheKey, nix_runner: NixRunner
-) -> AsyncIterator[Staging]:
+async def _serve(tmp_path: Path, cache_key: CacheKey, runner: NixRunner) -> AsyncIterator[Staging]:
     cache_dir = tmp_path / "cache"
     cache = BuildCache(
-        nix_runner,
+        runner,
         push_url=f"file://{cache_dir}",
         read_url=f"file://{cache_dir}",
         key_file=cache_key.secret_file,
@@ -180,7 +177,7 @@ async def staging(
     area = StagingArea(
         tmp_path / "staging",
         cache_key.secret,
-        nix_runner,
+        runner,
         cache,
         base_url="http://unset",
         compression="zstd",
@@ -197,6 +194,24 @@ async def staging(
     finally:
         await server.cleanup()
         await cache.close()
+
+
+@pytest.fixture
+async def staging(
+    tmp_path: Path, cache_key: CacheKey, nix_runner: NixRunner
+) -> AsyncIterator[Staging]:
+    """A builder on the host's store, which holds the `.drv` files the tests evaluate."""
+    async for served in _serve(tmp_path, cache_key, nix_runner):
+        yield served
+
+
+@pytest.fixture
+async def blind_staging(tmp_path: Path, cache_key: CacheKey) -> AsyncIterator[Staging]:
+    """A builder whose store (an empty chroot store of its own) lacks every `.drv`, as in a
+    cluster where the eval worker instantiated them in another pod."""
+    runner = NixRunner(store=str(tmp_path / "builder-store"))
+    async for served in _serve(tmp_path, cache_key, runner):
+        yield served
 
 
 def build_job(flake: BuildFlake, attr: str) -> BuildJob:

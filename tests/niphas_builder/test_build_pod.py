@@ -77,3 +77,43 @@ async def test_pod_script_builds_sandboxed_in_its_own_store_and_uploads_for_sign
         app, "--option", "trusted-public-keys", str(cache_key.public),
     )  # fmt: skip
     assert (tmp_path / "node" / app.removeprefix("/") / "bin" / "app").exists()
+
+
+async def test_pod_of_a_builder_without_the_drv_uploads_drvs_and_sources_all_verified(
+    blind_staging: Staging,
+    build_flake: Callable[..., BuildFlake],
+    cache_key: CacheKey,
+    nix_runner: NixRunner,
+    tmp_path: Path,
+) -> None:
+    """As in a cluster: the builder's store lacks the `.drv` (the eval worker made it), so the
+    pod evaluates the locked flake and uploads the derivation closure, the dependency (lib)
+    and the flake input's source (busybox) besides the app; all vouched for by content."""
+    staging, flake = blind_staging, build_flake()
+    job = build_job(flake, "app")
+    [app], lib = job.outputs.values(), flake.attribute("lib")
+    await staging.area.prepare(job)
+    assert staging.area.known_outputs(job.drv_hash) is None  # the builder has no .drv
+
+    done = await asyncio.to_thread(
+        run_pod, manifest_for(job, staging, tmp_path, cache_key), tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    published = await staging.area.publish(job)
+    [source] = [p for p in published if p.endswith("-source")]
+    assert {app, lib.outputs["out"], job.drv_path, lib.drv_path, source} == set(published)
+    for path in published:  # signed with the cluster key
+        info = await staging.cache.client.narinfo(path)
+        assert info is not None and len(info.sigs) == 1, path
+
+    trust = ["--option", "trusted-public-keys", str(cache_key.public)]
+    node = str(tmp_path / "node")
+    nix_runner.run(
+        "nix", "copy", "--from", f"file://{staging.cache_dir}", "--to", node, app, *trust
+    )
+    assert (tmp_path / "node" / app.removeprefix("/") / "bin" / "app").exists()
+    nix_runner.run(
+        "nix", "copy", "--derivation", "--from", f"file://{staging.cache_dir}",
+        "--to", node, job.drv_path, *trust,
+    )  # fmt: skip
+    assert (tmp_path / "node" / job.drv_path.removeprefix("/")).is_file()

@@ -40,11 +40,6 @@ class Vouched:
     sources: set[str] = field(default_factory=set)
     outputs: set[str] = field(default_factory=set)
 
-    @property
-    def self_proving(self) -> list[str]:
-        """Derivations and sources: signed and pushed before the outputs that need them."""
-        return sorted({*self.drvs, *self.sources})
-
 
 def derivation_of(path: StorePath, contents: bytes | None, references: set[str]) -> Derivation:
     """The derivation in a `.drv` whose path is the text path of `contents` and

@@ -152,9 +152,14 @@ class StagingArea:
         for upload in fresh.values():
             signed = unsigned(upload.info).signed(self.key)
             (directory / f"{signed.hash_part}.narinfo").write_text(signed.render())
-        for batch in (vouched.self_proving, sorted(vouched.outputs)):
+        # References first; --derivation: a .drv stands for itself, not for its outputs.
+        for batch, flags in (
+            (vouched.sources, ()),
+            (vouched.drvs, ("--derivation",)),
+            (vouched.outputs, ()),
+        ):
             if batch:
-                await self._copy(directory, batch)
+                await self._copy(directory, sorted(batch), *flags)
         log.info("verified, signed and pushed %d uploaded paths of %s", len(fresh), job.drv_path)
         return sorted(fresh)
 
@@ -175,12 +180,12 @@ class StagingArea:
             return None  # present but not trusted, or damaged: not a reason to vouch
         return derivation_of(path, sink.text, {str(r) for r in info.references})
 
-    async def _copy(self, directory: Path, paths: Iterable[str]) -> None:
+    async def _copy(self, directory: Path, paths: Iterable[str], *flags: str) -> None:
         (directory / "nix-cache-info").write_text(CACHE_INFO)
         try:
             # --no-recursive: references already in the cache are not in the staging area.
             await self.runner.arun(
-                "nix", "copy", "--no-recursive", "--no-check-sigs",
+                "nix", "copy", "--no-recursive", "--no-check-sigs", *flags,
                 "--from", f"file://{directory}", "--to", self._push_url, *sorted(paths),
             )  # fmt: skip
         except CommandError as exc:
