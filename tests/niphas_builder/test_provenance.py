@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from niphas_builder.executor import BuildJob
-from niphas_builder.verify import UploadRefused
+from niphas_builder.verify import UploadRefused, door_problem
 from niphas_common.nix import nix32
 from niphas_common.nix.hashes import Hash
 from niphas_common.nix.nar import nar_bytes
 from niphas_common.nix.narinfo import NarInfo
 from niphas_common.nix.runner import NixRunner
+from niphas_common.nix.store_path import StorePath
 
 from .conftest import BuildFlake, Staging, build_job
 
@@ -130,3 +131,28 @@ async def test_derivation_closure_of_another_top_is_refused(
     with pytest.raises(UploadRefused, match=f"{job.drv_path}, this job's derivation, was nei"):
         await blind_staging.area.publish(job)
     assert signed_nothing(blind_staging)
+
+
+async def test_derivations_already_in_the_cache_vouch_for_fresh_outputs(
+    staging: Staging, blind_staging: Staging, job: BuildJob, nix_runner: NixRunner
+) -> None:
+    """Another builder (one with the `.drv`) pushed the derivation closure to the cache: the
+    pod uploads only outputs, and the walk reads the `.drv` files from the cache."""
+    await staging.area.prepare(job)  # same cache directory: the .drv files are signed there
+    await upload(blind_staging, job, nix_runner, job)
+    published = await blind_staging.area.publish(job)
+    assert job.outputs["out"] in published and len(published) == 2  # app and lib
+    assert not any(p.endswith((".drv", "-source")) for p in published)
+
+
+def test_door_lets_in_known_outputs_drvs_and_claimed_sources_only() -> None:
+    base = "/nix/store/" + "a" * 32
+    info = NarInfo.parse(
+        f"StorePath: {base}-x\nURL: nar/x\nNarHash: sha256:{'0' * 52}\nNarSize: 1\n"
+    )
+    assert door_problem(info, None) is None  # outputs unknown: publish decides
+    assert door_problem(info, frozenset({f"{base}-x"})) is None
+    assert door_problem(info, frozenset()) == f"{base}-x is not an output of this build"
+    assert door_problem(replace(info, ca=f"fixed:r:sha256:{'0' * 52}"), frozenset()) is None
+    drv = replace(info, store_path=StorePath.parse(f"{base}-x.drv"))
+    assert door_problem(drv, frozenset()) is None
