@@ -81,6 +81,10 @@ PIP_FIND_LINKS= "$python" -m pip wheel -q --wheel-dir "$root/tmp/wheels" .
     useradd --system --no-create-home --home-dir /var/empty --shell /usr/sbin/nologin \
       --gid nixbld --groups nixbld "nixbld$i"
   done
+  # The unprivileged user the manifests run as (runAsUser 65532): nix needs a user name.
+  groupadd --gid 65532 nonroot
+  useradd --uid 65532 --gid 65532 --no-create-home --home-dir /home/nonroot \
+    --shell /usr/sbin/nologin nonroot
   python3 -m venv /opt/niphas
   /opt/niphas/bin/pip install -q --no-index --find-links /tmp/wheels niphas
   rm -rf /tmp/wheels /root/.cache /var/cache/apt/archives/*.deb /var/lib/apt/lists/* \

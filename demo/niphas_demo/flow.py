@@ -114,7 +114,7 @@ class Demo:
         self.secret = secret_file.read_text().strip()
         layout.secrets_file.write_text(secrets_yaml(self.secret))
         tools = add_tools(NixRunner(), layout.demo)
-        self.repo = SampleRepo(layout.repo, tools)
+        self.repo = SampleRepo(layout.repo, f"path:{tools}")
         self.repo.ensure()
         (layout.workloads / f"{WORKLOAD}.yaml").write_text(
             workload_yaml(self.repo.flake_ref, self.ports.app)
@@ -158,8 +158,8 @@ class Demo:
         """Commit the page at `version`, deliver the signed webhook, wait for its build."""
         assert self.repo is not None
         assert self.nc is not None
-        before, after = self.repo.commit_version(version)
-        url = f"http://127.0.0.1:{self.ports.eval}/hooks/github"
+        before, after = self.commit(version)
+        url = self.webhook_url()
         status, answer = await send_push(url, self.secret, self.repo.url, before, after)
         if status != 202:
             raise RuntimeError(f"the webhook was answered {status}: {answer}")
@@ -184,6 +184,14 @@ class Demo:
         self.outcome.pushes.append(result)
         self.outcome.trace_ids.append(trace)
         return result
+
+    def commit(self, version: str) -> tuple[str, str]:
+        """Commit the sample at `version` where the forge serves it: (before, after)."""
+        assert self.repo is not None
+        return self.repo.commit_version(version)
+
+    def webhook_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.eval}/hooks/github"
 
     async def rendered(self, store_path: str) -> PodSpec:
         """Wait until the operator rendered the Deployment running `store_path`."""

@@ -28,7 +28,7 @@ APP_NAME = "niphas-demo-web"
 _FLAKE = """\
 {
   description = "Niphas demo: a web page served by busybox httpd";
-  inputs.tools = { url = "path:@TOOLS@"; flake = false; };
+  inputs.tools = { url = "@TOOLS@"; flake = false; };
   outputs = { self, tools }:
     let
       system = "@SYSTEM@";
@@ -160,9 +160,16 @@ class FlakeRepo:
 
 @dataclass
 class SampleRepo(FlakeRepo):
-    """The demo's repository: the web app flake, one commit per version."""
+    """The demo's repository: the web app flake, one commit per version. `tools` is the flake
+    input holding bin/busybox (`path:/nix/store/...-tools` on one machine, a git URL the
+    forge serves on a cluster); `clone_url` is where the forge serves this repository."""
 
     tools: str
+    clone_url: str | None = None
+
+    @property
+    def url(self) -> str:
+        return self.clone_url or f"file://{self.dir}"
 
     def commit_version(self, version: str) -> tuple[str, str]:
         """Commit the flake serving `version`; returns (before, after) commit ids."""
