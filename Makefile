@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv nix kube tools lint test bench demo schemas clean node cluster cluster-down image
+.PHONY: help setup venv nix kube tools lint test bench demo schemas clean node cluster cluster-down image demo-cluster
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ image: venv node ## the platform's OCI image, built offline (cached in /var/cach
 
 cluster: venv node ## a real single-node Kubernetes on loopback; prints `export KUBECONFIG=...`
 	$(BIN)/python -m niphas_cluster up
+
+demo-cluster: setup image node ## the main job with the platform as pods on a real node (root)
+	$(BIN)/python -m niphas_demo.cluster_cli $(DEMO_ARGS)
 
 cluster-down: venv ## stop that node and put the host back as it was
 	$(BIN)/python -m niphas_cluster down
