@@ -7,9 +7,15 @@ connection drains before the process exits.
 
 Every service process runs inside a `ServiceRuntime` (usually through `running`), which owns
 what they all share: tracing (service name `niphas-<service>`), the one bus connection (named
-`niphas-<service>-<instance>` in NATS's monitoring), readiness (the service's local checks,
-then the bus connection, then the checks that need the bus) and the ops endpoints (/healthz,
-/readyz, /metrics) on `metrics_host:metrics_port`, or on the service's own HTTP app.
+`niphas-<service>-<instance>` in NATS's monitoring), readiness (what the service requires, such as
+a Secret's file, then its local checks, then the bus connection, then the checks that need the
+bus) and the ops endpoints (/healthz, /readyz, /metrics) on `metrics_host:metrics_port`, or on
+the service's own HTTP app.
+
+A missing Secret never crash-loops a pod: the service registers what it needs
+(`requires_file`; the NATS password is registered by the runtime itself), /readyz answers 503
+naming it, the log says so once (and again at a low rate), and `requirements_met` waits for it
+where the service cannot start without it.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from aiohttp import web
 from pydantic_settings import BaseSettings
 
 from niphas_common.bus.bus import Bus
 from niphas_common.http import Readiness, add_ops_routes, serve_ops
+from niphas_common.requirements import Requirements
 from niphas_common.settings import NatsSettings, ServiceSettings
 from niphas_common.tracing import setup_tracing
 
@@ -37,6 +45,13 @@ SERVICE_ORDER = ("mesh", "csi", "builder", "eval", "operator")
 """Start order for `niphas up`: nothing needs a later stage to come up."""
 
 ServiceMain = Callable[[asyncio.Event], Awaitable[None]]
+BUS_RETRY_S = 2.0
+"""Seconds between connection attempts while NATS does not answer (or refuses us)."""
+
+
+class Stopped(Exception):
+    """The service was told to stop before it could start (e.g. while waiting for NATS or a
+    Secret); `run_until_signalled` ends quietly on it."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,8 @@ async def run_until_signalled(main: ServiceMain) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await main(stop)
+    except Stopped:
+        log.info("stopped before starting")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -88,6 +105,10 @@ async def run_until_signalled(main: ServiceMain) -> None:
 def trace_name(service: str) -> str:
     """The OpenTelemetry `service.name` of every process of `service`."""
     return f"niphas-{service}"
+
+
+async def _provisioned(_: Bus) -> None:
+    """Nothing more to do once connected (`Bus.connect` provisions the streams)."""
 
 
 class ServiceRuntime:
@@ -104,6 +125,15 @@ class ServiceRuntime:
         self._local: list[Readiness] = []
         self._remote: list[Readiness] = []
         self._ops: web.AppRunner | None = None
+        self.requirements = Requirements(service)
+        if nats.user and not nats.password:
+            # From the Secret niphas-nats through an optional env reference: the server
+            # refuses us without it, and the environment is read only at start.
+            self.requirements.setting(
+                "NIPHAS_NATS_PASSWORD",
+                False,
+                "create the Secret niphas-nats (key password), then restart this pod",
+            )
         setup_tracing(trace_name(service))
 
     @property
@@ -126,14 +156,26 @@ class ServiceRuntime:
     ) -> Bus | None:
         """Connect and run `then` on the new bus, retrying both until they succeed or `stop`
         is set (for a service that serves before NATS answers). Never cancelled half-way,
-        which would leave a half-open connection behind."""
+        which would leave a half-open connection behind. Logs one line per new reason."""
+        last = ""
         while not stop.is_set():
             bus: Bus | None = None
             try:
-                bus = await Bus.connect(self.nats, name=self.connection_name)
+                bus = await self._connect_unless_stopped(stop)
+                if bus is None:
+                    return None
                 await then(bus)
             except Exception as exc:
-                log.warning("%s: bus not reachable yet (%s)", self.service, exc)
+                reason = f"{exc.__class__.__name__}: {exc}" if str(exc) else repr(exc)
+                if reason != last:
+                    hint = self.requirements.check()
+                    log.warning(
+                        "%s: bus not reachable yet (%s)%s",
+                        self.service,
+                        reason,
+                        f"; {hint}" if hint else "",
+                    )
+                    last = reason
                 if bus is not None:
                     with contextlib.suppress(Exception):
                         await bus.close()
@@ -144,12 +186,51 @@ class ServiceRuntime:
             return bus
         return None
 
+    async def connect_retrying(self, stop: asyncio.Event) -> Bus:
+        """Connect, retrying every `BUS_RETRY_S` until NATS answers; `Stopped` when `stop`
+        is set first."""
+        bus = await self.connect_until(stop, BUS_RETRY_S, _provisioned)
+        if bus is None:
+            raise Stopped
+        return bus
+
     def ready_when(self, check: Readiness, *, needs_bus: bool = True) -> None:
         """Add a readiness check: run before the bus check when it does not need the bus."""
         (self._remote if needs_bus else self._local).append(check)
 
+    async def _connect_unless_stopped(self, stop: asyncio.Event) -> Bus | None:
+        """`Bus.connect`, given up when `stop` is set first (nats-py retries a refused first
+        connection by itself, forever with our options)."""
+        connecting = asyncio.create_task(Bus.connect(self.nats, name=self.connection_name))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            connecting.cancel()  # we are cancelled ourselves
+            raise
+        finally:
+            stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            return None
+        return connecting.result()
+
+    def requires_file(self, path: Path, what: str) -> None:
+        """Not ready (and an ERROR in the log) while `path` is missing or empty; `what` says
+        where it comes from ("the Secret niphas-cache-key, key secret-key")."""
+        self.requirements.file(path, what)
+
+    async def requirements_met(self, stop: asyncio.Event) -> None:
+        """Wait until every requirement is met; `Stopped` when `stop` is set first."""
+        if not await self.requirements.wait(stop):
+            raise Stopped
+
     async def readiness(self) -> str | None:
         """None when ready, else the first reason it is not."""
+        if (reason := self.requirements.check()) is not None:
+            return reason
         for check in self._local:
             if (reason := await check()) is not None:
                 return reason
@@ -190,14 +271,21 @@ async def running(
     *,
     instance: str = "",
     ops_server: bool = True,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[ServiceRuntime]:
     """A connected `ServiceRuntime` (and its ops server unless `ops_server` is False: the
-    service then adds the routes to its own app), closed on exit."""
+    service then adds the routes to its own app), closed on exit. The ops server starts
+    first, so /readyz says why while NATS does not answer. With `stop`, connecting is retried
+    until it succeeds (`Stopped` when `stop` is set first); without, one failed attempt
+    raises."""
     runtime = ServiceRuntime(service, nats, instance=instance)
     try:
-        await runtime.connect()
         if ops_server:
             await runtime.serve_ops(settings)
+        if stop is None:
+            await runtime.connect()
+        else:
+            await runtime.connect_retrying(stop)
         yield runtime
     finally:
         await runtime.close()

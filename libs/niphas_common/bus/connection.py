@@ -1,7 +1,13 @@
-"""One way to connect to NATS, with every auth option of `NatsSettings` passed through."""
+"""One way to connect to NATS, with every auth option of `NatsSettings` passed through.
+
+nats-py's default error callback logs a traceback on every failed reconnect attempt (twice a
+second while the server is down or refuses us); `ConnectionLog` replaces it with one concise
+line per change of state: the first error of a kind, the disconnection, the reconnection.
+"""
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
@@ -9,6 +15,33 @@ import nats
 from nats.aio.client import Client
 
 from niphas_common.settings import NatsSettings
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionLog:
+    """The callbacks of one connection, logging each state change once."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._seen: set[str] = set()
+        """Errors logged since the connection was last up (a refused attempt alternates
+        between the server's answer and the reset that follows it)."""
+
+    async def error(self, exc: Exception) -> None:
+        text = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+        if text in self._seen:
+            log.debug("%s: NATS: %s (again)", self.name, text)
+            return
+        self._seen.add(text)
+        log.warning("%s: NATS: %s", self.name, text)
+
+    async def disconnected(self) -> None:
+        log.warning("%s: NATS disconnected, reconnecting", self.name)
+
+    async def reconnected(self) -> None:
+        self._seen.clear()
+        log.info("%s: NATS reconnected", self.name)
 
 
 def connect_options(settings: NatsSettings, *, name: str) -> dict[str, Any]:
@@ -22,6 +55,10 @@ def connect_options(settings: NatsSettings, *, name: str) -> dict[str, Any]:
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
     }
+    callbacks = ConnectionLog(name)
+    options["error_cb"] = callbacks.error
+    options["disconnected_cb"] = callbacks.disconnected
+    options["reconnected_cb"] = callbacks.reconnected
     if settings.user:
         options["user"] = settings.user
         options["password"] = settings.password or ""

@@ -12,7 +12,7 @@ from aiohttp import web
 from niphas_common.bus.bus import Bus
 from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.signing import SecretKey, TrustedKeys
-from niphas_common.service import ServiceSpec, running
+from niphas_common.service import ServiceRuntime, ServiceSpec, running
 from niphas_common.settings import NatsSettings
 
 from . import single_flight, supersede
@@ -125,10 +125,31 @@ async def wired(
 
 async def main(stop: asyncio.Event) -> None:
     settings = BuilderSettings()
-    async with (
-        running("builder", settings, NatsSettings(), instance=settings.name) as runtime,
-        wired(runtime.bus, settings) as builder,
-    ):
+    async with running(
+        "builder", settings, NatsSettings(), instance=settings.name, stop=stop
+    ) as runtime:
+        require_secrets(runtime, settings)
+        await runtime.requirements_met(stop)
+        await _serve(runtime, settings, stop)
+
+
+def require_secrets(runtime: ServiceRuntime, settings: BuilderSettings) -> None:
+    """Not ready, saying which Secret is missing, until the signing key and (for an http(s)
+    cache) the upload token are there: the builder signs and pushes nothing without them."""
+    if settings.secret_key_file is not None:
+        runtime.requires_file(
+            settings.secret_key_file,
+            "the Secret niphas-cache-key (key secret-key; NIPHAS_BUILDER_SECRET_KEY_FILE)",
+        )
+    if settings.cache_token_file is not None and settings.push_url.startswith(("http:", "https:")):
+        runtime.requires_file(
+            settings.cache_token_file,
+            "the Secret niphas-cache-upload (key token; NIPHAS_BUILDER_CACHE_TOKEN_FILE)",
+        )
+
+
+async def _serve(runtime: ServiceRuntime, settings: BuilderSettings, stop: asyncio.Event) -> None:
+    async with wired(runtime.bus, settings) as builder:
         log.info(
             "builder %s: cache %s, executor %s, %d builds at once",
             settings.name,

@@ -20,7 +20,7 @@ from niphas_common.bus.bus import Bus
 from niphas_common.bus.topology import ConsumerSpec
 from niphas_common.http import Readiness
 from niphas_common.nix.runner import NixRunner
-from niphas_common.service import ServiceRuntime, ServiceSpec, run_until_signalled, running
+from niphas_common.service import ServiceRuntime, ServiceSpec, run_until_signalled
 from niphas_common.settings import NatsSettings
 from niphas_eval.evaluator import Evaluator
 from niphas_eval.flakeref import Allowlist
@@ -94,12 +94,21 @@ def streams_ready(bus: Bus, settings: EvalSettings) -> Readiness:
 
 
 async def run(settings: EvalSettings, nats: NatsSettings, stop: asyncio.Event) -> None:
-    async with running(
-        "eval", settings, nats, instance=settings.role, ops_server=not settings.runs_ingress
-    ) as runtime:
-        bus = runtime.bus
-        runtime.ready_when(streams_ready(bus, settings))
+    """The role's parts until `stop`. /readyz answers from the start (the webhook app, or the
+    ops server), saying what is missing while NATS or the webhook secrets are not there."""
+    runtime = ServiceRuntime("eval", nats, instance=settings.role)
+    try:
+        if settings.runs_ingress and settings.webhook_secrets_file is not None:
+            runtime.requires_file(
+                settings.webhook_secrets_file,
+                "the Secret niphas-eval-webhooks (key secrets.yaml); until then every webhook "
+                "is refused",
+            )
         async with _ingress(runtime, settings):
+            if not settings.runs_ingress:
+                await runtime.serve_ops(settings)
+            bus = await runtime.connect_retrying(stop)
+            runtime.ready_when(streams_ready(bus, settings))
             if settings.runs_workers:
                 worker = await build_worker(bus, settings)
                 if not settings.allowed_refs:
@@ -107,18 +116,25 @@ async def run(settings: EvalSettings, nats: NatsSettings, stop: asyncio.Event) -
                 await bus.serve([worker.subscription()], stop)
             else:
                 await stop.wait()
+    finally:
+        await runtime.close()
 
 
 @contextlib.asynccontextmanager
 async def _ingress(runtime: ServiceRuntime, settings: EvalSettings) -> AsyncIterator[None]:
-    """The webhook server (with the ops endpoints) while the role includes the ingress."""
+    """The webhook server (with the ops endpoints) while the role includes the ingress; it
+    answers 503 until the bus is connected."""
     if not settings.runs_ingress:
         yield
         return
     secrets = WebhookSecrets(settings.webhook_secrets_file, settings.webhook_secrets)
-    if not len(secrets):
+    if not len(secrets) and settings.webhook_secrets_file is None:
         log.warning("no webhook secrets configured: every webhook will be refused")
-    ingress = WebhookIngress(runtime.bus, secrets, publish_timeout_s=settings.publish_timeout_s)
+    ingress = WebhookIngress(
+        lambda: runtime.bus if runtime.has_bus else None,
+        secrets,
+        publish_timeout_s=settings.publish_timeout_s,
+    )
     site = web.AppRunner(
         ingress.app(runtime.readiness, max_body_bytes=settings.max_body_bytes), access_log=None
     )

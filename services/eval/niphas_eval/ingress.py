@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -33,8 +34,15 @@ RETRY_AFTER_S = "5"
 
 
 class WebhookIngress:
-    def __init__(self, bus: Bus, secrets: WebhookSecrets, *, publish_timeout_s: float) -> None:
-        self._bus = bus
+    def __init__(
+        self,
+        bus: Bus | Callable[[], Bus | None],
+        secrets: WebhookSecrets,
+        *,
+        publish_timeout_s: float,
+    ) -> None:
+        """`bus`: the bus, or how to get it while it may not be connected yet (503 until)."""
+        self._bus_of: Callable[[], Bus | None] = (lambda: bus) if isinstance(bus, Bus) else bus
         self._secrets = secrets
         self._publish_timeout_s = publish_timeout_s
         self._max_body_bytes = 1024 * 1024
@@ -115,11 +123,12 @@ class WebhookIngress:
 
     async def _publish(self, push: PushReceived) -> tuple[int, dict[str, Any]]:
         unavailable = {"status": "unavailable", "reason": "the event bus is not reachable"}
-        if not self._bus.connected:
+        bus = self._bus_of()
+        if bus is None or not bus.connected:
             # Reconnecting: a publish would sit in the client's buffer until its timeout.
             return 503, unavailable
         try:
-            ack = await asyncio.wait_for(self._bus.publish(push), self._publish_timeout_s)
+            ack = await asyncio.wait_for(bus.publish(push), self._publish_timeout_s)
         except (PublishError, TimeoutError) as exc:
             log.warning("push.received %s not stored: %r", push.msg_id, exc)
             return 503, unavailable

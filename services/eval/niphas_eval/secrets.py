@@ -118,8 +118,9 @@ class WebhookSecrets:
         try:
             stat = self._file.stat()
         except OSError as exc:
-            if not self._file_missing:  # once per disappearance, not once per request
-                log.error("webhook secrets file %s unreadable: %s", self._file, exc)
+            if not self._file_missing:  # once per disappearance; the service's readiness
+                # names the Secret (ServiceRuntime.requires_file)
+                log.warning("webhook secrets file %s unreadable: %s", self._file, exc)
             self._file_entries, self._file_stamp, self._file_missing = {}, None, True
             return
         self._file_missing = False

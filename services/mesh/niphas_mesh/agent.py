@@ -137,14 +137,18 @@ class Agent:
         self.state_lock.release()
 
 
-async def start_agent(settings: MeshSettings, nats: NatsSettings) -> Agent:
-    """Build every part from settings, start the HTTP server and the router."""
+async def start_agent(
+    settings: MeshSettings, nats: NatsSettings, stop: asyncio.Event | None = None
+) -> Agent:
+    """Build every part from settings, start the HTTP server and the router. With `stop`,
+    the connection to NATS is retried (the cache serves and /readyz says why meanwhile;
+    `Stopped` when `stop` is set first); without, one failed attempt raises."""
     state = settings.node_state_dir
     state.mkdir(parents=True, exist_ok=True)
     state_lock = StateLock(state, settings.node)  # before touching anything in it
     runtime = ServiceRuntime("mesh", nats, instance=settings.node)
     try:
-        return await _start(settings, runtime, state_lock)
+        return await _start(settings, runtime, state_lock, stop)
     except BaseException:
         await runtime.close()
         state_lock.release()
@@ -223,7 +227,12 @@ def _fetcher(
     )
 
 
-async def _start(settings: MeshSettings, runtime: ServiceRuntime, state_lock: StateLock) -> Agent:
+async def _start(
+    settings: MeshSettings,
+    runtime: ServiceRuntime,
+    state_lock: StateLock,
+    stop: asyncio.Event | None,
+) -> Agent:
     local = await _open_local(settings)
     agent: Agent | None = None
 
@@ -233,7 +242,8 @@ async def _start(settings: MeshSettings, runtime: ServiceRuntime, state_lock: St
     runtime.ready_when(agent_ready)
     http, url = await _serve_cache(settings, local, runtime)
     try:
-        router = BusRouter(await runtime.connect())
+        bus = await (runtime.connect() if stop is None else runtime.connect_retrying(stop))
+        router = BusRouter(bus)
         await router.start()
         await runtime.serve_ops(settings)  # a separate ops port too, when one is set
     except BaseException:

@@ -21,7 +21,7 @@ async def run(settings: MeshSettings, nats: NatsSettings, stop: asyncio.Event) -
     if settings.role == "cache":
         await run_cache(settings, stop)  # a directory over HTTP: no store, no NATS
         return
-    agent = await start_agent(settings, nats)
+    agent = await start_agent(settings, nats, stop)
     try:
         await agent.run(stop)
     finally:

@@ -97,12 +97,6 @@ async def start_cache(settings: MeshSettings) -> CacheServer:
     server when `metrics_port` is set."""
     role = role_from_settings(settings)
     role.files.remove_leftovers()  # before serving: no upload is in flight yet
-    if role.token() is None:
-        log.error(
-            "uploads refused until an upload token is in %s (Secret niphas-cache-upload, key "
-            "token; NIPHAS_MESH_UPLOAD_TOKEN_FILE)",
-            role.token_file,
-        )
     runner = web.AppRunner(build_cache_app(role), access_log=None)
     await runner.setup()
     server = CacheServer("", [runner])

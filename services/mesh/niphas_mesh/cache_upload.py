@@ -21,10 +21,12 @@ import hmac
 import logging
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+
+from niphas_common.requirements import Requirements
 
 from .cache_files import NAR_RE, NARINFO_RE, BadName, CacheFiles, Refused, TooLarge
 from .metrics import CACHE_UPLOADS
@@ -43,6 +45,12 @@ class CacheRole:
     files: CacheFiles
     token_file: Path | None
     priority: int = 30
+    requirements: Requirements = field(default_factory=lambda: Requirements("mesh"))
+    """The upload token as a requirement: /readyz names the Secret while it is missing and
+    the log says so once (and again at a low rate), not once per refused upload."""
+
+    def __post_init__(self) -> None:
+        self.requirements.add("upload token", self._token_missing)
 
     def token(self) -> str | None:
         """The upload token (read each time: a rotated Secret takes effect without a
@@ -54,12 +62,19 @@ class CacheRole:
         except OSError:
             return None
 
+    def _token_missing(self) -> str | None:
+        if self.token() is not None:
+            return None
+        where = self.token_file or "NIPHAS_MESH_UPLOAD_TOKEN_FILE (unset)"
+        return (
+            f"no upload token in {where}: create the Secret niphas-cache-upload (key token); "
+            "uploads get 503 until then"
+        )
+
     async def readiness(self) -> str | None:
         if not os.access(self.files.root, os.W_OK):
             return f"cache directory {self.files.root} is not writable"
-        if self.token() is None:
-            return f"no upload token in {self.token_file} (Secret niphas-cache-upload, key token)"
-        return None
+        return self.requirements.check()
 
 
 ROLE = web.AppKey("cache_role", CacheRole)

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 async def run(settings: OperatorSettings, nats: NatsSettings, stop: asyncio.Event) -> None:
     """The operator until `stop`: on the cluster when one is configured, else render mode."""
-    async with running("operator", settings, nats, instance=settings.identity) as runtime:
+    async with running(
+        "operator", settings, nats, instance=settings.identity, stop=stop
+    ) as runtime:
         kube = await connect(settings.kubeconfig, settings.field_manager, count=count_request)
         if kube is None:
             log.info("no cluster configured: rendering to %s", settings.resolved_render_dir())
