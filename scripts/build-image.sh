@@ -74,7 +74,8 @@ in_root=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 chroo
 
 echo "wheels of the project" >&2
 # Only the package index: find-links the host may configure are not part of the image.
-PIP_FIND_LINKS= "$python" -m pip wheel -q --wheel-dir "$root/tmp/wheels" .
+PIP_FIND_LINKS= "$python" -m pip wheel -q --wheel-dir "$root/tmp/wheels" . >"$work/pip.log" 2>&1 \
+  || { tail -20 "$work/pip.log" >&2; exit 1; }
 "${in_root[@]}" /bin/sh -eu -c '
   groupadd --system nixbld
   for i in 1 2 3 4 5 6 7 8; do
