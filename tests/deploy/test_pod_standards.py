@@ -60,7 +60,7 @@ def test_every_container_has_requests_and_a_memory_limit(rendered: list[dict[str
 def _port_number(container: dict[str, Any], port: int | str) -> int:
     if isinstance(port, int):
         return port
-    return next(p["containerPort"] for p in container["ports"] if p["name"] == port)
+    return int(next(p["containerPort"] for p in container["ports"] if p["name"] == port))
 
 
 def _ops_ports(container: dict[str, Any]) -> set[int]:

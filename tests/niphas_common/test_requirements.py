@@ -14,10 +14,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from niphas_common.nats_server import EmbeddedNats
 from niphas_common.requirements import Requirements
 from niphas_common.service import ServiceRuntime, Stopped
 from niphas_common.settings import NatsSettings, ServiceSettings
-from tests.nats_harness import EmbeddedNats
 
 
 def free_port() -> int:

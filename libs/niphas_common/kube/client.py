@@ -45,6 +45,21 @@ class NotFound(KubeError):
     pass
 
 
+class Forbidden(KubeError):
+    """403: our identity may not do this here (RBAC, a quota, a terminating namespace);
+    worth retrying slowly, since permissions can be granted."""
+
+    @property
+    def reason(self) -> str:
+        """The API server's own sentence (the `message` of its Status), else the body."""
+        body = str(self).partition(": ")[2]
+        try:
+            message = json.loads(body).get("message")
+        except (ValueError, AttributeError):
+            return body
+        return str(message or body)
+
+
 class KubeConflict(KubeError):
     """409: the resourceVersion a write carried is stale, or the object already exists."""
 
@@ -60,9 +75,13 @@ class Invalid(KubeError):
 def _translate(exc: ApiException) -> KubeError:
     status = int(exc.status or 0)
     message = str(exc.body or exc.reason)[:500]
-    kind: type[KubeError] = {404: NotFound, 409: KubeConflict, 410: Gone, 422: Invalid}.get(
-        status, KubeError
-    )
+    kind: type[KubeError] = {
+        403: Forbidden,
+        404: NotFound,
+        409: KubeConflict,
+        410: Gone,
+        422: Invalid,
+    }.get(status, KubeError)
     return kind(status, message)
 
 

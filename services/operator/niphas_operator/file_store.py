@@ -230,7 +230,9 @@ class FileStore:
     async def nodes_running(self, workload: Workload) -> tuple[str, ...]:
         return ()
 
-    async def record(self, workload: Workload, reason: str, message: str, *, about: str) -> None:
+    async def record(
+        self, workload: Workload, reason: str, message: str, *, about: str, warning: bool = False
+    ) -> None:
         log.info("%s/%s %s: %s", workload.namespace, workload.name, reason, message)
 
     # -- changes -----------------------------------------------------------------------------

@@ -90,8 +90,10 @@ class KubernetesStore:
         )
         return tuple(sorted({p["spec"]["nodeName"] for p in pods if p["spec"].get("nodeName")}))
 
-    async def record(self, workload: Workload, reason: str, message: str, *, about: str) -> None:
-        await self._recorder.record(workload, reason, message, about=about)
+    async def record(
+        self, workload: Workload, reason: str, message: str, *, about: str, warning: bool = False
+    ) -> None:
+        await self._recorder.record(workload, reason, message, about=about, warning=warning)
 
     def workload_events(self) -> AsyncIterator[WatchEvent]:
         return self._watch(Selection(workloads_path(self._namespace)))

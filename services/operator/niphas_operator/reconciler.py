@@ -22,6 +22,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from niphas_common.flakeref import repository_of
+from niphas_common.kube.client import Forbidden
 from niphas_operator import children
 from niphas_operator.children import PodSettings
 from niphas_operator.status import StatusBuilder, history_entry, moved_to
@@ -37,6 +38,9 @@ REQUESTS_PUBLISHED = Counter(
 )
 
 Publish = Callable[[Event], Awaitable[object]]
+ALLOWED = "Ready"
+"""The condition saying the operator may not write the workload's children (False, reason
+Forbidden, with the API server's answer); removed once a reconcile could write them."""
 CHILD_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"))
 
 
@@ -159,7 +163,12 @@ class Reconciler:
             await self._write_status(workload, status)
             RECONCILES.labels("pending").inc()
             return
-        deployment = await self._apply_children(workload, desired)
+        try:
+            deployment = await self._apply_children(workload, desired)
+        except Forbidden as exc:
+            await self._forbidden(workload, status, exc)
+            raise  # the controller retries with backoff: the permission may be granted
+        status.clear(ALLOWED)
         self._running(workload, desired, status, deployment)
         await self._write_status(workload, status)
         RECONCILES.labels("applied").inc()
@@ -259,6 +268,19 @@ class Reconciler:
             elif spec_changed:
                 await self._store.delete(api_version, kind, workload.key)
         return applied
+
+    async def _forbidden(self, workload: Workload, status: StatusBuilder, exc: Forbidden) -> None:
+        """Say on the workload (a condition, a Warning Event) that its children may not be
+        written in its namespace, instead of only a line in the operator's log."""
+        message = (
+            f"the operator may not create or change the Deployment, Service and "
+            f"PodDisruptionBudget of this workload in namespace {workload.namespace}: "
+            f"{exc.reason}"
+        )
+        status.condition(ALLOWED, False, "Forbidden", message)
+        status.set(observedGeneration=workload.generation, phase="Degraded")
+        await self._store.record(workload, "Forbidden", message, about="forbidden", warning=True)
+        await self._write_status(workload, status)
 
     async def _preheat(self, workload: Workload, store_path: str) -> None:
         nodes = self._preheat_nodes or await self._store.nodes_running(workload)

@@ -26,8 +26,11 @@ class Recorder:
     def __init__(self, kube: Kube) -> None:
         self._kube = kube
 
-    async def record(self, workload: Workload, reason: str, message: str, *, about: str) -> None:
-        """A Normal Event on `workload`; `about` names what it reports (one Event per value)."""
+    async def record(
+        self, workload: Workload, reason: str, message: str, *, about: str, warning: bool = False
+    ) -> None:
+        """A Normal (or Warning) Event on `workload`; `about` names what it reports (one Event
+        per value)."""
         digest = hashlib.sha256(f"{workload.uid}\x00{about}".encode()).hexdigest()[:16]
         now = now_rfc3339()
         event = {
@@ -41,7 +44,7 @@ class Recorder:
                 "name": workload.name,
                 "uid": workload.uid,
             },
-            "type": "Normal",
+            "type": "Warning" if warning else "Normal",
             "reason": reason,
             "message": message[:1024],
             "source": {"component": MANAGED_BY},

@@ -50,6 +50,10 @@ class StatusBuilder:
         observed = self._conditions.get(type_, {}).get("observedGeneration")
         return isinstance(observed, int) and observed >= generation
 
+    def clear(self, type_: str) -> None:
+        """Remove the condition `type_` (when it no longer applies at all)."""
+        self._conditions.pop(type_, None)
+
     def conditions(self) -> list[dict[str, Any]]:
         return sorted(self._conditions.values(), key=lambda c: str(c["type"]))
 

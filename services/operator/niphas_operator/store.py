@@ -58,7 +58,9 @@ class WorkloadStore(Protocol):
         """The nodes the workload's pods run on now (none without a cluster)."""
         ...
 
-    async def record(self, workload: Workload, reason: str, message: str, *, about: str) -> None:
+    async def record(
+        self, workload: Workload, reason: str, message: str, *, about: str, warning: bool = False
+    ) -> None:
         """Tell people about a decision that changed nothing (a Kubernetes Event)."""
         ...
 
