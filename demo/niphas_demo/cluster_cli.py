@@ -37,7 +37,8 @@ async def story(demo: ClusterDemo) -> None:
     demo.prepare_cluster()
     done(f"forge serving the sample repository at {demo.repo.url if demo.repo else '?'}")
     with console.status("installing the platform: Secrets, overlays/node, every pod Ready"):
-        await demo.start_cluster()
+        # A collector the pods can reach: each push is then one trace across the pods.
+        await demo.start_cluster(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
     done("platform Ready: NATS, eval, builder, operator, cache, csi and mesh as pods")
     results = []
     for version in ("v1", "v2"):

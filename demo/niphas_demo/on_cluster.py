@@ -97,6 +97,14 @@ def install_platform(kubectl: Kubectl, key: SecretKey, webhooks: str, allowed: s
     wait_platform_ready(kubectl)
 
 
+def export_traces(kubectl: Kubectl, endpoint: str) -> None:
+    """Every platform pod exports its spans to `endpoint` (OTLP/HTTP; it must be reachable
+    from the pods), flushed within half a second; then wait for the rollouts."""
+    kubectl("-n", SYSTEM, "set", "env", "deployment,daemonset,statefulset", "--all",
+            f"OTEL_EXPORTER_OTLP_ENDPOINT={endpoint}", "OTEL_BSP_SCHEDULE_DELAY=500")  # fmt: skip
+    wait_platform_ready(kubectl)
+
+
 def wait_platform_ready(kubectl: Kubectl, timeout_s: int = 600) -> None:
     for kind in ("statefulset", "deployment", "daemonset"):
         names = kubectl("-n", SYSTEM, "get", kind, "-o", "name").stdout.split()
@@ -139,11 +147,14 @@ class ClusterDemo(Demo):
         self.repo = SampleRepo(repo_dir, tools_input, clone_url=self.forge.url(repo_dir))
         self.repo.ensure()
 
-    async def start_cluster(self) -> None:
+    async def start_cluster(self, otlp_endpoint: str | None = None) -> None:
+        """Install the platform; with `otlp_endpoint`, every platform pod exports spans."""
         assert self.repo is not None
         install_platform(
             self.kubectl, self.key, secrets_yaml(self.secret), f"{self.forge.base_url}/*"
         )
+        if otlp_endpoint:
+            export_traces(self.kubectl, otlp_endpoint)
         data = self.kubectl.json("-n", SYSTEM, "get", "secret", "niphas-nats")["data"]
         auth = base64.b64decode(data["password"]).decode()
         nats_ip = service_ip(self.kubectl, SYSTEM, "nats")

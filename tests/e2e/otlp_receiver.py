@@ -35,7 +35,8 @@ class Receiver:
 
 
 @contextlib.asynccontextmanager
-async def otlp_receiver() -> AsyncIterator[Receiver]:
+async def otlp_receiver(host: str = "127.0.0.1") -> AsyncIterator[Receiver]:
+    """Listening on `host` (loopback; a node's gateway address for pods)."""
     spans: list[ReceivedSpan] = []
 
     async def traces(request: web.Request) -> web.Response:
@@ -68,10 +69,10 @@ async def otlp_receiver() -> AsyncIterator[Receiver]:
     app.router.add_post("/v1/traces", traces)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, host, 0)
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield Receiver(f"http://127.0.0.1:{port}", spans)
+        yield Receiver(f"http://{host}:{port}", spans)
     finally:
         await runner.cleanup()
