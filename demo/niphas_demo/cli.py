@@ -15,6 +15,7 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -24,12 +25,19 @@ from niphas_demo.flow import Demo, dump_outcome
 from niphas_demo.kubelet import Kubelet
 
 
-async def story(demo: Demo, keep_running: bool) -> None:
-    console = demo.console
+def checklist(console: Console) -> Callable[[str], None]:
+    """Prints a finished step with the seconds since the story began."""
     t0 = time.monotonic()
 
     def done(what: str) -> None:
         console.print(f"[green]✓[/green] {what} [dim]({time.monotonic() - t0:.1f}s)[/dim]")
+
+    return done
+
+
+async def story(demo: Demo, keep_running: bool) -> None:
+    console = demo.console
+    done = checklist(console)
 
     with console.status("preparing: signing key, webhook secret, sample repository, workload"):
         env = await asyncio.to_thread(demo.prepare)

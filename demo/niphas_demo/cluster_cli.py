@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import os
 import sys
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -23,16 +22,14 @@ from niphas_cluster.layout import Layout
 from niphas_cluster.node import down, up
 from niphas_cluster.processes import NodeStartError, running
 from niphas_common.settings import default_state_dir
+from niphas_demo.cli import checklist
 from niphas_demo.flow import dump_outcome
 from niphas_demo.on_cluster import ClusterDemo
 
 
 async def story(demo: ClusterDemo) -> None:
     console = demo.console
-    t0 = time.monotonic()
-
-    def done(what: str) -> None:
-        console.print(f"[green]✓[/green] {what} [dim]({time.monotonic() - t0:.1f}s)[/dim]")
+    done = checklist(console)
 
     demo.prepare_cluster()
     done(f"forge serving the sample repository at {demo.repo.url if demo.repo else '?'}")

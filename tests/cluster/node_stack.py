@@ -9,15 +9,16 @@ import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import aiohttp
 import nats
 from rich.console import Console
 
 from niphas_cluster.layout import NODE_NAME, PAUSE_IMAGE
 from niphas_cluster.node import Node
-from niphas_demo.flow import Demo, until
+from niphas_demo.flow import Demo
 from niphas_demo.layout import NAMESPACE, WORKLOAD, Layout, workload_yaml
+from niphas_demo.on_cluster import serving
 from niphas_demo.stack import Stack
 from tests.kube_harness import REPO_ROOT
 from tests.node_harness import Kubectl
@@ -79,35 +80,17 @@ class NodeDemo(Demo):
         await self.stack.wait_ready()
         self.nc = await nats.connect(self.stack.nats_url, name="niphas-node-test")
 
-    def pods(self) -> list[dict[str, object]]:
+    def pods(self) -> list[dict[str, Any]]:
         out = self.kubectl(
             "-n", NAMESPACE, "get", "pods", "-l", f"app.kubernetes.io/name={WORKLOAD}",
             "-o", "json",
         ).stdout  # fmt: skip
-        items: list[dict[str, object]] = json.loads(out)["items"]
-        return [p for p in items if not p["metadata"].get("deletionTimestamp")]  # type: ignore[attr-defined]
+        items: list[dict[str, Any]] = json.loads(out)["items"]
+        return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
     async def serving(self, version: str, timeout_s: float = 180) -> tuple[str, str]:
         """Wait until the workload's one ready pod answers with `version`: (pod uid, page)."""
-
-        async def probe() -> tuple[str, str] | None:
-            pods = [p for p in self.pods() if _ready(p)]
-            if len(pods) != 1:
-                return None
-            ip = pods[0]["status"].get("podIP")  # type: ignore[attr-defined]
-            url = f"http://{ip}:{self.ports.app}/"
-            try:
-                async with (
-                    aiohttp.ClientSession() as session,
-                    session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as response,
-                ):
-                    page = await response.text()
-            except (aiohttp.ClientError, TimeoutError):
-                return None
-            uid = str(pods[0]["metadata"]["uid"])  # type: ignore[index]
-            return (uid, page) if version in page else None
-
-        return await until(f"a ready pod serving {version}", probe, timeout_s)
+        return await serving(self.pods, self.ports.app, version, timeout_s)
 
     async def close_on_node(self) -> None:
         """Workload deleted (its pods unpublished by the kubelet) before the stack stops."""
@@ -148,12 +131,6 @@ def mount_failures(kubectl: Kubectl, pod: str) -> list[str]:
         "--field-selector", f"involvedObject.name={pod},reason=FailedMount",
     ).stdout  # fmt: skip
     return [str(e.get("message", "")) for e in json.loads(out)["items"]]
-
-
-def _ready(pod: dict[str, object]) -> bool:
-    status = pod.get("status") or {}
-    conditions = status.get("conditions") or []  # type: ignore[attr-defined]
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def node_mounts(below: Path) -> list[str]:

@@ -7,11 +7,7 @@ substitutes them; a failing build's build.done carries its log tail."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import http.server
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,33 +21,12 @@ from niphas_common.nix.runner import NixRunner
 from niphas_schemas import BuildDone
 from tests.cluster.pods import new_namespace
 from tests.niphas_builder.conftest import BuildFlake, build_flake
-from tests.niphas_builder.helpers import events, running_builder
+from tests.niphas_builder.helpers import events, http_cache, running_builder
 from tests.nix_harness import CacheKey
 from tests.node_harness import Kubectl
 
 pytestmark = [pytest.mark.root, pytest.mark.nix, pytest.mark.slow, pytest.mark.timeout(600)]
 __all__ = ["build_flake"]  # the builder tests' fixture, used here too
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def cache_on_pod_network(directory: Path) -> Iterator[str]:
-    """The file cache served over HTTP at the host's address on the pod network."""
-    directory.mkdir(parents=True, exist_ok=True)
-    handler = functools.partial(_Quiet, directory=str(directory))
-    server = http.server.ThreadingHTTPServer((GATEWAY, 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{GATEWAY}:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 async def test_a_job_pod_builds_and_only_the_builder_signs(
@@ -69,7 +44,9 @@ async def test_a_job_pod_builds_and_only_the_builder_signs(
     flake = build_flake(sleep=1)
     cache = tmp_path / "cache"
     port = free_port()
-    with cache_on_pod_network(cache) as read_url:
+    cache.mkdir()
+    # Served at the host's address on the pod network, where build pods reach it.
+    with http_cache(cache, GATEWAY) as read_url:
         settings = BuilderSettings(
             state_dir=tmp_path / "state",
             name="builder-node-test",

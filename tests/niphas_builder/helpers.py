@@ -42,15 +42,15 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def http_cache(directory: Path) -> Iterator[str]:
-    """Serve a file binary cache over HTTP on a free loopback port (static files, as the
+def http_cache(directory: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve a file binary cache over HTTP on a free port of `host` (static files, as the
     mesh agent or any web server would)."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer((host, 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://{host}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
