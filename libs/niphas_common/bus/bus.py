@@ -17,7 +17,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from niphas_common.bus.connection import connect
+from niphas_common.bus.connection import close_quietly, connect
 from niphas_common.bus.consumer import EventConsumer, Subscription
 from niphas_common.bus.kv import KeyValue, open_bucket
 from niphas_common.bus.publisher import Publisher
@@ -43,7 +43,11 @@ class Bus:
         fail for a missing stream whichever service starts first."""
         bus = cls(await connect(settings, name=name), settings)
         if provision:
-            await ensure_streams(bus.js, settings)
+            try:
+                await ensure_streams(bus.js, settings)
+            except BaseException:
+                await close_quietly(bus.nc)
+                raise
         return bus
 
     @property

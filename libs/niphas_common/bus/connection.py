@@ -7,11 +7,12 @@ line per change of state: the first error of a kind, the disconnection, the reco
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 
 from niphas_common.settings import NatsSettings
@@ -80,5 +81,22 @@ def connect_options(settings: NatsSettings, *, name: str) -> dict[str, Any]:
 
 
 async def connect(settings: NatsSettings, *, name: str) -> Client:
-    client: Client = await nats.connect(**connect_options(settings, name=name))
+    """A connected client; a connect that fails or is cancelled closes its half-open socket
+    (nats-py leaves it open, to be found by the garbage collector)."""
+    client = Client()
+    try:
+        await client.connect(**connect_options(settings, name=name))
+    except BaseException:
+        await close_quietly(client)
+        raise
     return client
+
+
+async def close_quietly(client: Client) -> None:
+    """Close `client` whatever state it is in, within a second."""
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(client.close(), 1.0)
+    transport = getattr(client, "_transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()
