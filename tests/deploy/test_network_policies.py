@@ -125,9 +125,12 @@ def test_build_pods_reach_only_the_cache_the_staging_endpoint_and_dns(overlay: s
     assert allowed(rules, BUILD_POD, DNS, 53, "UDP")
     for target, port in [(NATS, 4222), (OPERATOR, 9090), (BUILDER, 9090), (MESH, 9090)]:
         assert not allowed(rules, BUILD_POD, target, port), (target.labels, port)
-    for outside in (API_SERVER, INTERNET, METADATA):
+    for outside in (API_SERVER, METADATA):
         assert not allowed(rules, BUILD_POD, outside, 443)
         assert not allowed(rules, BUILD_POD, outside, 80)
+    assert not allowed(rules, BUILD_POD, INTERNET, 80)
+    # The internet over HTTPS only where a component declares forges (production).
+    assert allowed(rules, BUILD_POD, INTERNET, 443) == (overlay == "overlays/production")
 
 
 @pytest.mark.parametrize("overlay", ["base", "overlays/dev", "overlays/production"])
@@ -148,4 +151,7 @@ def test_forges_only_where_the_component_declares_them() -> None:
     assert allowed(production, EVAL_WORKER, INTERNET, 22)
     assert not allowed(production, EVAL_WORKER, INTERNET, 80)
     assert not allowed(production, EVAL_WORKER, METADATA, 443)
-    assert not allowed(production, BUILD_POD, INTERNET, 443)
+    # Build pods fetch a flake whose .drv the cache lacks from the same forges.
+    assert allowed(production, BUILD_POD, INTERNET, 443)
+    assert not allowed(production, BUILD_POD, INTERNET, 80)
+    assert not allowed(production, BUILD_POD, METADATA, 443)
