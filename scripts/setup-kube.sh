@@ -23,21 +23,8 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-export DEBIAN_FRONTEND=noninteractive
-apt_updated=0
-apt_install() {
-  local need=()
-  for pkg in "$@"; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-  done
-  if [ "${#need[@]}" -gt 0 ]; then
-    if [ "$apt_updated" -eq 0 ]; then
-      apt-get update -qq
-      apt_updated=1
-    fi
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-  fi
-}
+# shellcheck source=apt.sh
+source "$(dirname "$0")/apt.sh"
 
 # Runtime pieces the test fixture needs next to the binary.
 apt_install etcd-server openssl

@@ -11,15 +11,10 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-need=()
-for pkg in containerd runc containernetworking-plugins iptables conntrack dnsmasq-base umoci debootstrap iproute2 iputils-ping util-linux gcc libc6-dev; do
-  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-done
-if [ "${#need[@]}" -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+# shellcheck source=apt.sh
+source scripts/apt.sh
+apt_install containerd runc containernetworking-plugins iptables conntrack dnsmasq-base umoci \
+  debootstrap iproute2 iputils-ping util-linux gcc libc6-dev
 # Debian starts containerd as a service where an init system runs it; the node runs its own
 # instance with its own config and socket, so a system one is left alone either way.
 bash scripts/setup-kube.sh

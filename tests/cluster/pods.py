@@ -22,12 +22,6 @@ def new_namespace(kubectl: Kubectl) -> str:
     return name
 
 
-def get(kubectl: Kubectl, namespace: str, kind: str, name: str) -> dict[str, Any]:
-    out = kubectl("-n", namespace, "get", kind, name, "-o", "json").stdout
-    obj: dict[str, Any] = json.loads(out)
-    return obj
-
-
 def wait_for(
     kubectl: Kubectl, namespace: str, kind: str, name: str, ready: Any, timeout_s: float = 90
 ) -> dict[str, Any]:
@@ -46,20 +40,3 @@ def wait_for(
         f"{kind}/{name} not ready after {timeout_s:.0f} s: {json.dumps(obj.get('status'))}\n"
         f"{events[-3000:]}"
     )
-
-
-def running(pod: dict[str, Any]) -> bool:
-    return bool(pod.get("status", {}).get("phase") == "Running")
-
-
-def pod_ready(pod: dict[str, Any]) -> bool:
-    conditions = pod.get("status", {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-
-
-def gone(kubectl: Kubectl, namespace: str, kind: str, name: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while kubectl("-n", namespace, "get", kind, name, check=False).returncode == 0:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{kind}/{name} still exists after {timeout_s:.0f} s")
-        time.sleep(0.3)

@@ -14,7 +14,8 @@ import pytest
 from niphas_cluster.layout import NODE_NAME, PAUSE_IMAGE, POD_SUBNET, Layout
 from niphas_cluster.node import Node, up
 from niphas_cluster.processes import NodeStartError, running
-from tests.cluster.pods import new_namespace, pod_ready, wait_for
+from niphas_demo.on_cluster import ready as pod_ready
+from tests.cluster.pods import new_namespace, wait_for
 from tests.node_harness import Kubectl
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(300)]
