@@ -121,7 +121,8 @@ class Kubelet:
             readonly=True,
             volume_context=context,
         )
-        await self._node.NodePublishVolume(request, timeout=timeout_s)
+        # As kubelet does: a driver still starting (its socket refusing) is waited for.
+        await self._node.NodePublishVolume(request, timeout=timeout_s, wait_for_ready=True)
         self.pods.append(pod)
         return pod
 
@@ -150,7 +151,7 @@ class Kubelet:
         request = csi_pb2.NodeUnpublishVolumeRequest(
             volume_id=pod.volume_id, target_path=str(pod.target)
         )
-        await self._node.NodeUnpublishVolume(request, timeout=60)
+        await self._node.NodeUnpublishVolume(request, timeout=60, wait_for_ready=True)
         shutil.rmtree(self._pods_dir / pod.uid, ignore_errors=True)
         if pod in self.pods:
             self.pods.remove(pod)
