@@ -13,9 +13,11 @@ from niphas_schemas.events import (
     PathWanted,
     PushReceived,
 )
+from niphas_schemas.holders import HOLDERS_BUCKET, NodeRecord
 
 __all__ = [
     "EVENT_TYPES",
+    "HOLDERS_BUCKET",
     "SCHEMA_VERSION",
     "SUBJECTS",
     "BuildDone",
@@ -23,6 +25,7 @@ __all__ = [
     "EvalDone",
     "EvaluatedAttribute",
     "Event",
+    "NodeRecord",
     "PathAvailable",
     "PathWanted",
     "PushReceived",

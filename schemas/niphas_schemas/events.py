@@ -9,12 +9,14 @@ fact twice inside the stream's duplicate window stores it once.
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Final, Literal, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from niphas_schemas.holders import HOLDERS_BUCKET, path_key
 from niphas_schemas.types import (
     AttrName,
     CommitSha,
@@ -28,6 +30,7 @@ from niphas_schemas.types import (
 )
 
 SCHEMA_VERSION: Final = 1
+_NODE_NAME: Final = re.compile(r"[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?")
 
 Forge = Literal["github", "gitea", "forgejo", "gitlab", "niphas"]
 """Where a push came from; `niphas` is the operator asking for a first evaluation."""
@@ -73,6 +76,13 @@ class Event(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", ser_json_timedelta="float")
 
     subject: ClassVar[str]
+    """The event's subject; its stream is named after it."""
+    routed: ClassVar[bool] = False
+    """Whether each event goes to a subject below `subject` naming its recipient
+    (`routed_subject`), so a consumer can take only its own (the stream holds `subject.>`)."""
+    state_bucket: ClassVar[str | None] = None
+    """For an event that states something current (who holds a path): the key-value bucket
+    where its `state_key` keeps the latest word, with no age limit (the event may expire)."""
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: str = Field(
         default_factory=_new_id,
@@ -91,6 +101,21 @@ class Event(BaseModel):
     @property
     def msg_id(self) -> str:
         return f"{self.subject}:{self.idempotency_key}"
+
+    @property
+    def routed_subject(self) -> str:
+        """The subject this event is published on: `subject`, or below it when `routed`."""
+        return self.subject
+
+    @property
+    def state_key(self) -> str:
+        """The key in `state_bucket` this event sets (only for events with a bucket)."""
+        raise NotImplementedError
+
+    @property
+    def clears_state(self) -> bool:
+        """Whether the event deletes its `state_key` rather than setting it."""
+        return False
 
 
 class PushReceived(Event):
@@ -222,6 +247,7 @@ class PathWanted(Event):
     """Node `node` wants the closure of `store_paths` present by `deadline`."""
 
     subject: ClassVar[str] = "path.wanted"
+    routed: ClassVar[bool] = True
     node: NodeId
     store_paths: tuple[StorePath, ...] = Field(min_length=1, max_length=1024)
     deadline: AwareDatetime
@@ -233,6 +259,11 @@ class PathWanted(Event):
     def idempotency_key(self) -> str:
         return f"{self.node}:{_digest(self.requester, *sorted(self.store_paths))}"
 
+    @property
+    def routed_subject(self) -> str:
+        """`path.wanted.<node>`: each node's agent consumes only its own wants."""
+        return f"{self.subject}.{self.node}"
+
 
 class PathAvailable(Event):
     """Holder H has (or is fetching, or withdrew, or failed to fetch) store path P.
@@ -241,6 +272,7 @@ class PathAvailable(Event):
     reason in `error`, so whoever waits learns the real cause at once."""
 
     subject: ClassVar[str] = "path.available"
+    state_bucket: ClassVar[str | None] = HOLDERS_BUCKET
     holder_kind: Literal["node", "cache"]
     holder: str = Field(max_length=255, description="Node name, or the cache's name")
     holder_url: str = Field(
@@ -261,7 +293,18 @@ class PathAvailable(Event):
             raise ValueError("an available path needs nar_hash and nar_size")
         if self.state == "failed" and not self.error:
             raise ValueError("a failed fetch needs an error")
+        if self.holder_kind == "node" and not _NODE_NAME.fullmatch(self.holder):
+            raise ValueError("a node holder is named by its Kubernetes node name")
         return self
+
+    @property
+    def state_key(self) -> str:
+        """`<hash>.node.<node>` or `<hash>.cache.<url digest>` (see `holders`)."""
+        return path_key(self.store_path, self.holder_kind, self.holder, self.holder_url)
+
+    @property
+    def clears_state(self) -> bool:
+        return self.state == "withdrawn"
 
     @property
     def idempotency_key(self) -> str:

@@ -37,7 +37,10 @@ async def wanted(bus: Bus) -> AsyncIterator[list[PathWanted]]:
         seen.append(decode(PathWanted, msg.data))
 
     sub = await bus.js.subscribe(
-        PathWanted.subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, cb=on_message
+        PathWanted.subject + ".>",
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.NEW,
+        cb=on_message,
     )
     try:
         yield seen
@@ -94,7 +97,7 @@ async def test_a_reported_failure_fails_the_publish_with_its_reason(
                 )
             )  # fmt: skip
 
-    sub = await bus.js.subscribe(PathWanted.subject, ordered_consumer=True, cb=refuse)
+    sub = await bus.js.subscribe(PathWanted.subject + ".>", ordered_consumer=True, cb=refuse)
     driver = await start_driver(bare_node, nats_settings)
     try:
         target = bare_node.target()
@@ -133,7 +136,7 @@ async def test_stand_in_mesh_fetches_and_the_publish_completes(
                 )
             )  # fmt: skip
 
-    sub = await bus.js.subscribe(PathWanted.subject, ordered_consumer=True, cb=fetch)
+    sub = await bus.js.subscribe(PathWanted.subject + ".>", ordered_consumer=True, cb=fetch)
     driver = await start_driver(bare_node, nats_settings)
     try:
         target = bare_node.target()

@@ -17,7 +17,8 @@ from prometheus_client import REGISTRY
 from niphas_common.bus.bus import Bus
 from niphas_common.nix.runner import NixRunner
 from niphas_mesh.agent import Agent
-from niphas_schemas import PathAvailable, PathWanted
+from niphas_schemas import HOLDERS_BUCKET, NodeRecord, PathAvailable, PathWanted
+from niphas_schemas.holders import node_key
 from tests.helpers import eventually
 from tests.niphas_mesh.conftest import StartNode, ready, seed
 from tests.niphas_mesh.servers import MODES, counting_cache, hostile_peer
@@ -42,7 +43,14 @@ async def announce_cache(bus: Bus, url: str, closure: BuiltClosure, name: str = 
         )
 
 
+async def register_peer(bus: Bus, name: str, url: str) -> None:
+    """What a node's agent records at start: the URL it serves at."""
+    state = await bus.state(HOLDERS_BUCKET)
+    await state.put(node_key(name), NodeRecord(node=name, url=url).model_dump_json().encode())
+
+
 async def announce_peer(bus: Bus, name: str, url: str, closure: BuiltClosure) -> None:
+    await register_peer(bus, name, url)
     for info in closure.infos.values():
         await bus.publish(
             PathAvailable(

@@ -17,7 +17,7 @@ from niphas_mesh.announcer import Announcer
 from niphas_mesh.gc import Collector
 from niphas_mesh.holders import HolderChoice
 from niphas_mesh.last_use import LastUse
-from niphas_mesh.router import MemoryRouter, MemoryStream
+from niphas_mesh.router import MemoryRouter, MemoryState
 from niphas_mesh.store import NodeStore
 from niphas_schemas import PathAvailable
 
@@ -34,6 +34,12 @@ def said(node: str, state: str, size: int = 100) -> PathAvailable:
     )  # fmt: skip
 
 
+async def tell(router: MemoryRouter, event: PathAvailable) -> int:
+    """`event`, from a node registered at its URL (as its agent does at start)."""
+    await router.register(event.holder, event.holder_url)
+    return await router.announce(event)
+
+
 def available(node: str, size: int = 100) -> PathAvailable:
     return said(node, "available", size)
 
@@ -48,7 +54,7 @@ async def choice_for(
     announced: list[int] = []
 
     async def announce_fetching() -> int:
-        announced.append(await router.announce(fetching(me)))
+        announced.append(await tell(router, fetching(me)))
         return announced[-1]
 
     choice = HolderChoice(
@@ -64,14 +70,14 @@ async def choice_for(
 
 @pytest.fixture
 async def router() -> MemoryRouter:
-    router = MemoryRouter(MemoryStream())
+    router = MemoryRouter(MemoryState())
     await router.start()
     return router
 
 
 async def test_peers_before_caches_never_this_node(router: MemoryRouter) -> None:
-    await router.announce(available("me"))
-    await router.announce(available("peer"))
+    await tell(router, available("me"))
+    await tell(router, available("peer"))
     choice, announced = await choice_for(router, fallback_caches=["http://cache"])
     assert [h.holder for h in await choice.next()] == ["peer"]
     assert announced == []  # a peer holds it: no `fetching` word needed
@@ -81,25 +87,25 @@ async def test_peers_before_caches_never_this_node(router: MemoryRouter) -> None
 
 async def test_a_large_nar_comes_in_ranges_from_several_peers(router: MemoryRouter) -> None:
     for peer in ("p1", "p2", "p3"):
-        await router.announce(available(peer, size=1 << 30))
+        await tell(router, available(peer, size=1 << 30))
     choice, _ = await choice_for(router, range_min_bytes=1 << 20)
     assert {h.holder for h in await choice.next()} == {"p1", "p2", "p3"}
 
 
 async def test_an_earlier_fetcher_is_followed_a_later_one_never(router: MemoryRouter) -> None:
-    await router.announce(fetching("early"))
+    await tell(router, fetching("early"))
     choice, announced = await choice_for(router, fallback_caches=["http://cache"])
     assert [h.holder for h in await choice.next()] == ["early"]
     assert len(announced) == 1
     # The node that announced after this one is not waited for: only the cache is left
     # once the earlier fetcher was tried (and the peer wait is over).
-    await router.announce(fetching("late"))
+    await tell(router, fetching("late"))
     quick, _ = await choice_for(router, me="other", peer_wait_s=0.0, fallback_caches=["http://c"])
     assert [h.url for h in await quick.next()] == ["http://c"]
 
 
 async def test_a_fetching_peer_that_had_nothing_yet_is_asked_again(router: MemoryRouter) -> None:
-    await router.announce(fetching("early"))
+    await tell(router, fetching("early"))
     choice, _ = await choice_for(router)
     first = await choice.next()
     choice.again(first[0])

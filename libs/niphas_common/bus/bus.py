@@ -1,9 +1,12 @@
 """`Bus`: one NATS connection with its JetStream context, publisher and consumers.
 
 Services reach NATS only through a `Bus`: publish an event, serve durable consumers, watch a
-subject (`watch`), open a key-value bucket (`key_value`), and read the connection's state
-(`connected`, `max_payload`, `stream_available`). `nc` and `js` stay for the library itself and
-for tests; import-linter forbids services to import `nats`, and a test forbids them `.nc`/`.js`.
+subject (`watch`), open a key-value bucket (`key_value`) or a bucket of state with no age
+limit (`state`), and read the connection's state (`connected`, `max_payload`,
+`stream_available`). An event that states something current (`Event.state_bucket`, e.g. who
+holds a path) is written to its bucket as well as published (`record`). `nc` and `js` stay
+for the library itself and for tests; import-linter forbids services to import `nats`, and a
+test forbids them `.nc`/`.js`.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
+from niphas_common.bus.codec import encode
 from niphas_common.bus.connection import close_quietly, connect
 from niphas_common.bus.consumer import EventConsumer, Subscription
 from niphas_common.bus.kv import KeyValue, open_bucket
 from niphas_common.bus.publisher import Publisher
+from niphas_common.bus.state import State
 from niphas_common.bus.topology import ensure_consumer, ensure_streams, stream_name
 from niphas_common.bus.watch import E, Handler, Watch
 from niphas_common.metrics import EVENTS_PUBLISHED
@@ -36,6 +41,7 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream()
         self.settings = settings
         self.publisher = Publisher(self.js)
+        self._states: dict[str, State] = {}
 
     @classmethod
     async def connect(cls, settings: NatsSettings, *, name: str, provision: bool = True) -> Bus:
@@ -77,13 +83,35 @@ class Bus:
             self.js, bucket, ttl_s=ttl_s, description=description, replicas=replicas
         )
 
+    async def state(self, name: str, *, description: str = "") -> State:
+        """The state bucket `name` (no age limit), created when missing (see `state.State`)."""
+        state = self._states.get(name)
+        if state is None:
+            state = await State.open(
+                self.nc, self.js, name, description=description, replicas=self.settings.replicas
+            )
+            self._states[name] = state
+        return state
+
+    async def record(self, event: Event) -> int:
+        """Write what `event` states to its bucket (set or delete its key); the revision."""
+        assert event.state_bucket is not None, f"{event.subject} states nothing"
+        state = await self.state(event.state_bucket, description=f"latest {event.subject}")
+        if event.clears_state:
+            return await state.delete(event.state_key)
+        return await state.put(event.state_key, encode(event))
+
     async def watch(self, model: type[E], handler: Handler[E], *, replay: bool) -> Watch[E]:
         """Start a typed watch of `model`'s subject (see `watch.Watch`); stop it when done."""
         watch = Watch(self.js, model, handler)
         await watch.start(replay=replay)
         return watch
 
-    async def publish(self, event: Event) -> PubAck:
+    async def publish(self, event: Event, *, record: bool = True) -> PubAck:
+        """Store `event` on its stream; an event that states something current is written
+        to its state bucket first (unless `record` is False: the caller did already)."""
+        if record and event.state_bucket is not None:
+            await self.record(event)
         ack = await self.publisher.publish(event)
         EVENTS_PUBLISHED.labels(event.subject, str(ack.duplicate or False).lower()).inc()
         return ack

@@ -46,15 +46,16 @@ async def stream_for(js: JetStreamContext, subject: str) -> str:
 
 
 async def view(js: JetStreamContext, subject: str, last: int = 10) -> list[StoredMessage]:
-    """The last `last` messages stored on `subject` (wildcards allowed), oldest first."""
+    """The last `last` messages stored on `subject` (wildcards allowed), oldest first. A
+    stream's own subject means the whole stream (`path.wanted`: every node's wants)."""
     stream = await stream_for(js, subject)
     info = await js.stream_info(stream)
     first, final = info.state.first_seq, info.state.last_seq
     out: deque[StoredMessage] = deque(maxlen=max(last, 1))
     if info.state.messages == 0:
         return []
-    if info.config.subjects == [subject]:
-        # One subject per stream: the last N sequences are the last N messages.
+    if (info.config.subjects or [""])[0] == subject:
+        # The stream's own subject: the last N sequences are the last N messages.
         for seq in range(max(first, final - last + 1), final + 1):
             try:
                 raw = await js.get_msg(stream, seq)
@@ -76,6 +77,9 @@ async def view(js: JetStreamContext, subject: str, last: int = 10) -> list[Store
 async def tail(js: JetStreamContext, subject: str) -> AsyncIterator[StoredMessage]:
     """New messages on `subject` as they are stored, until cancelled."""
     stream = await stream_for(js, subject)
+    subjects = (await js.stream_info(stream)).config.subjects or []
+    if subjects[:1] == [subject] and f"{subject}.>" in subjects:
+        subject = f"{subject}.>"  # a routed event: every recipient's subject
     sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
     try:
         while True:

@@ -42,7 +42,7 @@ class Publisher:
             headers = tracing.inject(headers_for(event))
             try:
                 ack = await self._js.publish(
-                    event.subject,
+                    event.routed_subject,
                     encode(event),
                     timeout=self._timeout_s,
                     stream=stream_name(event.subject),
@@ -68,7 +68,9 @@ class Publisher:
                 # No expected-stream header here: every consumer pays to parse each header,
                 # and one subject maps to one stream anyway.
                 pending.append(
-                    await self._js.publish_async(event.subject, encode(event), headers=headers)
+                    await self._js.publish_async(
+                        event.routed_subject, encode(event), headers=headers
+                    )
                 )
                 if len(pending) >= window:
                     acks.extend(await self._gather(pending))

@@ -36,6 +36,12 @@ def stream_name(subject: str) -> str:
     return subject.replace(".", "_").upper()
 
 
+def stream_subjects(subject: str) -> list[str]:
+    """What the stream of `subject` holds: the subject, and for a routed event (one subject
+    per recipient, `path.wanted.<node>`) every subject below it too."""
+    return [subject, f"{subject}.>"] if SUBJECTS[subject].routed else [subject]
+
+
 def dead_letter_subject(subject: str) -> str:
     return f"{DEAD_LETTER_PREFIX}{subject}"
 
@@ -52,7 +58,7 @@ def stream_configs(settings: NatsSettings) -> list[StreamConfig]:
     configs = [
         StreamConfig(
             name=stream_name(subject),
-            subjects=[subject],
+            subjects=stream_subjects(subject),
             **{**common, "duplicate_window": _duplicate_window(subject, settings)},  # type: ignore[arg-type]
         )
         for subject in SUBJECTS
@@ -97,6 +103,9 @@ class ConsumerSpec:
 
     durable: str
     subject: str
+    filter: str | None = None
+    """The subject the consumer takes, when narrower than `subject` (one recipient's
+    `path.wanted.<node>`); the stream stays `subject`'s."""
     ack_wait_s: float = 30.0
     max_deliver: int = 8
     backoff_s: tuple[float, ...] = field(default=(1.0, 2.0, 5.0, 15.0, 30.0, 60.0))
@@ -109,7 +118,7 @@ class ConsumerSpec:
     def config(self) -> ConsumerConfig:
         return ConsumerConfig(
             durable_name=self.durable,
-            filter_subject=self.subject,
+            filter_subject=self.filter or self.subject,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=self.ack_wait_s,

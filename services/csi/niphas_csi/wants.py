@@ -1,9 +1,12 @@
-"""Asking the node's mesh agent for missing paths: publish `path.wanted`, wait for its
-`path.available` answers (state `available` from this node, or `failed` with a reason).
+"""Asking the node's mesh agent for missing paths: publish `path.wanted.<node>`, wait for its
+answers (this node's holder record of each path becoming `available`, or `failed` with a
+reason).
 
-One watch of `path.available` (new events only) runs for the life of the driver,
-so it is listening before any want is published; each waiting publish registers the paths it
-waits for. The store is also re-checked now and then, in case an answer was missed.
+Each waiting publish listens to exactly the holder records it waits for, this node's word
+about each asked path (`<hash>.node.<node>` in the `niphas-holders` state), from before the
+want is published until it is answered: the driver never receives the rest of the cluster's
+announcements, nor this node's about other paths. The store is also re-checked now and then,
+in case an answer was missed (a reconnect).
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from niphas_common.bus.bus import Bus
-from niphas_common.bus.watch import Watch
-from niphas_schemas import PathAvailable, PathWanted
+from niphas_common.bus.codec import decode
+from niphas_common.bus.state import Entry
+from niphas_common.errors import PoisonMessage
+from niphas_schemas import HOLDERS_BUCKET, PathAvailable, PathWanted
+from niphas_schemas.holders import path_key
 
 from .errors import FetchDeadline, PathsUnavailable
 
@@ -37,28 +43,35 @@ class PathWants:
     def __init__(self, bus: Bus, node_id: str) -> None:
         self.bus = bus
         self.node_id = node_id
-        self._waits: set[_Wait] = set()
-        self._watch: Watch[PathAvailable] | None = None
+        self.heard = 0
+        """Holder records received so far (only ever those of asked paths on this node)."""
 
     async def start(self) -> None:
-        self._watch = await self.bus.watch(PathAvailable, self._on_event, replay=False)
+        await self.bus.state(HOLDERS_BUCKET)  # opened (or created) before the first mount
 
     async def stop(self) -> None:
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            await watch.stop()
+        pass
 
-    async def _on_event(self, event: PathAvailable, _seq: int) -> None:
-        if event.holder != self.node_id or event.state not in ("available", "failed"):
-            return
-        for wait in self._waits:
-            if event.store_path not in wait.pending:
-                continue
+    def _on_record(self, wait: _Wait) -> Callable[[Entry], Awaitable[None]]:
+        async def on_record(entry: Entry) -> None:
+            self.heard += 1
+            if entry.value is None:
+                return  # withdrawn: not an answer
+            try:
+                event = decode(PathAvailable, entry.value)
+            except PoisonMessage as exc:
+                log.warning("ignoring holder record %s: %s", entry.key, exc)
+                return
+            if event.state_key != entry.key or event.store_path not in wait.pending:
+                log.warning("ignoring holder record %s: not the one asked for", entry.key)
+                return
             if event.state == "available":
                 wait.pending.discard(event.store_path)
-            else:
+            elif event.state == "failed":
                 wait.failure = f"{event.store_path}: {event.error}"
             wait.changed.set()
+
+        return on_record
 
     async def fetch(
         self,
@@ -71,7 +84,9 @@ class PathWants:
         """Return once every path is in the node's store; raise PathsUnavailable when the
         mesh reports a failure, FetchDeadline when `timeout_s` passes first."""
         wait = _Wait(paths)
-        self._waits.add(wait)
+        state = await self.bus.state(HOLDERS_BUCKET)
+        keys = {path_key(p, "node", self.node_id, "") for p in paths}
+        listener = await state.listen(sorted(keys), self._on_record(wait))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         try:
@@ -102,4 +117,4 @@ class PathWants:
                 if wait.pending and wait.failure is None and not wait.changed.is_set():
                     wait.pending &= set(await still_missing(sorted(wait.pending)))
         finally:
-            self._waits.discard(wait)
+            await listener.stop()

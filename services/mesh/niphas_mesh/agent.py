@@ -45,6 +45,17 @@ from .store import NodeStore
 log = logging.getLogger(__name__)
 
 
+def want_consumer(node: str) -> ConsumerSpec:
+    """Node `node`'s durable consumer of `path.wanted.<node>`: its own wants, nobody else's."""
+    return ConsumerSpec(
+        durable="mesh-" + node.replace(".", "_"),
+        subject=PathWanted.subject,
+        filter=f"{PathWanted.subject}.{node}",
+        ack_wait_s=30.0,
+        max_deliver=5,
+    )
+
+
 @dataclass
 class Agent:
     settings: MeshSettings
@@ -70,15 +81,12 @@ class Agent:
         return self.router.index
 
     def subscription(self) -> Subscription[PathWanted]:
-        durable = "mesh-" + self.node.replace(".", "_")
-        spec = ConsumerSpec(
-            durable=durable, subject=PathWanted.subject, ack_wait_s=30.0, max_deliver=5
-        )
+        spec = want_consumer(self.node)
         return Subscription(PathWanted, spec, self.fetcher.handle_want, self.settings.concurrency)
 
     async def readiness(self) -> str | None:
         if not self.router.caught_up:
-            return "reading path.available"
+            return "reading the holder state"
         if not self._reconciled:
             return "announcing the store"
         return None
@@ -129,6 +137,8 @@ class Agent:
 
     async def close(self) -> None:
         await self.fetcher.close()
+        with contextlib.suppress(Exception):  # NATS gone: peers find the address dead anyway
+            await self.router.leave(self.node)
         await self.router.stop()
         await self.session.close()
         await self.http.cleanup()
@@ -245,6 +255,7 @@ async def _start(
         bus = await (runtime.connect() if stop is None else runtime.connect_retrying(stop))
         router = BusRouter(bus)
         await router.start()
+        await router.register(settings.node, url)
         await runtime.serve_ops(settings)  # a separate ops port too, when one is set
     except BaseException:
         await http.cleanup()

@@ -128,7 +128,10 @@ class Fetcher:
 
     async def handle_want(self, event: PathWanted, delivery: Delivery) -> None:
         if event.node != self.node:
-            return  # another node's want: every node's consumer sees (and acks) them all
+            # The consumer takes path.wanted.<this node> only; a want naming another node in
+            # its body was sent to the wrong subject: never fetched for.
+            log.warning("ignoring a want for node %s sent to node %s", event.node, self.node)
+            return
         paths = [StorePath.parse(p) for p in event.store_paths]
         for p in paths:
             self.last_use.touch(p.hash_part)

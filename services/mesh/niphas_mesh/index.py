@@ -1,16 +1,17 @@
-"""Who holds what: every holder's latest state for every store path, from `path.available`.
+"""Who holds what: every holder's latest state for every store path.
 
-The index is rebuilt on start from the whole PATH_AVAILABLE stream, in order, then kept current
-(by a `router.Router`: the bus's, or an in-memory twin in tests). It is
-advice for choosing where to download from, never trusted: every narinfo and NAR is verified.
-Each entry remembers the stream sequence of its announcement, which orders concurrent
+The index is built on start from the holder state (the `niphas-holders` bucket, see
+`niphas_schemas.holders`), then kept current (by a `router.Router`: the bus's, or an in-memory
+twin in tests). It is advice for choosing where to download from, never trusted: every narinfo
+and NAR is verified. Each entry remembers the revision of its record, which orders concurrent
 `fetching` announcements: the first node to announce a fetch goes to the cache, the others
 stream from nodes that announced before them (see `Fetcher._download`).
 
-A node is one holder whatever its URL: its newest announcement about a path replaces what it
-said earlier, also from another URL (a restarted agent, a new pod IP), so peers never keep
-trying an address the node left and the index does not grow with every restart. A cache is
-one holder per URL.
+A node is one holder whatever its URL: its newest word about a path replaces what it said
+earlier, also from another URL (a restarted agent, a new pod IP). Its holdings are offered only
+at the URL it registered for itself (`set_node`): a record naming another address for it
+(forged, or an earlier run's) is never fetched from, and a node that left (its registration
+deleted) is not offered at all. A cache is one holder per URL.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from niphas_schemas import PathAvailable
+from niphas_schemas.holders import hash_part, holder_id
 
 
 @dataclass(frozen=True)
@@ -40,38 +42,74 @@ class Holding:
 class HolderIndex:
     def __init__(self) -> None:
         self._paths: dict[str, dict[str, Holding]] = {}
+        """Hash part -> holder id -> holding."""
+        self._full: dict[str, str] = {}
+        """Hash part -> the full store path (names the paths `held_by` returns)."""
+        self._nodes: dict[str, str] = {}
+        """Node -> the URL it registered for itself."""
         self.last_seq = 0
         self._changed = asyncio.Event()
 
-    def apply(self, event: PathAvailable, seq: int) -> None:
-        holders = self._paths.setdefault(event.store_path, {})
-        key = _key(event.holder_kind, event.holder, event.holder_url)
-        if event.state == "withdrawn":
-            holders.pop(key, None)
-            if not holders:
-                del self._paths[event.store_path]
+    def set_node(self, node: str, url: str | None, seq: int = 0) -> None:
+        """Node `node` serves at `url` (None: it left)."""
+        if url is None:
+            self._nodes.pop(node, None)
         else:
-            holders[key] = Holding(
-                event.holder_kind,
-                event.holder,
-                event.holder_url,
-                event.state,
-                seq,
-                event.occurred_at,
-                event.nar_size,
-            )
+            self._nodes[node] = url
+        self._moved(seq)
+
+    def node_url(self, node: str) -> str | None:
+        return self._nodes.get(node)
+
+    def remove(self, hash_part_: str, holder: str, seq: int) -> None:
+        """Forget holder id `holder`'s word about the path with hash part `hash_part_`."""
+        holders = self._paths.get(hash_part_)
+        if holders is not None:
+            holders.pop(holder, None)
+            if not holders:
+                del self._paths[hash_part_]
+                self._full.pop(hash_part_, None)
+        self._moved(seq)
+
+    def apply(self, event: PathAvailable, seq: int) -> None:
+        h = hash_part(event.store_path)
+        key = holder_id(event.holder_kind, event.holder, event.holder_url)
+        if event.state == "withdrawn":
+            self.remove(h, key, seq)
+            return
+        self._full[h] = event.store_path
+        self._paths.setdefault(h, {})[key] = Holding(
+            event.holder_kind,
+            event.holder,
+            event.holder_url,
+            event.state,
+            seq,
+            event.occurred_at,
+            event.nar_size,
+        )
+        self._moved(seq)
+
+    def _moved(self, seq: int) -> None:
         self.last_seq = max(self.last_seq, seq)
         # Wake every waiter; each re-checks what it waits for.
         self._changed.set()
         self._changed = asyncio.Event()
 
     def holdings(self, store_path: str) -> list[Holding]:
-        return list(self._paths.get(store_path, {}).values())
+        """Every holder's word about `store_path`, as recorded (whether offered or not)."""
+        return list(self._paths.get(hash_part(store_path), {}).values())
+
+    def offered(self, holding: Holding) -> bool:
+        """Whether `holding` may be fetched from: a cache's, or a node's at the URL the node
+        registered for itself."""
+        return holding.kind == "cache" or self._nodes.get(holding.holder) == holding.url
 
     def available(self, store_path: str, exclude: str = "") -> list[Holding]:
         """Holders to try, best first: peers (shuffled, to spread the load), then caches."""
         found = [
-            h for h in self.holdings(store_path) if h.state == "available" and h.url != exclude
+            h
+            for h in self.holdings(store_path)
+            if h.state == "available" and h.url != exclude and self.offered(h)
         ]
         peers = [h for h in found if h.kind == "node"]
         random.shuffle(peers)
@@ -83,24 +121,33 @@ class HolderIndex:
         return [
             h
             for h in self.holdings(store_path)
-            if h.state == "fetching" and h.kind == "node" and h.at >= newer_than and h.seq < before
+            if h.state == "fetching"
+            and h.kind == "node"
+            and h.at >= newer_than
+            and h.seq < before
+            and self.offered(h)
         ]
 
     def held_by(self, url: str) -> set[str]:
         """Paths the holder at `url` announced as available and has not withdrawn."""
         return {
-            path
-            for path, holders in self._paths.items()
-            if any(h.url == url and h.state == "available" for h in holders.values())
+            self._full[h]
+            for h, holders in self._paths.items()
+            if any(x.url == url and x.state == "available" for x in holders.values())
         }
 
     def announced_by(self, node: str) -> set[str]:
         """Paths node `node` announced (at any URL, in any state) and has not withdrawn."""
-        key = _key("node", node, "")
-        return {path for path, holders in self._paths.items() if key in holders}
+        key = holder_id("node", node, "")
+        return {self._full[h] for h, holders in self._paths.items() if key in holders}
 
     def __len__(self) -> int:
         return len(self._paths)
+
+    @property
+    def holding_count(self) -> int:
+        """(path, holder) pairs recorded."""
+        return sum(len(holders) for holders in self._paths.values())
 
     async def changed(self, timeout: float) -> None:  # noqa: ASYNC109 (a bounded wait)
         """Return at the next update, or after `timeout` seconds."""
@@ -117,7 +164,3 @@ class HolderIndex:
                 return False
             await self.changed(left)
         return True
-
-
-def _key(kind: str, holder: str, url: str) -> str:
-    return f"node {holder}" if kind == "node" else f"cache {url}"

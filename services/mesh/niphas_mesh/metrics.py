@@ -45,3 +45,9 @@ CACHE_UPLOADS = Counter(
     "bad_name)",
     ["node", "outcome"],
 )
+IGNORED_RECORDS = Counter(
+    "niphas_mesh_ignored_records_total",
+    "Holder records skipped as forged or malformed, by reason (garbage: not decodable; "
+    "mismatch: the body is not what its key names; key: not a holder key)",
+    ["reason"],
+)

@@ -1,26 +1,36 @@
 """Where holders are learned and holdings told: the `Router` behind the fetcher, the
 collector and the agent's announcements.
 
-A router keeps a `HolderIndex` in step with every `path.available` event (the index is
-rebuilt from the first stored event at start, then follows new ones) and announces this
-node's own events, returning each one's stream sequence (which orders concurrent `fetching`
-announcements, see `HolderIndex.fetchers`).
+A router keeps a `HolderIndex` in step with the holder state (`niphas-holders`: each holder's
+latest word about each path, and each node's own record of its URL; no age limit, see
+`niphas_schemas.holders`): read whole at start, then followed. It registers this node at its
+URL (`register`; `leave` deletes that record when the agent stops) and announces this node's
+words, returning each one's revision (which orders concurrent `fetching` announcements, see
+`HolderIndex.fetchers`). Every record read is checked against its key first
+(`holder_state.apply_record`).
 
-`BusRouter` does this over NATS. `MemoryRouter` is its in-process twin for tests without a
-server: routers created from one `MemoryStream` see each other's announcements at once, in
-one sequence, as agents sharing a NATS server do. Both pass the same conformance tests
-(tests/niphas_mesh/test_router.py).
+`BusRouter` does this over NATS: a state write, then the same event on `path.available` (kept
+for people to inspect, and for whoever waits on a subject). `MemoryRouter` is its in-process
+twin for tests without a server: routers created from one `MemoryState` see each other's
+writes at once, in one order, as agents sharing a NATS server do. Both pass the same
+conformance tests (tests/niphas_mesh/test_router.py).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 from niphas_common.bus.bus import Bus
-from niphas_common.bus.watch import Watch
-from niphas_schemas import PathAvailable
+from niphas_common.bus.codec import encode
+from niphas_common.bus.state import Entry, State, StateWatch
+from niphas_schemas import HOLDERS_BUCKET, NodeRecord, PathAvailable
+from niphas_schemas.holders import node_key
 
+from .holder_state import apply_record, upgrade
 from .index import HolderIndex
+
+log = logging.getLogger(__name__)
 
 
 class Router(Protocol):
@@ -28,39 +38,63 @@ class Router(Protocol):
 
     @property
     def caught_up(self) -> bool:
-        """Whether every event stored before the start has reached the index."""
+        """Whether every record stored before the start has reached the index."""
         ...
 
     async def start(self) -> None: ...
 
+    async def register(self, node: str, url: str) -> int:
+        """Record that `node` serves at `url` (its holdings count only there)."""
+        ...
+
+    async def leave(self, node: str) -> None:
+        """Delete `node`'s record: nobody fetches from it until it registers again."""
+        ...
+
     async def announce(self, event: PathAvailable) -> int:
-        """Publish `event`; its stream sequence."""
+        """Record and publish `event`; its revision."""
         ...
 
     async def stop(self) -> None: ...
 
 
 class BusRouter:
-    """The router over the `path.available` stream."""
+    """The router over the `niphas-holders` bucket (and `path.available` for the record)."""
 
     def __init__(self, bus: Bus, index: HolderIndex | None = None) -> None:
         self._bus = bus
         self.index = index or HolderIndex()
-        self._watch: Watch[PathAvailable] | None = None
+        self._state: State | None = None
+        self._watch: StateWatch | None = None
 
     @property
     def caught_up(self) -> bool:
         return self._watch is not None and self._watch.caught_up
 
-    async def start(self) -> None:
-        self._watch = await self._bus.watch(PathAvailable, self._apply, replay=True)
+    @property
+    def records_read(self) -> int:
+        return 0 if self._watch is None else self._watch.entries
 
-    async def _apply(self, event: PathAvailable, seq: int) -> None:
-        self.index.apply(event, seq)
+    async def start(self) -> None:
+        self._state = await self._bus.state(HOLDERS_BUCKET, description="latest path.available")
+        await upgrade(self._bus, self._state)
+        self._watch = await self._state.watch(self._apply)
+
+    async def _apply(self, entry: Entry) -> None:
+        apply_record(self.index, entry.key, entry.value, entry.revision)
+
+    async def register(self, node: str, url: str) -> int:
+        assert self._state is not None, "start the router first"
+        return await self._state.put(node_key(node), _node_record(node, url))
+
+    async def leave(self, node: str) -> None:
+        if self._state is not None:
+            await self._state.delete(node_key(node))
 
     async def announce(self, event: PathAvailable) -> int:
-        ack = await self._bus.publish(event)
-        return int(ack.seq)
+        revision = await self._bus.record(event)
+        await self._bus.publish(event, record=False)
+        return revision
 
     async def stop(self) -> None:
         watch, self._watch = self._watch, None
@@ -68,23 +102,28 @@ class BusRouter:
             await watch.stop()
 
 
-class MemoryStream:
-    """An in-process `path.available` stream: every event, its sequence, its readers."""
+class MemoryState:
+    """An in-process holder state: each key's last value, revisions, readers."""
 
     def __init__(self) -> None:
+        self.values: dict[str, tuple[bytes, int]] = {}
+        self.revision = 0
         self.events: list[PathAvailable] = []
         self._readers: list[HolderIndex] = []
 
-    def append(self, event: PathAvailable) -> int:
-        self.events.append(event)
-        seq = len(self.events)
+    def write(self, key: str, value: bytes | None) -> int:
+        self.revision += 1
+        if value is None:
+            self.values.pop(key, None)
+        else:
+            self.values[key] = (value, self.revision)
         for index in self._readers:
-            index.apply(event, seq)
-        return seq
+            apply_record(index, key, value, self.revision)
+        return self.revision
 
     def attach(self, index: HolderIndex) -> None:
-        for seq, event in enumerate(self.events, start=1):
-            index.apply(event, seq)
+        for key, (value, revision) in sorted(self.values.items(), key=lambda kv: kv[1][1]):
+            apply_record(index, key, value, revision)
         self._readers.append(index)
 
     def detach(self, index: HolderIndex) -> None:
@@ -93,10 +132,10 @@ class MemoryStream:
 
 
 class MemoryRouter:
-    """The router over a `MemoryStream` (tests: many nodes, no server)."""
+    """The router over a `MemoryState` (tests: many nodes, no server)."""
 
-    def __init__(self, stream: MemoryStream, index: HolderIndex | None = None) -> None:
-        self.stream = stream
+    def __init__(self, state: MemoryState, index: HolderIndex | None = None) -> None:
+        self.state = state
         self.index = index or HolderIndex()
         self._started = False
 
@@ -105,12 +144,23 @@ class MemoryRouter:
         return self._started
 
     async def start(self) -> None:
-        self.stream.attach(self.index)
+        self.state.attach(self.index)
         self._started = True
 
+    async def register(self, node: str, url: str) -> int:
+        return self.state.write(node_key(node), _node_record(node, url))
+
+    async def leave(self, node: str) -> None:
+        self.state.write(node_key(node), None)
+
     async def announce(self, event: PathAvailable) -> int:
-        return self.stream.append(event)
+        self.state.events.append(event)
+        return self.state.write(event.state_key, None if event.clears_state else encode(event))
 
     async def stop(self) -> None:
-        self.stream.detach(self.index)
+        self.state.detach(self.index)
         self._started = False
+
+
+def _node_record(node: str, url: str) -> bytes:
+    return NodeRecord(node=node, url=url).model_dump_json().encode()
