@@ -1,13 +1,13 @@
-"""Missing paths: the driver publishes `path.wanted` for its node and waits for
-`path.available`. With the real mesh agent on the node the publish completes; with a stand-in
-that reports a failure the publish fails with the mesh's reason; with nobody answering it
-fails at the deadline, leaving nothing mounted, leased or recorded."""
+"""Missing paths: the driver publishes `path.wanted.<node>` and waits for its node's holder
+records of the asked paths (and only those). With the real mesh agent on the node the publish
+completes; with a stand-in that reports a failure the publish fails with the mesh's reason;
+with nobody answering it fails at the deadline, leaving nothing mounted, leased or recorded."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from niphas_common.bus.codec import decode
 from niphas_common.nix.runner import NixRunner
 from niphas_common.settings import NatsSettings
 from niphas_csi import mounts
+from niphas_csi.wants import PathWants
 from niphas_schemas import PathAvailable, PathWanted
 from tests.nix_harness import BuiltClosure, CacheKey, FileCache
 
@@ -187,3 +188,49 @@ async def test_real_mesh_agent_fetches_and_the_publish_completes(
             await asyncio.wait_for(task, 30)
         finally:
             await agent.close()
+
+
+async def test_the_driver_hears_only_the_paths_it_asked_for_on_its_node(bus: Bus) -> None:
+    """While the driver waits for one path, the rest of the cluster announces: other nodes
+    about that path, this node about other paths. It receives none of it; the answer it waits
+    for ends the wait; the want went to this node's subject."""
+    asked = "/nix/store/" + "a" * 32 + "-app"
+    other = "/nix/store/" + "b" * 32 + "-lib"
+    wants = PathWants(bus, NODE_ID)
+    await wants.start()
+    published = asyncio.Event()
+    subjects: list[str] = []
+
+    async def on_want(msg: Any) -> None:
+        subjects.append(msg.subject)
+        published.set()
+
+    sub = await bus.nc.subscribe(PathWanted.subject + ".>", cb=on_want)
+
+    def said(node: str, path: str) -> PathAvailable:
+        return PathAvailable(
+            holder_kind="node", holder=node, holder_url=f"http://{node}:5480",
+            store_path=path, nar_hash="sha256:" + "0" * 52, nar_size=1,
+        )  # fmt: skip
+
+    async def nothing_missing_yet(paths: Sequence[str]) -> Sequence[str]:
+        return paths
+
+    waiting = asyncio.create_task(
+        wants.fetch([asked], "csi:v1", 60.0, nothing_missing_yet, recheck_s=60.0)
+    )
+    try:
+        await asyncio.wait_for(published.wait(), 10)
+        for i in range(20):
+            await bus.publish(said(f"peer-{i}", asked))
+            await bus.publish(said(NODE_ID, f"/nix/store/{str(i % 10) * 32}-other-{i}"))
+        await bus.publish(said(NODE_ID, other))
+        assert not waiting.done()
+        await bus.publish(said(NODE_ID, asked))
+        await asyncio.wait_for(waiting, 10)
+    finally:
+        waiting.cancel()
+        await sub.unsubscribe()
+        await wants.stop()
+    assert wants.heard == 1
+    assert subjects == [f"path.wanted.{NODE_ID}"]
