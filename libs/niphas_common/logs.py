@@ -2,6 +2,11 @@
 
 The event being handled lives in a context variable set by the consumer, so every log line
 written while handling it carries `event_id` (and the trace id) without passing it around.
+
+One record is one line: in text, the message's line breaks and other control characters are
+written as escapes (`\\n`, `\\x1b`), so a string from a client or a pushed repository can
+never forge a line, and a multi-line command stays whole; only a traceback follows on its
+own lines. JSON escapes them by itself.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
@@ -17,6 +23,16 @@ from opentelemetry import trace
 current_event_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "niphas_event_id", default=None
 )
+
+
+_BREAKS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+
+_JSON_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def one_line(text: str) -> str:
+    """`text` with line breaks and control characters (but tabs) as Python escapes."""
+    return _BREAKS.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class _ContextFilter(logging.Filter):
@@ -39,12 +55,18 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        line = json.dumps(entry, ensure_ascii=False)
+        # JSON leaves these raw, but readers (and str.splitlines) break lines at them.
+        return line.translate(_JSON_BREAKS)
 
 
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

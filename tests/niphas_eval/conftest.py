@@ -331,8 +331,15 @@ def gitlab_push(
 
 # -- the webhook server --------------------------------------------------------------------
 
+INGRESS_READ_TIMEOUT_S = 2.0
+INGRESS_MAX_BODY_BYTES = 64 * 1024
 SECRETS = {
     "acme/app": {"forge": "github", "secret": "github-secret"},
+    "https://github.example/acme/pinned.git": {
+        "forge": "github",
+        "secret": "pinned-secret",
+        "clone_url": "https://git.internal.example/acme/pinned.git",
+    },
     "acme/site": {"forge": "gitea", "secret": "gitea-secret"},
     "acme/forgejo-site": {"forge": "forgejo", "secret": "forgejo-secret"},
     "acme/api": {"forge": "gitlab", "secret": "gitlab-token"},
@@ -344,6 +351,7 @@ SECRETS = {
 class Ingress:
     url: str
     http: aiohttp.ClientSession
+    port: int = 0
 
     async def send(self, delivery: Delivery) -> tuple[int, dict[str, Any]]:
         async with self.http.post(
@@ -361,12 +369,21 @@ async def ingress(bus: Bus) -> AsyncIterator[Ingress]:
     settings = EvalSettings(role="ingress", publish_timeout_s=2.0)
     runtime = ServiceRuntime("eval", bus.settings, bus=bus)
     runtime.ready_when(streams_ready(bus, settings))
-    hooks = WebhookIngress(bus, WebhookSecrets.from_mapping(SECRETS), publish_timeout_s=2.0)
-    runner = web.AppRunner(hooks.app(runtime.readiness, max_body_bytes=64 * 1024), access_log=None)
+    hooks = WebhookIngress(
+        bus,
+        WebhookSecrets.from_mapping(SECRETS),
+        publish_timeout_s=2.0,
+        read_timeout_s=INGRESS_READ_TIMEOUT_S,
+    )
+    runner = web.AppRunner(
+        hooks.app(runtime.readiness, max_body_bytes=INGRESS_MAX_BODY_BYTES),
+        access_log=None,
+        keepalive_timeout=INGRESS_READ_TIMEOUT_S,
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     async with aiohttp.ClientSession() as http:
-        yield Ingress(f"http://127.0.0.1:{port}", http)
+        yield Ingress(f"http://127.0.0.1:{port}", http, port)
     await runner.cleanup()

@@ -134,9 +134,12 @@ async def _ingress(runtime: ServiceRuntime, settings: EvalSettings) -> AsyncIter
         lambda: runtime.bus if runtime.has_bus else None,
         secrets,
         publish_timeout_s=settings.publish_timeout_s,
+        read_timeout_s=settings.read_timeout_s,
     )
     site = web.AppRunner(
-        ingress.app(runtime.readiness, max_body_bytes=settings.max_body_bytes), access_log=None
+        ingress.app(runtime.readiness, max_body_bytes=settings.max_body_bytes),
+        access_log=None,
+        keepalive_timeout=settings.read_timeout_s,
     )
     await site.setup()
     try:

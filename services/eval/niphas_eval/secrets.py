@@ -12,9 +12,12 @@ name (`owner/name`, GitLab's `path_with_namespace`):
       clone_url: "ssh://git@git.example.com/acme/site.git"  # optional: evaluate this URL
 
 A repository without an entry, or whose entry has no (non-empty) secret, is refused: nothing is
-ever accepted unauthenticated. An entry answers only its own forge's endpoint. The file is
-re-read when its modification time changes, so a rotated Kubernetes Secret takes effect
-without a restart.
+ever accepted unauthenticated. An entry answers only its own forge's endpoint, and only for its
+own repository: the entry whose secret verified a delivery decides what is evaluated (its
+`clone_url`, else its key when that is a URL; an entry keyed by full name takes the payload's
+clone URL only when it is an http(s)/ssh/git URL ending in that name). The file is re-read
+when its modification time changes, so a rotated Kubernetes Secret takes effect without a
+restart.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -49,6 +53,43 @@ class RepositorySecret:
 
     def __repr__(self) -> str:  # never print the secret itself
         return f"RepositorySecret(key={self.key!r}, forge={self.forge!r}, secret=<hidden>)"
+
+    def names_any(self, keys: Iterable[str]) -> bool:
+        """Whether one of `keys` (a payload's names for its repository) is this entry's
+        repository: its key or its clone_url."""
+        own = {normalise_key(self.key)}
+        if self.clone_url:
+            own.add(normalise_key(self.clone_url))
+        return any(normalise_key(key) in own for key in keys if key)
+
+    def repository(self, payload_clone_url: str | None) -> str | None:
+        """What a delivery verified by this entry evaluates: the entry's clone_url, its key
+        when that is a URL, or (an entry keyed by full name) the payload's clone URL when it
+        names this repository; None when the payload's URL is some other repository's."""
+        if self.clone_url:
+            return self.clone_url
+        if is_url(self.key):
+            return self.key
+        if payload_clone_url and url_names(payload_clone_url, self.key):
+            return payload_clone_url
+        return None
+
+
+def is_url(key: str) -> bool:
+    return "://" in key
+
+
+def url_names(url: str, full_name: str) -> bool:
+    """`url` is a remote (http(s), ssh, git) URL whose path ends in `full_name`."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not one)
+    except ValueError:
+        return False
+    if parts.scheme not in ("https", "http", "ssh", "git") or not parts.hostname:
+        return False
+    path = normalise_key(parts.path)
+    return path.endswith("/" + normalise_key(full_name).strip("/"))
 
 
 def parse_secrets(data: Any, *, origin: str) -> dict[str, RepositorySecret]:
@@ -148,6 +189,12 @@ class WebhookSecrets:
             if entry is not None and FAMILY[entry.forge] == family:
                 return entry
         return None
+
+    def candidates(self, family: str) -> list[RepositorySecret]:
+        """Every entry served by endpoint `family` (file entries win over env entries)."""
+        self._reload()
+        merged = {**self._env, **self._file_entries}
+        return [entry for entry in merged.values() if FAMILY[entry.forge] == family]
 
     def __len__(self) -> int:
         return len({**self._env, **self._file_entries})

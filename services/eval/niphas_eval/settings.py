@@ -61,6 +61,13 @@ class EvalSettings(ServiceSettings):
         description="Largest webhook body accepted, in bytes (GitHub caps payloads at 25 MB); "
         "larger -> 413",
     )
+    read_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a client has to send a webhook's body, and that an idle "
+        "keep-alive connection is kept; a slower or stalled client gets 408 or is "
+        "disconnected (forges send a whole body at once)",
+    )
     publish_timeout_s: float = Field(
         default=5.0,
         gt=0,

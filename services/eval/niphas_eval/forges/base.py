@@ -1,8 +1,9 @@
 """What every forge's webhook adapter provides, and what it can answer.
 
-An adapter reads one forge's headers and payloads: which event, which delivery, which
-repository (to find its secret), whether the request is authentic, and what a verified
-delivery asks for (a push to evaluate, a ping, or something ignored with a reason).
+An adapter reads one forge's headers and payloads: which event, which delivery, the proof
+the request carries (a signature or token header, read before the body), whether that proof
+matches a secret, and, only once it does, what the payload names (its repository) and asks
+for (a push to evaluate, a ping, or something ignored with a reason).
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class ForgeAdapter:
     """One forge family's webhook dialect (one endpoint: /hooks/<family>)."""
 
     family: ClassVar[str]
+    signs_body: ClassVar[bool] = True
+    """False when the proof is a token that does not depend on the body (checked before it
+    is read)."""
     event_headers: ClassVar[tuple[str, ...]]
     delivery_headers: ClassVar[tuple[str, ...]]
 
@@ -119,6 +123,10 @@ class ForgeAdapter:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise WebhookRejected(400, f"malformed JSON: {exc}") from None
+        except ValueError as exc:  # e.g. an integer longer than Python converts
+            raise WebhookRejected(400, f"unusable JSON: {str(exc)[:200]}") from None
+        except RecursionError:
+            raise WebhookRejected(400, "JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise WebhookRejected(400, "the payload is not a JSON object")
         return data
@@ -130,8 +138,13 @@ class ForgeAdapter:
     def clone_url(self, payload: Mapping[str, Any]) -> str | None:
         raise NotImplementedError
 
-    def authenticate(self, headers: Mapping[str, str], body: bytes, secret: str) -> None:
-        """Raise 401 unless the request carries this forge's proof of `secret`."""
+    def proof(self, headers: Mapping[str, str]) -> str:
+        """The signature or token the request carries (401 when it carries none); read from
+        the headers alone, before the body."""
+        raise NotImplementedError
+
+    def proves(self, proof: str, body: bytes, secret: str) -> bool:
+        """Whether `proof` shows the sender knows `secret` (for this exact body)."""
         raise NotImplementedError
 
     def action(self, event: str, payload: Mapping[str, Any]) -> Action:
