@@ -63,7 +63,7 @@ class BusRouter:
 
     def __init__(self, bus: Bus, index: HolderIndex | None = None) -> None:
         self._bus = bus
-        self.index = index or HolderIndex()
+        self.index = index if index is not None else HolderIndex()
         self._state: State | None = None
         self._watch: StateWatch | None = None
 
@@ -136,7 +136,7 @@ class MemoryRouter:
 
     def __init__(self, state: MemoryState, index: HolderIndex | None = None) -> None:
         self.state = state
-        self.index = index or HolderIndex()
+        self.index = index if index is not None else HolderIndex()
         self._started = False
 
     @property
