@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from niphas_common.bus.bus import Bus
 from niphas_common.bus.codec import encode
-from niphas_common.bus.topology import ensure_consumer, stream_name
+from niphas_common.bus.topology import ConsumerSpec, ensure_consumer, stream_name
 from niphas_common.settings import NatsSettings
 from niphas_mesh.agent import want_consumer
 from niphas_mesh.holder_state import FORMAT_KEY
@@ -257,3 +257,19 @@ async def test_each_of_50_nodes_consumes_only_its_own_wants(bus: Bus) -> None:
     assert [w.node for w in got] == [nodes[7]] * 2
     assert {m.subject for m in msgs} == {f"path.wanted.{nodes[7]}"}
     await sub.unsubscribe()
+
+
+async def test_an_old_want_consumer_is_moved_to_its_node_subject(bus: Bus) -> None:
+    """Upgrade: the consumer an earlier agent left (every node's wants) takes only its node's
+    once the upgraded agent provisions it, keeping its name."""
+    spec = want_consumer("n1")
+    old = ConsumerSpec(spec.durable, PathWanted.subject)
+    await ensure_consumer(bus.js, old)
+    deadline = datetime.now(UTC) + timedelta(minutes=5)
+    await ensure_consumer(bus.js, spec)
+    for node in ("n1", "n2"):
+        want = PathWanted(node=node, store_paths=(PATH,), deadline=deadline, requester="t")
+        await bus.publish(want)
+    info = await bus.js.consumer_info(spec.stream, spec.durable)
+    assert info.config.filter_subject == "path.wanted.n1"
+    assert info.num_pending == 1
