@@ -70,7 +70,12 @@ def settings(
     models: list[type[BaseSettings]] = []
     if service is None:
         models += [CommonSettings, LogSettings, NatsSettings]
-    for name, spec in discover().items():
+    installed = discover()
+    if service is not None and service not in installed:
+        names = ", ".join(installed) or "none"
+        typer.echo(f"niphas settings: no service {service!r}; services: {names}", err=True)
+        raise typer.Exit(2)
+    for name, spec in installed.items():
         if service in (None, name):
             models += list(spec.settings)
     table = Table("variable", "default", "meaning")
@@ -131,7 +136,17 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    build_app()(prog_name="niphas")
+    """The command, with the errors a user can cause (a missing file, no cluster) as one
+    line and exit status 1 instead of a traceback."""
+    try:
+        build_app()(prog_name="niphas")
+    except Exception as exc:
+        from niphas_common.kube.config import NoCluster  # not imported by every command
+
+        if not isinstance(exc, OSError | NoCluster):
+            raise
+        typer.echo(f"niphas: {exc}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

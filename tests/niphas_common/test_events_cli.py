@@ -72,7 +72,7 @@ async def test_view_last_n_and_empty_and_unknown(
     assert empty.returncode == 0 and "no events on eval.done" in empty.stdout
     unknown = await asyncio.to_thread(niphas, "events", "view", "nope.x", nats_url=nats_url)
     assert unknown.returncode == 1
-    assert "no stream holds subject 'nope.x'" in unknown.stdout
+    assert "no stream holds subject 'nope.x'" in unknown.stderr
 
 
 async def test_streams_and_consumers_tables(bus: Bus, event: PushReceived, nats_url: str) -> None:

@@ -35,7 +35,15 @@ async def api_client(kubeconfig: Path | None) -> ApiClient | None:
     conf = Configuration()
     path = kubeconfig_path(kubeconfig)
     if path is not None:
-        await config.load_kube_config(config_file=str(path), client_configuration=conf)
+        if not path.is_file():
+            raise NoCluster(f"kubeconfig {path}: no such file")
+        try:
+            await config.load_kube_config(config_file=str(path), client_configuration=conf)
+        except Exception as exc:  # the library fails on a malformed file in many ways
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise NoCluster(
+                f"kubeconfig {path} is not usable: {exc.__class__.__name__}: {detail}"
+            ) from None
     elif in_cluster():
         config.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call]
     else:
