@@ -17,9 +17,8 @@ import logging
 from pydantic import ValidationError
 
 from niphas_common.bus.bus import Bus
-from niphas_common.bus.codec import decode, encode
+from niphas_common.bus.codec import encode
 from niphas_common.bus.state import State
-from niphas_common.errors import PoisonMessage
 from niphas_schemas import PathAvailable
 from niphas_schemas.holders import NodeRecord, node_of_key, split_key
 
@@ -43,10 +42,10 @@ def apply_record(index: HolderIndex, key: str, value: bytes | None, revision: in
         if value is None:
             index.remove(hash_part, holder, revision)
             return True
-        try:
-            event = decode(PathAvailable, value)
-        except PoisonMessage as exc:
-            return _ignored(key, "garbage", str(exc))
+        try:  # pydantic's own JSON parser: a view of a million records reads in seconds
+            event = PathAvailable.model_validate_json(value)
+        except ValidationError as exc:
+            return _ignored(key, "garbage", f"not a path.available body ({_first(exc)})")
         if event.state_key != key:
             return _ignored(
                 key, "mismatch", f"its body speaks of {event.holder_kind} {event.holder} "
@@ -64,7 +63,7 @@ def apply_record(index: HolderIndex, key: str, value: bytes | None, revision: in
         try:
             record = NodeRecord.model_validate_json(value)
         except ValidationError as exc:
-            return _ignored(key, "garbage", f"not a node record ({exc.error_count()} errors)")
+            return _ignored(key, "garbage", f"not a node record ({_first(exc)})")
         if record.node != node:
             return _ignored(key, "mismatch", f"its body names node {record.node}")
         index.set_node(node, record.url, revision)
@@ -72,6 +71,11 @@ def apply_record(index: HolderIndex, key: str, value: bytes | None, revision: in
     if key == FORMAT_KEY:
         return True
     return _ignored(key, "key", "not a holder or node key")
+
+
+def _first(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc']) or '<body>'}: {err['msg']}"
 
 
 def _ignored(key: str, reason: str, why: str) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -26,7 +27,7 @@ from niphas_schemas import PathAvailable
 from niphas_schemas.holders import hash_part, holder_id
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Holding:
     """One holder's latest word about one path."""
 
@@ -49,6 +50,8 @@ class HolderIndex:
         """Node -> the URL it registered for itself."""
         self.last_seq = 0
         self._changed = asyncio.Event()
+        self._waiting = 0
+        """Tasks in `changed` right now (nobody waiting: nothing to wake)."""
 
     def set_node(self, node: str, url: str | None, seq: int = 0) -> None:
         """Node `node` serves at `url` (None: it left)."""
@@ -78,11 +81,13 @@ class HolderIndex:
             self.remove(h, key, seq)
             return
         self._full[h] = event.store_path
-        self._paths.setdefault(h, {})[key] = Holding(
-            event.holder_kind,
-            event.holder,
-            event.holder_url,
-            event.state,
+        # Holders, URLs and states repeat across paths: one string object each (a view of a
+        # million holdings is mostly these).
+        self._paths.setdefault(h, {})[sys.intern(key)] = Holding(
+            sys.intern(event.holder_kind),
+            sys.intern(event.holder),
+            sys.intern(event.holder_url),
+            sys.intern(event.state),
             seq,
             event.occurred_at,
             event.nar_size,
@@ -90,10 +95,11 @@ class HolderIndex:
         self._moved(seq)
 
     def _moved(self, seq: int) -> None:
-        self.last_seq = max(self.last_seq, seq)
-        # Wake every waiter; each re-checks what it waits for.
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if seq > self.last_seq:
+            self.last_seq = seq
+        if self._waiting:  # wake every waiter; each re-checks what it waits for
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     def holdings(self, store_path: str) -> list[Holding]:
         """Every holder's word about `store_path`, as recorded (whether offered or not)."""
@@ -151,8 +157,12 @@ class HolderIndex:
 
     async def changed(self, timeout: float) -> None:  # noqa: ASYNC109 (a bounded wait)
         """Return at the next update, or after `timeout` seconds."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), max(timeout, 0.0))
+        self._waiting += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), max(timeout, 0.0))
+        finally:
+            self._waiting -= 1
 
     async def reached(self, seq: int, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until the index has applied stream sequence `seq`."""
