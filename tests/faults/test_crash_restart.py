@@ -91,11 +91,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def kill_mid_import(agent: Popen, lock: Path) -> None:
-    """Once `lock` exists (Nix is restoring that path): freeze the agent's `nix copy`, kill
-    the agent, then the `nix copy` (each nix runs in its own process group)."""
-    while not lock.exists():
+def kill_mid_import(agent: Popen, lock: Path, tree: Path) -> None:
+    """Once `lock` and `tree` exist (Nix is restoring that path; it takes the lock a moment
+    before it creates the tree): freeze the agent's `nix copy`, kill the agent, then the
+    `nix copy` (each nix runs in its own process group)."""
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and tree.is_dir()):
         assert agent.poll() is None, "the agent exited"
+        assert time.monotonic() < deadline, f"Nix never started restoring {tree}"
         time.sleep(0.002)
     copies = [c for c in children(agent.pid) if b"copy" in Path(f"/proc/{c}/cmdline").read_bytes()]
     assert copies, "no nix copy was running"
@@ -134,7 +137,7 @@ async def test_a_restarted_agent_removes_what_the_killed_one_left(
             await http_ready(readyz, agent)
             await publish_want(bus, [many, held], "before")
             lock = real / f"{many.base_name}.lock"
-            await asyncio.to_thread(kill_mid_import, agent, lock)
+            await asyncio.to_thread(kill_mid_import, agent, lock, real / many.base_name)
         finally:
             if agent.poll() is None:
                 os.killpg(agent.pid, signal.SIGKILL)

@@ -134,6 +134,11 @@ class Bus:
                 group.create_task(consumer.run(stop), name=consumer.name)
 
     async def close(self) -> None:
-        """Drain: flush what was published, stop subscriptions, then disconnect."""
-        if not self.nc.is_closed:
-            await self.nc.drain()
+        """Drain: flush what was published, stop subscriptions, then disconnect. A drain that
+        fails (reconnecting, the server gone mid-flush) still closes the socket: nats-py
+        skips its own close then, leaving the socket to the garbage collector."""
+        try:
+            if not self.nc.is_closed:
+                await self.nc.drain()
+        finally:
+            await close_quietly(self.nc)
