@@ -22,6 +22,7 @@ from niphas_common.http import Readiness
 from niphas_common.nix.runner import NixRunner
 from niphas_common.service import ServiceRuntime, ServiceSpec, run_until_signalled
 from niphas_common.settings import NatsSettings
+from niphas_eval.credentials import GitCredentials
 from niphas_eval.evaluator import Evaluator
 from niphas_eval.flakeref import Allowlist
 from niphas_eval.ingress import WebhookIngress
@@ -59,6 +60,7 @@ async def build_worker(
         git_timeout_s=settings.git_timeout_s,
         allowlist=allowlist,
         allow_import_from_derivation=settings.allow_import_from_derivation,
+        credentials=GitCredentials(settings.git_credentials_file),
     )
     results = await ResultStore.open(
         bus,

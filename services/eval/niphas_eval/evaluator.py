@@ -16,16 +16,20 @@ errors (syntax, a missing attribute, a type error, import-from-derivation, a for
 fail the whole evaluation with a first line saying why and nix's stderr tail (bounded by
 STDERR_TAIL_BYTES). Each `nix eval` runs under `prlimit --as` (an address-space limit, no
 cgroup needed: Nix's GC then reports `out of memory`) and a timeout (SIGTERM, then SIGKILL).
+Private repositories: `git ls-remote` and each `nix eval` get the git credentials of exactly
+the repositories they fetch (the pushed one; then it and the inputs of its lock) through
+credentials.py, as paths in their environment, never in an argument, a log or an event.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +39,15 @@ from pydantic import ValidationError
 from niphas_common.errors import TransientError
 from niphas_common.nix.errors import CommandError, CommandTimeout
 from niphas_common.nix.runner import NixRunner
-from niphas_eval.flakelock import InputRefused, check_nodes, parse_lock, target_of, wrapper_lock
+from niphas_eval.credentials import GitCredentials
+from niphas_eval.flakelock import (
+    InputRefused,
+    check_nodes,
+    input_urls,
+    parse_lock,
+    target_of,
+    wrapper_lock,
+)
 from niphas_eval.flakeref import Allowlist, flake_ref, git_url
 from niphas_eval.nixenv import eval_options, nix_environment
 from niphas_eval.wrapper import WrapperDir, nix_string
@@ -49,7 +61,8 @@ MAX_DETAILED_ERRORS = 3
 
 _NETWORK_ERRORS = re.compile(
     r"Could not resolve host|Connection refused|Connection timed out|Network is unreachable|"
-    r"unable to access|Could not read from remote repository|unable to download",
+    r"unable to access|Could not read from remote repository|unable to download|"
+    r"could not read Username|Authentication failed|Permission denied \(publickey",
     re.IGNORECASE,
 )
 _OUT_OF_MEMORY = re.compile(r"out of memory|std::bad_alloc|Failed to expand heap", re.IGNORECASE)
@@ -95,7 +108,8 @@ class _TimedOut(CommandError):
 
 
 class EvalTransient(TransientError):
-    """The repository could not be reached: worth another delivery."""
+    """The repository could not be reached, or refused our credentials: worth another
+    delivery (and, after the last, a failed eval.done that is not kept as the commit's)."""
 
 
 class ResolveError(Exception):
@@ -153,8 +167,10 @@ class Evaluator:
         git_timeout_s: float = 60.0,
         allowlist: Allowlist | None = None,
         allow_import_from_derivation: bool = False,
+        credentials: GitCredentials | None = None,
     ) -> None:
         self._runner = runner
+        self._credentials = credentials or GitCredentials(None)
         self.allowlist = allowlist or Allowlist(())
         self.allow_ifd = allow_import_from_derivation
         self.work_dir = work_dir
@@ -173,6 +189,15 @@ class Evaluator:
 
     # -- commands --------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _fetching(self, urls: Iterable[str]) -> Iterator[NixRunner]:
+        """The bare runner, with the git credentials of `urls` while the block runs."""
+        with self._credentials.git_environment(urls, self.work_dir / "credentials") as extra:
+            if not extra:
+                yield self._bare
+            else:
+                yield dataclasses.replace(self._bare, env={**(self._bare.env or {}), **extra})
+
     def nix_argv(self, *args: str, extra_uris: Sequence[str] = ()) -> list[str]:
         options = eval_options(
             [*self.allowlist.uri_prefixes(), *extra_uris], allow_ifd=self.allow_ifd
@@ -190,10 +215,11 @@ class Evaluator:
         name (HEAD's target branch when `ref` is None)."""
         wanted = ref or "HEAD"
         try:
-            result = await self._bare.arun(
-                "git", "ls-remote", "--symref", git_url(repository), wanted,
-                timeout=self.git_timeout_s,
-            )  # fmt: skip
+            with self._fetching([repository]) as runner:
+                result = await runner.arun(
+                    "git", "ls-remote", "--symref", git_url(repository), wanted,
+                    timeout=self.git_timeout_s,
+                )  # fmt: skip
         except CommandError as exc:
             raise EvalTransient(
                 f"git ls-remote {repository} failed: {first_error_line(exc.stderr)}"
@@ -217,8 +243,9 @@ class Evaluator:
         pinned = flake_ref(repository, rev=commit, ref=ref)
         started = time.monotonic()
         try:
-            source = await self._nix_json(["eval", "--json", "--expr", _SOURCE.replace(
-                "@PINNED@", nix_string(pinned))])  # fmt: skip
+            with self._fetching([repository]) as runner:
+                source = await self._nix_json(runner, ["eval", "--json", "--expr",
+                    _SOURCE.replace("@PINNED@", nix_string(pinned))])  # fmt: skip
             lock = parse_lock(source.get("lock"))
             forge_refs = check_nodes(lock, self.allowlist)
         except InputRefused as exc:
@@ -229,9 +256,13 @@ class Evaluator:
         except CommandError as exc:
             return self._failure(repository, commit, exc, time.monotonic() - started)
         wrapper_lock_ = wrapper_lock(target_of(pinned, source), lock)
-        with WrapperDir(self.work_dir, self.system, pinned, wrapper_lock_) as wrapper:
+        with (
+            WrapperDir(self.work_dir, self.system, pinned, wrapper_lock_) as wrapper,
+            self._fetching([repository, *input_urls(lock)]) as runner,
+        ):
             try:
                 data = await self._nix_json(
+                    runner,
                     ["eval", "--json", "--no-update-lock-file", f"{wrapper.ref}#result"],
                     forge_refs,
                 )
@@ -239,14 +270,16 @@ class Evaluator:
                 return self._failure(repository, commit, exc, time.monotonic() - started)
             attributes = [self._attribute(entry) for entry in data.get("attributes") or []]
             if any(a.error is not None for a in attributes):
-                attributes = await self._explain(wrapper.ref, attributes, forge_refs)
+                attributes = await self._explain(runner, wrapper.ref, attributes, forge_refs)
         return self._outcome(repository, commit, ref, data, attributes, started)
 
-    async def _nix_json(self, args: list[str], extra_uris: Sequence[str] = ()) -> Any:
+    async def _nix_json(
+        self, runner: NixRunner, args: list[str], extra_uris: Sequence[str] = ()
+    ) -> Any:
         """`nix <args>` hardened, under the timeout; its JSON output."""
         argv = self.nix_argv(*args, extra_uris=extra_uris)
         try:
-            result = await self._bare.arun(argv[0], *argv[1:], timeout=self.timeout_s)
+            result = await runner.arun(argv[0], *argv[1:], timeout=self.timeout_s)
         except CommandTimeout as exc:
             raise _TimedOut(exc.cmd, None, "") from None
         return result.json()
@@ -293,7 +326,9 @@ class Evaluator:
             )  # fmt: skip
         stderr = exc.stderr
         if _NETWORK_ERRORS.search(stderr):
-            raise EvalTransient(f"cannot fetch {repository}: {first_error_line(stderr)}")
+            fatal = [ln.strip() for ln in stderr.splitlines() if ln.strip().startswith("fatal:")]
+            cause = fatal[0][:500] if fatal else first_error_line(stderr)  # git's own words
+            raise EvalTransient(f"cannot fetch {repository}: {cause}")
         kept = tail(stderr, self.stderr_tail_bytes)
         if _OUT_OF_MEMORY.search(stderr) or (exc.returncode is not None and exc.returncode < 0):
             summary = (
@@ -339,7 +374,11 @@ class Evaluator:
         )
 
     async def _explain(
-        self, wrapper: str, attributes: list[EvaluatedAttribute], extra_uris: Sequence[str]
+        self,
+        runner: NixRunner,
+        wrapper: str,
+        attributes: list[EvaluatedAttribute],
+        extra_uris: Sequence[str],
     ) -> list[EvaluatedAttribute]:
         """Replace the generic tryEval error of the first few failures with nix's message."""
         explained: list[EvaluatedAttribute] = []
@@ -354,7 +393,7 @@ class Evaluator:
                 f"{wrapper}#target.{attr.attr_path}.drvPath", extra_uris=extra_uris,
             )  # fmt: skip
             try:
-                await self._bare.arun(argv[0], *argv[1:], timeout=self.timeout_s)
+                await runner.arun(argv[0], *argv[1:], timeout=self.timeout_s)
             except CommandError as exc:
                 detail = tail(exc.stderr, min(2000, self.stderr_tail_bytes))
                 explained.append(attr.model_copy(update={"error": detail or attr.error}))

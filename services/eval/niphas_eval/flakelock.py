@@ -85,6 +85,15 @@ def parse_lock(text: str | None) -> dict[str, Any]:
     return dict(lock)
 
 
+def input_urls(lock: dict[str, Any]) -> list[str]:
+    """The URLs the inputs of a checked lock (`check_nodes`) fetch from."""
+    return [
+        input_url(node["locked"])
+        for name, node in lock["nodes"].items()
+        if name != lock["root"] and isinstance(node.get("locked"), dict)
+    ]
+
+
 def input_url(attrs: dict[str, Any]) -> str:
     """The URL a lock node's attributes fetch from, for the allowlist; InputRefused when
     that input type reads host files, asks a registry, or is unknown."""

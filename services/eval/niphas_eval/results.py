@@ -140,6 +140,10 @@ class ResultStore:
     async def record(self, key: str, record: Record) -> None:
         await self._kv.put(key, record.encode())
 
+    async def release(self, key: str) -> None:
+        """Forget `key` (a claim whose commit could not be fetched): a later push tries."""
+        await self._kv.delete(key)
+
     async def get(self, key: str) -> Record | None:
         try:
             entry = await self._kv.get(key)

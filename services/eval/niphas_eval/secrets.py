@@ -15,7 +15,7 @@ A repository without an entry, or whose entry has no (non-empty) secret, is refu
 ever accepted unauthenticated. An entry answers only its own forge's endpoint, and only for its
 own repository: the entry whose secret verified a delivery decides what is evaluated (its
 `clone_url`, else its key when that is a URL; an entry keyed by full name takes the payload's
-clone URL only when it is an http(s)/ssh/git URL ending in that name). The file is re-read
+clone URL only when it is an http(s)/ssh/git URL of a repository of that name). The file is re-read
 when its modification time changes, so a rotated Kubernetes Secret takes effect without a
 restart.
 """
@@ -80,7 +80,7 @@ def is_url(key: str) -> bool:
 
 
 def url_names(url: str, full_name: str) -> bool:
-    """`url` is a remote (http(s), ssh, git) URL whose path ends in `full_name`."""
+    """`url` is a remote (http(s), ssh, git) URL of a repository named like `full_name`."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError for a port that is not one)
@@ -88,8 +88,10 @@ def url_names(url: str, full_name: str) -> bool:
         return False
     if parts.scheme not in ("https", "http", "ssh", "git") or not parts.hostname:
         return False
-    path = normalise_key(parts.path)
-    return path.endswith("/" + normalise_key(full_name).strip("/"))
+    # The repository's own name (the last segment): forges serve a repository under
+    # prefixes of their own (`/git/acme/app.git`, a mirror's `/app/.git`).
+    path = normalise_key(normalise_key(parts.path)).rsplit("/", 1)[-1]
+    return path != "" and path == normalise_key(full_name).rsplit("/", 1)[-1]
 
 
 def parse_secrets(data: Any, *, origin: str) -> dict[str, RepositorySecret]:

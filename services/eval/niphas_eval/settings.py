@@ -98,6 +98,13 @@ class EvalSettings(ServiceSettings):
         "without user namespaces fails them instead). Off: such a flake gets a failed "
         "eval.done naming import-from-derivation and this setting",
     )
+    git_credentials_file: Path | None = Field(
+        default=None,
+        description="YAML or JSON file mapping a private repository's URL (or a URL prefix "
+        "ending /) -> {username?, token | token_file} for http(s), or {ssh_key_file, "
+        "known_hosts_file} for ssh (see README); each evaluation gets the credentials of the "
+        "repositories it fetches, as files. Re-read when it changes (a mounted Secret)",
+    )
     system: str = Field(
         default_factory=this_system,
         pattern=r"^[a-z0-9_]+-[a-z0-9_]+$",

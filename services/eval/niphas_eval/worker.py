@@ -136,9 +136,14 @@ class EvalWorker:
         except EvalTransient as exc:
             if not last_try:
                 raise
-            evaluation = Evaluation("failed", commit, error=f"gave up: {exc}")
+            evaluation = Evaluation("failed", commit, error=f"gave up: {exc}", reason="unreachable")
         done = self._fitting(self._eval_done(push, commit, ref, evaluation, pushed_at))
         await self._publish(done)
+        if evaluation.reason == "unreachable":
+            # Not a result of the commit: a later push (the forge back, credentials fixed)
+            # fetches it again.
+            await self._results.release(key)
+            return
         published = Record("published", push.event_id, time.time(), self._results.worker, done)
         await self._results.record(key, published)
 
