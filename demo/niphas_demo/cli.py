@@ -4,7 +4,11 @@
 
 `--ci` prints plain lines (no live progress) for logs and tests; `--keep-running` leaves the
 app and the stack up after the story until Ctrl-C; `--result` writes what happened as JSON.
-Ctrl-C at any moment stops the app, unpublishes its volume and stops `niphas up`.
+Ctrl-C, SIGTERM (`kill`, a CI timeout) or SIGHUP (the terminal closed) at any moment stops the
+app, unpublishes its volume and stops `niphas up`. A run after one that died without that
+(SIGKILL, a crash) first stops what it left and unmounts below the state directory
+(leftovers.py); a run while another demo uses the state directory says so in one line.
+Printed lines are never wrapped, so a command copied from the terminal or a log stays whole.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +28,17 @@ from rich.console import Console
 from niphas_common.settings import default_state_dir
 from niphas_demo.flow import Demo, dump_outcome
 from niphas_demo.kubelet import Kubelet
+from niphas_demo.leftovers import StateInUse, clear, demo_lock
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(Exception):
+    """A stop signal other than Ctrl-C arrived; the story stopped everything it started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def checklist(console: Console) -> Callable[[str], None]:
@@ -75,6 +91,34 @@ async def story(demo: Demo, keep_running: bool) -> None:
             await demo.close()
 
 
+async def until_stopped(demo: Demo, keep_running: bool) -> None:
+    """The story, cancelled (so its clean-up runs) by SIGTERM or SIGHUP as by Ctrl-C."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[int] = []
+
+    def stop(signum: int) -> None:
+        if received:
+            return  # already stopping
+        received.append(signum)
+        if signum == signal.SIGHUP:  # the terminal is gone: printing to it would fail
+            demo.console.file = open(os.devnull, "w")  # noqa: SIM115 (lives with the console)
+        task.cancel()
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        await story(demo, keep_running)
+    except asyncio.CancelledError:
+        if received:
+            raise Stopped(received[0]) from None
+        raise
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="niphas-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", type=Path, default=None)
@@ -86,15 +130,27 @@ def main() -> None:
         sys.exit("the demo mounts closures and runs Nix as root: run it as root")
     state = (args.state_dir or default_state_dir()).resolve()
     console = Console(
-        force_terminal=False if args.ci else None, no_color=args.ci, width=120 if args.ci else None
+        force_terminal=False if args.ci else None,
+        no_color=args.ci,
+        width=120 if args.ci else None,
+        soft_wrap=True,
     )
     demo = Demo(state, console)
     code = 0
     try:
-        asyncio.run(story(demo, args.keep_running))
+        with demo_lock(state):
+            for line in clear(state):
+                console.print(f"recovered from an earlier run: {line}", markup=False)
+            asyncio.run(until_stopped(demo, args.keep_running))
+    except StateInUse as exc:
+        console.print(str(exc), markup=False)
+        code = 1
     except KeyboardInterrupt:
         console.print("interrupted: stopped the app, unpublished its volume, stopped niphas up")
         code = 130
+    except Stopped as exc:
+        console.print(f"{exc}: stopped the app, unpublished its volume, stopped niphas up")
+        code = 128 + exc.signum
     except (RuntimeError, TimeoutError) as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         code = 1

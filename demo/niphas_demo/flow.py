@@ -112,12 +112,13 @@ class Demo:
         if not secret_file.exists():
             secret_file.write_text(secrets.token_hex(16))
         self.secret = secret_file.read_text().strip()
-        layout.secrets_file.write_text(secrets_yaml(self.secret))
+        layout.secrets_file.write_text(secrets_yaml(self.secret, f"file://{layout.repo}"))
         tools = add_tools(NixRunner(), layout.demo)
         self.repo = SampleRepo(layout.repo, f"path:{tools}")
         self.repo.ensure()
         (layout.workloads / f"{WORKLOAD}.yaml").write_text(
-            workload_yaml(self.repo.flake_ref, self.ports.app)
+            # On this machine the app answers on loopback only.
+            workload_yaml(self.repo.flake_ref, self.ports.app, host="127.0.0.1")
         )
         return service_env(layout, self.ports, public, tools)
 

@@ -145,7 +145,9 @@ def metrics_urls(ports: Ports) -> dict[str, str]:
     }
 
 
-def workload_yaml(flake_ref: str, app_port: int) -> str:
+def workload_yaml(flake_ref: str, app_port: int, host: str | None = None) -> str:
+    """The sample workload; `host`: the address the app binds (default all: a pod's)."""
+    bind = f'\n    - {{name: HOST, value: "{host}"}}' if host else ""
     return f"""\
 apiVersion: niphas.io/v1alpha1
 kind: NiphasWorkload
@@ -157,7 +159,7 @@ spec:
   attribute: default
   replicas: 1
   env:
-    - {{name: PORT, value: "{app_port}"}}
+    - {{name: PORT, value: "{app_port}"}}{bind}
   ports:
     - {{name: http, containerPort: {app_port}}}
   service:
@@ -166,5 +168,8 @@ spec:
 """
 
 
-def secrets_yaml(secret: str) -> str:
-    return f'{REPO_NAME}:\n  forge: github\n  secret: "{secret}"\n'
+def secrets_yaml(secret: str, clone_url: str | None = None) -> str:
+    """The webhook secret of the sample repository; `clone_url` pins what is evaluated (a
+    `file://` repository must be pinned: the ingress never takes one from a payload)."""
+    pinned = f'  clone_url: "{clone_url}"\n' if clone_url else ""
+    return f'{REPO_NAME}:\n  forge: github\n  secret: "{secret}"\n{pinned}'

@@ -49,7 +49,8 @@ _FLAKE = """\
         args = [ "sh" "-c" ''
           ${bb} mkdir -p $out/bin
           printf '#!${bb} sh\\n' > $out/bin/@APP@
-          printf 'exec ${bb} httpd -f -p "0.0.0.0:''${PORT:-8080}" -h ${www}\\n' >> $out/bin/@APP@
+          printf 'exec ${bb} httpd -f -h ${www}' >> $out/bin/@APP@
+          printf ' -p "''${HOST:-0.0.0.0}:''${PORT:-8080}"\\n' >> $out/bin/@APP@
           ${bb} chmod +x $out/bin/@APP@
         '' ];
       } // { meta.mainProgram = "@APP@"; };

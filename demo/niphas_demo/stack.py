@@ -34,8 +34,8 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
-def unmount_below(root: Path) -> None:
-    """Lazily unmount everything mounted below `root`, deepest first."""
+def unmount_below(root: Path) -> int:
+    """Lazily unmount everything mounted below `root`, deepest first; how many."""
     prefix = str(root) + "/"
     points = []
     for line in Path("/proc/self/mounts").read_text().splitlines():
@@ -44,6 +44,7 @@ def unmount_below(root: Path) -> None:
             points.append(point)
     for point in sorted(points, key=len, reverse=True):
         subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+    return len(points)
 
 
 class Stack:
