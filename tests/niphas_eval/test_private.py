@@ -1,9 +1,10 @@
 """Private repositories: a flake and its git input on a local forge that requires a token per
-repository (`git http-backend` behind basic auth on loopback), evaluated by a real worker
-with the real nix over a real nats-server. Without credentials the push fails naming the
-refusal; with the credentials file each repository is fetched with its own token (a token
-is never sent to another repository), and no token reaches an event, a log line or a file
-left behind."""
+repository (`git http-backend` behind basic auth on loopback), and a flake behind `sshd` on
+loopback that takes one deploy key, evaluated by a real worker with the real nix over a real
+nats-server. Without credentials the push fails naming the refusal (and is not kept as the
+commit's result); with the credentials file each repository is fetched with its own token
+(a token is never sent to another repository) or the key, and no secret reaches an event, a
+log line or a file left behind."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from niphas_eval.settings import EvalSettings
 from niphas_schemas import EvalDone, PushReceived
 from tests.helpers import serving
 from tests.niphas_eval.conftest import GitRepo, eval_dones, flake_nix, push_for
-from tests.niphas_eval.git_server import basic, git_forge
+from tests.niphas_eval.git_server import basic, git_forge, ssh_forge
 from tests.nix_harness import NixTools
 
 pytestmark = pytest.mark.nix
@@ -138,3 +139,44 @@ async def wait_for(bus: Bus, count: int, timeout_s: float = 120.0) -> list[EvalD
         return found
 
     return await asyncio.wait_for(poll(), timeout_s)
+
+
+async def test_private_flake_over_ssh_with_a_deploy_key(
+    bus: Bus,
+    tmp_path: Path,
+    make_repo: Callable[..., GitRepo],
+    eval_settings: EvalSettings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    app = make_repo("app")
+    commit = await asyncio.to_thread(app.commit, greeting="served over ssh")
+    async with ssh_forge(tmp_path / "forge", tmp_path / "sshd") as forge:
+        url = f"{forge.url}{app.dir}/.git"
+        credentials = tmp_path / "git-credentials.yaml"
+        credentials.write_text(yaml.safe_dump({
+            f"{forge.url}/": {"ssh_key_file": str(forge.key_file),
+                              "known_hosts_file": str(forge.known_hosts)},
+        }))  # fmt: skip
+        allowed = [f"{forge.url}/*", *eval_settings.allowed_refs]
+        anonymous = eval_settings.model_copy(update={"allowed_refs": allowed, "max_deliver": 1})
+        worker = await build_worker(bus, anonymous)
+        async with serving(bus, [worker.subscription()]):
+            await bus.publish(push_for_url(app, url, commit))
+            [refused] = await wait_for(bus, 1)
+        assert refused.status == "failed"
+        assert "Could not read from remote repository" in (refused.error or ""), refused.error
+
+        keyed = anonymous.model_copy(
+            update={"git_credentials_file": credentials, "durable": "ssh-workers"}
+        )
+        worker = await build_worker(bus, keyed)
+        async with serving(bus, [worker.subscription()]):
+            await bus.publish(push_for_url(app, url, commit, delivery="again"))
+            dones = await wait_for(bus, 2)
+    done = dones[-1]
+    assert done.status == "succeeded", done.error
+    assert "served over ssh" in Path(str(done.attributes[0].drv_path)).read_text()
+    key = forge.key_file.read_text().splitlines()[1]  # a line of the private key
+    assert key not in json.dumps([d.model_dump(mode="json") for d in dones])
+    assert key not in caplog.text

@@ -62,7 +62,8 @@ MAX_DETAILED_ERRORS = 3
 _NETWORK_ERRORS = re.compile(
     r"Could not resolve host|Connection refused|Connection timed out|Network is unreachable|"
     r"unable to access|Could not read from remote repository|unable to download|"
-    r"could not read Username|Authentication failed|Permission denied \(publickey",
+    r"could not read Username|Authentication failed|Permission denied \(publickey|"
+    r"Host key verification failed",
     re.IGNORECASE,
 )
 _OUT_OF_MEMORY = re.compile(r"out of memory|std::bad_alloc|Failed to expand heap", re.IGNORECASE)
