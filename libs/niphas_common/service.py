@@ -201,7 +201,13 @@ class ServiceRuntime:
     async def _connect_unless_stopped(self, stop: asyncio.Event) -> Bus | None:
         """`Bus.connect`, given up when `stop` is set first (nats-py retries a refused first
         connection by itself, forever with our options)."""
-        connecting = asyncio.create_task(Bus.connect(self.nats, name=self.connection_name))
+        connected: list[Bus] = []
+
+        async def connect() -> None:
+            # Kept outside the task: a task cancelled as its coroutine returns drops the result.
+            connected.append(await Bus.connect(self.nats, name=self.connection_name))
+
+        connecting = asyncio.create_task(connect())
         stopping = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -214,8 +220,11 @@ class ServiceRuntime:
             connecting.cancel()
             with contextlib.suppress(BaseException):
                 await connecting
+            for bus in connected:  # it connected just as we gave up
+                await bus.close()
             return None
-        return connecting.result()
+        connecting.result()
+        return connected[0]
 
     def requires_file(self, path: Path, what: str) -> None:
         """Not ready (and an ERROR in the log) while `path` is missing or empty; `what` says
