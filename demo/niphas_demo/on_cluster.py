@@ -18,6 +18,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +107,22 @@ def export_traces(kubectl: Kubectl, endpoint: str) -> None:
 
 
 def wait_platform_ready(kubectl: Kubectl, timeout_s: int = 600) -> None:
+    """Every rollout done and every replaced pod gone: a rollout counts as done while its old
+    pods still terminate, and an old worker may take one more event (without the new env)."""
     for kind in ("statefulset", "deployment", "daemonset"):
         names = kubectl("-n", SYSTEM, "get", kind, "-o", "name").stdout.split()
         for name in names:
             kubectl("-n", SYSTEM, "rollout", "status", name, f"--timeout={timeout_s}s",
                     timeout=timeout_s + 30)  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while terminating := [
+        pod["metadata"]["name"]
+        for pod in kubectl.json("-n", SYSTEM, "get", "pods")["items"]
+        if pod["metadata"].get("deletionTimestamp")
+    ]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"platform pods still terminating: {', '.join(terminating)}")
+        time.sleep(0.5)
 
 
 def service_ip(kubectl: Kubectl, namespace: str, name: str) -> str:
