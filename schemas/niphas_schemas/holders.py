@@ -7,13 +7,14 @@ latest word about each path with no age limit, one key per (path, holder):
                                      fetching or failed); deleted when withdrawn
     <hash part>.cache.<url digest>   a cache's word (the builder's, per pushed path)
     node.<node name>                 a node's own word about itself: a `NodeRecord`, the URL
-                                     its agent serves at; deleted when the node leaves
+                                     its agent serves at, rewritten while it serves (a
+                                     heartbeat), `serving: false` once it stopped
 
-A node's path records count only at the URL its `NodeRecord` names, so a record naming some
-other address for a node (forged, or left by an earlier run at another address) is never
-fetched from. Readers check every record against its key (`path_key` of the body must be the
-key) and skip the ones that do not match.
-"""
+A node's path records count only at the URL its `NodeRecord` names, while that record says it
+serves and is fresh, so a record naming some other address for a node (forged, or left by an
+earlier run at another address) is never fetched from, nor a node that stopped or vanished.
+Readers check every record against its key (`path_key` of the body must be the key) and skip
+the ones that do not match."""
 
 from __future__ import annotations
 
@@ -73,4 +74,8 @@ class NodeRecord(BaseModel):
 
     node: NodeId
     url: str = Field(max_length=2048, pattern=r"^https?://\S+$")
-    since: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    serving: bool = Field(default=True, description="False: the agent stopped")
+    at: AwareDatetime = Field(
+        default_factory=lambda: datetime.now(UTC),
+        description="When the agent wrote this (it rewrites it while it serves)",
+    )

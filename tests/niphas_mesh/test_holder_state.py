@@ -273,3 +273,38 @@ async def test_an_old_want_consumer_is_moved_to_its_node_subject(bus: Bus) -> No
     info = await bus.js.consumer_info(spec.stream, spec.durable)
     assert info.config.filter_subject == "path.wanted.n1"
     assert info.num_pending == 1
+
+
+@pytest.mark.nix
+@pytest.mark.root
+async def test_the_records_of_a_node_gone_for_good_are_deleted(
+    bus: Bus, start_node: StartNode
+) -> None:
+    """A node that stopped long ago, and one that never said where it serves, lose their
+    records to the first serving node's sweep; a node that stopped just now keeps them."""
+    state = await bus.state(HOLDERS_BUCKET)
+    long_ago = datetime.now(UTC) - timedelta(hours=2)
+    records = {}
+    for node, stopped in (("left", long_ago), ("ghost", None), ("resting", datetime.now(UTC))):
+        said = PathAvailable(
+            holder_kind="node", holder=node, holder_url=f"http://{node}:8080", store_path=PATH,
+            nar_hash=NAR_HASH, nar_size=1, occurred_at=long_ago,
+        )  # fmt: skip
+        records[node] = said.state_key
+        await state.put(said.state_key, encode(said))
+        if stopped is not None:
+            record = NodeRecord(node=node, url=said.holder_url, serving=False, at=stopped)
+            await state.put(node_key(node), record.model_dump_json().encode())
+    sweeper = await start_node("a-sweeper", departed_after_s=600.0)
+    await ready(sweeper)
+
+    async def present(node: str) -> bool:
+        return await state.get(records[node]) is not None
+
+    for _ in range(100):
+        if not await present("left") and not await present("ghost"):
+            break
+        await asyncio.sleep(0.1)
+    assert not await present("left")
+    assert not await present("ghost")
+    assert await present("resting")

@@ -5,6 +5,7 @@ servers and stores in the other mesh tests."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,11 @@ from niphas_common.nix.store_path import StorePath
 from niphas_mesh.announcer import Announcer
 from niphas_mesh.gc import Collector
 from niphas_mesh.holders import HolderChoice
+from niphas_mesh.index import HolderIndex
 from niphas_mesh.last_use import LastUse
 from niphas_mesh.router import MemoryRouter, MemoryState
 from niphas_mesh.store import NodeStore
-from niphas_schemas import PathAvailable
+from niphas_schemas import NodeRecord, PathAvailable
 
 PATH = "/nix/store/" + "a" * 32 + "-app"
 NAR_HASH = "sha256:" + "0" * 52
@@ -163,3 +165,35 @@ async def test_gc_deletes_least_recently_used_leaves_keeps_and_withdraws(
     # Oldest leaf first; `lib` only once `app`, which referenced it, was gone.
     assert [d.path.name for d in deleted] == ["old", "app", "lib"]
     assert router.index.held_by("http://n1") == {str(kept.path)}
+
+
+async def test_a_node_is_offered_only_while_its_record_is_fresh_and_serving() -> None:
+    index = HolderIndex(node_ttl_s=90.0)
+    router = MemoryRouter(MemoryState(), index)
+    await router.start()
+    await router.announce(available("quiet"))
+    await router.announce(available("stopped"))
+    await router.announce(available("live"))
+    now = datetime.now(UTC)
+    quiet = NodeRecord(node="quiet", url="http://quiet", at=now - timedelta(minutes=5))
+    index.set_node("quiet", quiet)
+    index.set_node("stopped", NodeRecord(node="stopped", url="http://stopped", serving=False))
+    await router.register("live", "http://live")
+    assert [h.holder for h in index.available(PATH)] == ["live"]
+    assert index.live_nodes(now) == ["live"]
+
+
+async def test_records_of_nodes_gone_long_enough_are_named_for_deletion() -> None:
+    index = HolderIndex(node_ttl_s=90.0)
+    now = datetime.now(UTC)
+    old = now - timedelta(hours=2)
+    index.apply(available("ghost").model_copy(update={"occurred_at": old}), 1)  # never said
+    index.apply(available("left").model_copy(update={"occurred_at": old}), 2)
+    index.set_node("left", NodeRecord(node="left", url="http://left", serving=False, at=old), 3)
+    index.apply(available("just-left"), 4)
+    just_left = NodeRecord(node="just-left", url="http://just-left", serving=False)
+    index.set_node("just-left", just_left, 5)
+    index.apply(available("live").model_copy(update={"occurred_at": old}), 6)
+    index.set_node("live", NodeRecord(node="live", url="http://live"), 7)
+    gone = index.departed(now, after_s=3600.0)
+    assert gone == {"ghost": ["a" * 32 + ".node.ghost"], "left": ["a" * 32 + ".node.left"]}

@@ -143,7 +143,9 @@ class StateWatch:
             self._state.subject(keys),
             cb=self._on_msg,
             ordered_consumer=True,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            # One value per key (history 1): every stored message is a key's last value, and
+            # reading them in order is cheaper for the server than asking for the last per key.
+            deliver_policy=DeliverPolicy.ALL,
         )
 
     async def _on_msg(self, msg: Msg) -> None:

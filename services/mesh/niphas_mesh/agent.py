@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -99,6 +100,7 @@ class Agent:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.runtime.bus.serve([self.subscription()], stop))
             tg.create_task(self._every(self.settings.rescan_interval_s, self.reconcile, stop))
+            tg.create_task(self._every(self.settings.node_ttl_s / 3, self.heartbeat, stop))
             tg.create_task(self._every(self.settings.gc_interval_s, self.collect, stop))
 
     async def reconcile(self) -> None:
@@ -118,6 +120,21 @@ class Agent:
         INDEX_PATHS.labels(self.node).set(len(self.index))
         self.last_use.save()
         self._reconciled = True
+        await self.sweep()
+
+    async def heartbeat(self) -> None:
+        """Rewrite this node's record: peers fetch from a node only while it is fresh."""
+        await self.router.register(self.node, self.url)
+
+    async def sweep(self) -> None:
+        """Delete the holder records of nodes gone for `departed_after_s` (one node does it:
+        the first serving one by name)."""
+        now = datetime.now(UTC)
+        if min(self.index.live_nodes(now), default=self.node) != self.node:
+            return
+        for node, keys in self.index.departed(now, self.settings.departed_after_s).items():
+            log.info("node %s is gone: deleting its %d holder records", node, len(keys))
+            await self.router.remove(keys)
 
     async def collect(self) -> list[PathInfo]:
         # Never what a want being answered has fetched so far (or holds already).
@@ -253,7 +270,7 @@ async def _start(
     http, url = await _serve_cache(settings, local, runtime)
     try:
         bus = await (runtime.connect() if stop is None else runtime.connect_retrying(stop))
-        router = BusRouter(bus)
+        router = BusRouter(bus, HolderIndex(node_ttl_s=settings.node_ttl_s))
         await router.start()
         await router.register(settings.node, url)
         await runtime.serve_ops(settings)  # a separate ops port too, when one is set

@@ -66,7 +66,7 @@ def apply_record(index: HolderIndex, key: str, value: bytes | None, revision: in
             return _ignored(key, "garbage", f"not a node record ({_first(exc)})")
         if record.node != node:
             return _ignored(key, "mismatch", f"its body names node {record.node}")
-        index.set_node(node, record.url, revision)
+        index.set_node(node, record, revision)
         return True
     if key == FORMAT_KEY:
         return True

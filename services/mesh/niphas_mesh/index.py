@@ -9,9 +9,11 @@ stream from nodes that announced before them (see `Fetcher._download`).
 
 A node is one holder whatever its URL: its newest word about a path replaces what it said
 earlier, also from another URL (a restarted agent, a new pod IP). Its holdings are offered only
-at the URL it registered for itself (`set_node`): a record naming another address for it
-(forged, or an earlier run's) is never fetched from, and a node that left (its registration
-deleted) is not offered at all. A cache is one holder per URL.
+at the URL it registered for itself (`set_node`), and only while that registration says it
+serves and is younger than `node_ttl_s` (its agent rewrites it meanwhile): a record naming
+another address for it (forged, or an earlier run's) is never fetched from, nor a node that
+stopped or vanished. `departed` names the records of nodes gone for long enough to delete.
+A cache is one holder per URL.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import contextlib
 import random
 import sys
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from niphas_schemas import PathAvailable
-from niphas_schemas.holders import hash_part, holder_id
+from niphas_schemas.holders import NodeRecord, hash_part, holder_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,28 +43,38 @@ class Holding:
 
 
 class HolderIndex:
-    def __init__(self) -> None:
+    def __init__(self, node_ttl_s: float | None = None) -> None:
+        self.node_ttl_s = node_ttl_s
+        """A node registration older than this is not trusted to serve (None: any age)."""
         self._paths: dict[str, dict[str, Holding]] = {}
         """Hash part -> holder id -> holding."""
         self._full: dict[str, str] = {}
         """Hash part -> the full store path (names the paths `held_by` returns)."""
-        self._nodes: dict[str, str] = {}
-        """Node -> the URL it registered for itself."""
+        self._nodes: dict[str, NodeRecord] = {}
+        """Node -> what it last said about itself."""
         self.last_seq = 0
         self._changed = asyncio.Event()
         self._waiting = 0
         """Tasks in `changed` right now (nobody waiting: nothing to wake)."""
 
-    def set_node(self, node: str, url: str | None, seq: int = 0) -> None:
-        """Node `node` serves at `url` (None: it left)."""
-        if url is None:
+    def set_node(self, node: str, record: NodeRecord | None, seq: int = 0) -> None:
+        """What node `node` said about itself (None: its record was deleted)."""
+        if record is None:
             self._nodes.pop(node, None)
         else:
-            self._nodes[node] = url
+            self._nodes[node] = record
         self._moved(seq)
 
-    def node_url(self, node: str) -> str | None:
-        return self._nodes.get(node)
+    def node_url(self, node: str, now: datetime | None = None) -> str | None:
+        """Where node `node` serves now; None if it never said, stopped or went quiet."""
+        record = self._nodes.get(node)
+        if record is None or not record.serving:
+            return None
+        if self.node_ttl_s is not None:
+            age = ((now or datetime.now(UTC)) - record.at).total_seconds()
+            if age > self.node_ttl_s:
+                return None
+        return record.url
 
     def remove(self, hash_part_: str, holder: str, seq: int) -> None:
         """Forget holder id `holder`'s word about the path with hash part `hash_part_`."""
@@ -105,17 +117,42 @@ class HolderIndex:
         """Every holder's word about `store_path`, as recorded (whether offered or not)."""
         return list(self._paths.get(hash_part(store_path), {}).values())
 
-    def offered(self, holding: Holding) -> bool:
+    def offered(self, holding: Holding, now: datetime | None = None) -> bool:
         """Whether `holding` may be fetched from: a cache's, or a node's at the URL the node
-        registered for itself."""
-        return holding.kind == "cache" or self._nodes.get(holding.holder) == holding.url
+        registered for itself, while it serves."""
+        return holding.kind == "cache" or self.node_url(holding.holder, now) == holding.url
+
+    def live_nodes(self, now: datetime) -> list[str]:
+        """Nodes serving now, by name."""
+        return sorted(n for n in self._nodes if self.node_url(n, now) is not None)
+
+    def departed(self, now: datetime, after_s: float) -> dict[str, list[str]]:
+        """Nodes gone for more than `after_s` seconds (their record says they stopped, or it
+        went quiet, that long ago; or they never registered and said nothing about any path
+        for that long), with the keys of their path records."""
+        keys: dict[str, list[str]] = {}
+        newest: dict[str, datetime] = {}
+        for h, holders in self._paths.items():
+            for key, holding in holders.items():
+                if holding.kind == "node" and self.node_url(holding.holder, now) is None:
+                    keys.setdefault(holding.holder, []).append(f"{h}.{key}")
+                    last = newest.get(holding.holder)
+                    newest[holding.holder] = holding.at if last is None else max(last, holding.at)
+        gone = {}
+        for node, node_keys in keys.items():
+            record = self._nodes.get(node)
+            since = newest[node] if record is None else record.at
+            if (now - since).total_seconds() > after_s:
+                gone[node] = node_keys
+        return gone
 
     def available(self, store_path: str, exclude: str = "") -> list[Holding]:
         """Holders to try, best first: peers (shuffled, to spread the load), then caches."""
+        now = datetime.now(UTC)
         found = [
             h
             for h in self.holdings(store_path)
-            if h.state == "available" and h.url != exclude and self.offered(h)
+            if h.state == "available" and h.url != exclude and self.offered(h, now)
         ]
         peers = [h for h in found if h.kind == "node"]
         random.shuffle(peers)

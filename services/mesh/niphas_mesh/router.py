@@ -4,9 +4,9 @@ collector and the agent's announcements.
 A router keeps a `HolderIndex` in step with the holder state (`niphas-holders`: each holder's
 latest word about each path, and each node's own record of its URL; no age limit, see
 `niphas_schemas.holders`): read whole at start, then followed. It registers this node at its
-URL (`register`; `leave` deletes that record when the agent stops) and announces this node's
-words, returning each one's revision (which orders concurrent `fetching` announcements, see
-`HolderIndex.fetchers`). Every record read is checked against its key first
+URL (`register`, again and again while it serves: a heartbeat; `leave` says it stopped) and
+announces this node's words, returning each one's revision (which orders concurrent `fetching`
+announcements, see `HolderIndex.fetchers`). Every record read is checked against its key first
 (`holder_state.apply_record`).
 
 `BusRouter` does this over NATS: a state write, then the same event on `path.available` (kept
@@ -19,6 +19,7 @@ conformance tests (tests/niphas_mesh/test_router.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Protocol
 
 from niphas_common.bus.bus import Bus
@@ -48,7 +49,11 @@ class Router(Protocol):
         ...
 
     async def leave(self, node: str) -> None:
-        """Delete `node`'s record: nobody fetches from it until it registers again."""
+        """Record that `node` stopped: nobody fetches from it until it registers again."""
+        ...
+
+    async def remove(self, keys: Iterable[str]) -> None:
+        """Delete holder records (those of a node gone for good)."""
         ...
 
     async def announce(self, event: PathAvailable) -> int:
@@ -64,6 +69,7 @@ class BusRouter:
     def __init__(self, bus: Bus, index: HolderIndex | None = None) -> None:
         self._bus = bus
         self.index = index if index is not None else HolderIndex()
+        self._urls: dict[str, str] = {}
         self._state: State | None = None
         self._watch: StateWatch | None = None
 
@@ -85,11 +91,18 @@ class BusRouter:
 
     async def register(self, node: str, url: str) -> int:
         assert self._state is not None, "start the router first"
+        self._urls[node] = url
         return await self._state.put(node_key(node), _node_record(node, url))
 
     async def leave(self, node: str) -> None:
-        if self._state is not None:
-            await self._state.delete(node_key(node))
+        url = self._urls.get(node)
+        if self._state is not None and url is not None:
+            await self._state.put(node_key(node), _node_record(node, url, serving=False))
+
+    async def remove(self, keys: Iterable[str]) -> None:
+        assert self._state is not None, "start the router first"
+        for key in keys:
+            await self._state.delete(key)
 
     async def announce(self, event: PathAvailable) -> int:
         revision = await self._bus.record(event)
@@ -137,6 +150,7 @@ class MemoryRouter:
     def __init__(self, state: MemoryState, index: HolderIndex | None = None) -> None:
         self.state = state
         self.index = index if index is not None else HolderIndex()
+        self._urls: dict[str, str] = {}
         self._started = False
 
     @property
@@ -148,10 +162,16 @@ class MemoryRouter:
         self._started = True
 
     async def register(self, node: str, url: str) -> int:
+        self._urls[node] = url
         return self.state.write(node_key(node), _node_record(node, url))
 
     async def leave(self, node: str) -> None:
-        self.state.write(node_key(node), None)
+        if node in self._urls:
+            self.state.write(node_key(node), _node_record(node, self._urls[node], serving=False))
+
+    async def remove(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self.state.write(key, None)
 
     async def announce(self, event: PathAvailable) -> int:
         self.state.events.append(event)
@@ -162,5 +182,5 @@ class MemoryRouter:
         self._started = False
 
 
-def _node_record(node: str, url: str) -> bytes:
-    return NodeRecord(node=node, url=url).model_dump_json().encode()
+def _node_record(node: str, url: str, *, serving: bool = True) -> bytes:
+    return NodeRecord(node=node, url=url, serving=serving).model_dump_json().encode()

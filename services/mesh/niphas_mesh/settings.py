@@ -102,6 +102,19 @@ class MeshSettings(ServiceSettings):
     range_bytes: int = Field(
         default=16 << 20, ge=1, description="Bytes per range of a NAR fetched from several peers"
     )
+    node_ttl_s: float = Field(
+        default=90.0,
+        gt=0,
+        description="Seconds a node's record of its URL counts without being rewritten (its "
+        "agent rewrites it every third of this); a node silent longer is not fetched from",
+    )
+    departed_after_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds after a node stopped or went silent before its holder records are "
+        "deleted (by the first serving node by name); it re-announces what it holds if it "
+        "comes back",
+    )
     rescan_interval_s: float = Field(
         default=30.0,
         gt=0,
