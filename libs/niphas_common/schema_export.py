@@ -25,8 +25,14 @@ ROLES: dict[str, tuple[str, str]] = {
     ),
     "eval.done": ("eval workers", "builder"),
     "build.done": ("builder", "operator, mesh"),
-    "path.wanted": ("csi (a pod needs a closure); operator (preheat before rollout)", "mesh"),
-    "path.available": ("mesh; builder (for the cache)", "mesh, csi"),
+    "path.wanted": (
+        "csi (a pod needs a closure); operator (preheat before rollout)",
+        "mesh (each node's agent its own path.wanted.<node>)",
+    ),
+    "path.available": (
+        "mesh; builder (for the cache)",
+        "people (the holders are read from the state bucket niphas-holders)",
+    ),
 }
 """Who publishes and who consumes each subject (the AsyncAPI document and the README's
 subjects table both say this)."""
@@ -55,8 +61,9 @@ def render_asyncapi(models: tuple[type[Event], ...] = EVENT_TYPES) -> str:
             schema=model,
             description=(
                 f"{(model.__doc__ or '').strip()} Stream {stream_name(model.subject)}. "
-                f"Published by: {publishers}. Consumed by: {consumers}. Headers: Nats-Msg-Id "
-                "(idempotency key), traceparent (W3C trace context), Niphas-Event-Id."
+                f"{_routing(model)}Published by: {publishers}. Consumed by: {consumers}. "
+                "Headers: Nats-Msg-Id (idempotency key), traceparent (W3C trace context), "
+                "Niphas-Event-Id."
             ),
         )
     spec = AsyncAPI(
@@ -68,6 +75,16 @@ def render_asyncapi(models: tuple[type[Event], ...] = EVENT_TYPES) -> str:
     # faststream orders channels by set iteration (varies per process): sort for stable files.
     document = spec.to_specification().to_jsonable()
     return yaml.safe_dump(document, sort_keys=True, allow_unicode=True, width=100)
+
+
+def _routing(model: type[Event]) -> str:
+    said = ""
+    if model.routed:
+        said += f"Each event is published on {model.subject}.<recipient> (the stream holds both). "
+    if model.state_bucket:
+        said += "What each event states is also kept, with no age limit, in the key-value "
+        said += f"bucket {model.state_bucket} (published there first). "
+    return said
 
 
 def render_all(models: tuple[type[Event], ...] = EVENT_TYPES) -> dict[str, str]:
