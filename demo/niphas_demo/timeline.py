@@ -76,6 +76,8 @@ def _entry(message: StoredMessage) -> Entry:
         body = json.loads(message.data)
     except ValueError:
         body = {}
-    summary, paths = summarise(message.subject, body if isinstance(body, dict) else {})
+    # A routed event is stored below its subject (path.wanted.<node>): name it by its subject.
+    subject = next((s for s in SUBJECTS if message.subject.startswith(f"{s}.")), message.subject)
+    summary, paths = summarise(subject, body if isinstance(body, dict) else {})
     assert message.time is not None
-    return Entry(message.subject, message.time, summary, paths, message.sequence)
+    return Entry(subject, message.time, summary, paths, message.sequence)
