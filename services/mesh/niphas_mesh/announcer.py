@@ -1,4 +1,5 @@
-"""Announcing this node's holdings on `path.available`."""
+"""This node's words about its paths (available, fetching, withdrawn, failed), given to the
+`Router`, which records them in the holder state and publishes them on `path.available`."""
 
 from __future__ import annotations
 
