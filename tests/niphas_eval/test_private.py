@@ -22,6 +22,7 @@ from niphas_common.nix.content_address import source_path
 from niphas_common.nix.hashes import Hash
 from niphas_common.nix.runner import NixRunner
 from niphas_eval.app import build_worker
+from niphas_eval.credentials import GitCredentials
 from niphas_eval.settings import EvalSettings
 from niphas_schemas import EvalDone, PushReceived
 from tests.helpers import serving
@@ -180,3 +181,19 @@ async def test_private_flake_over_ssh_with_a_deploy_key(
     key = forge.key_file.read_text().splitlines()[1]  # a line of the private key
     assert key not in json.dumps([d.model_dump(mode="json") for d in dones])
     assert key not in caplog.text
+
+
+def test_a_missing_credentials_file_means_public_repositories_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The manifests' Secret is optional: its file may be absent, and appear later."""
+    file = tmp_path / "git" / "credentials.yaml"
+    caplog.set_level(logging.INFO, logger="niphas_eval.credentials")
+    credentials = GitCredentials(file)
+    url = "https://git.example.com/acme/private.git"
+    assert credentials.for_urls([url]) == [] and credentials.for_urls([url]) == []
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    file.parent.mkdir()
+    file.write_text(yaml.safe_dump({url: {"token": "t0ken"}}))
+    [entry] = credentials.for_urls([url])
+    assert entry.url == url

@@ -130,6 +130,13 @@ class GitCredentials:
             return
         try:
             stat = self._file.stat()
+        except FileNotFoundError:
+            # An optional Secret not created: public repositories only (said once).
+            if self._entries or self._stamp != (0, 0):
+                log.info("no git credentials file %s: public repositories only", self._file)
+            self._entries, self._stamp = [], (0, 0)
+            return
+        try:
             stamp = (stat.st_mtime_ns, stat.st_size)
             if stamp == self._stamp:
                 return
