@@ -19,7 +19,16 @@ def test_valid_workload_is_accepted_and_listed_with_printer_columns(kubectl: Kub
     assert "niphasworkload.niphas.io/web created" in out
     listing = kubectl("get", "nw")
     header = listing.splitlines()[0].split()
-    assert header == ["NAME", "FLAKE", "ATTRIBUTE", "STORE-PATH", "PHASE", "READY", "AGE"]
+    assert header == [
+        "NAME",
+        "FLAKE",
+        "ATTRIBUTE",
+        "STORE-PATH",
+        "PHASE",
+        "REASON",
+        "READY",
+        "AGE",
+    ]
     assert "git+file:///srv/git/demo.git" in listing
     # The second short name works too.
     assert "web" in kubectl("get", "niphas")

@@ -81,7 +81,7 @@ async def _asks_for_a_first_build(kubectl: Kubectl, bus: Bus) -> None:
     assert push["commit"] is None
     assert push["delivery_id"] == f"{kubectl.namespace}/web/1"
     await eventually(
-        lambda: (kubectl.get("nw", "web") or {}).get("status", {}).get("phase") == "Pending", 30
+        lambda: (kubectl.get("nw", "web") or {}).get("status", {}).get("phase") == "Evaluating", 30
     )
     assert kubectl.get("deployment", "web") is None
 
@@ -126,7 +126,7 @@ async def _first_build_applied(
     assert conditions["ClosureAvailable"]["status"] == "True"
     assert conditions["Degraded"]["status"] == "False"
     assert conditions["Available"]["status"] == "False"  # no pods yet: no controllers here
-    assert status["phase"] == "Progressing"
+    assert status["phase"] == "Provisioning"
 
 
 async def _becomes_ready(kubectl: Kubectl, crd: KubeApiServer) -> None:

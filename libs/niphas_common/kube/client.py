@@ -93,6 +93,9 @@ _PLURALS = {
     "Event": "events",
     "Lease": "leases",
     "Job": "jobs",
+    "Ingress": "ingresses",
+    "ConfigMap": "configmaps",
+    "Node": "nodes",
 }
 
 

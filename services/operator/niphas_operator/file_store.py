@@ -45,6 +45,8 @@ FILENAMES = {
     "Deployment": "deployment.yaml",
     "Service": "service.yaml",
     "PodDisruptionBudget": "pdb.yaml",
+    "Ingress": "ingress.yaml",
+    "ConfigMap": "configmap.yaml",
 }
 
 
@@ -77,6 +79,9 @@ def write_if_changed(path: Path, text: str) -> bool:
 
 class FileStore:
     pdb_api_version = "policy/v1"
+    pdb_unhealthy_policy = False
+    """The cluster that will get the manifests is unknown: a field older servers would
+    refuse at client-side validation is left out."""
 
     def __init__(
         self,
@@ -229,6 +234,9 @@ class FileStore:
 
     async def nodes_running(self, workload: Workload) -> tuple[str, ...]:
         return ()
+
+    async def nodes_labelled(self, labels: dict[str, str]) -> tuple[str, ...] | None:
+        return None
 
     async def record(
         self, workload: Workload, reason: str, message: str, *, about: str, warning: bool = False

@@ -8,16 +8,19 @@ that change nothing are recorded as Events (`recorder`). Every request is counte
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from prometheus_client import Counter
 
-from niphas_common.kube.client import Kube, object_path, resource_path
+from niphas_common.kube.client import Kube, KubeError, collection_path, object_path, resource_path
 from niphas_common.kube.watch import Backoff, Selection, WatchEvent, list_and_watch
 from niphas_operator.recorder import Recorder
 from niphas_operator.store import Key
 from niphas_operator.workload import API_VERSION, MANAGED_BY, PLURAL, Workload
+
+log = logging.getLogger(__name__)
 
 API_REQUESTS = Counter(
     "niphas_operator_api_requests_total", "Kubernetes API requests by verb", ["verb"]
@@ -45,9 +48,11 @@ class KubernetesStore:
         pdb_api_version: str,
         resync_s: float,
         retry: Backoff,
+        pdb_unhealthy_policy: bool = False,
     ) -> None:
         self.kube = kube
         self.pdb_api_version = pdb_api_version
+        self.pdb_unhealthy_policy = pdb_unhealthy_policy
         self._namespace = namespace
         self._resync_s = resync_s
         self._retry = retry
@@ -57,9 +62,18 @@ class KubernetesStore:
     async def connect(
         cls, kube: Kube, *, namespace: str | None, resync_s: float, retry: Backoff
     ) -> KubernetesStore:
-        """A store for the cluster behind `kube`, asking it which PDB version it serves."""
+        """A store for the cluster behind `kube`, asking it which PDB version it serves and
+        whether it keeps `unhealthyPodEvictionPolicy`."""
         pdb = "policy/v1" if await kube.served("policy/v1") else "policy/v1beta1"
-        return cls(kube, namespace=namespace, pdb_api_version=pdb, resync_s=resync_s, retry=retry)
+        unhealthy = await keeps_unhealthy_policy(kube, pdb, namespace or "default")
+        return cls(
+            kube,
+            namespace=namespace,
+            pdb_api_version=pdb,
+            resync_s=resync_s,
+            retry=retry,
+            pdb_unhealthy_policy=unhealthy,
+        )
 
     async def get(self, key: Key) -> dict[str, Any] | None:
         return await self.kube.get(workload_path(*key))
@@ -90,6 +104,11 @@ class KubernetesStore:
         )
         return tuple(sorted({p["spec"]["nodeName"] for p in pods if p["spec"].get("nodeName")}))
 
+    async def nodes_labelled(self, labels: dict[str, str]) -> tuple[str, ...] | None:
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        nodes, _ = await self.kube.list(resource_path("v1", "nodes"), label_selector=selector)
+        return tuple(sorted(n["metadata"]["name"] for n in nodes))
+
     async def record(
         self, workload: Workload, reason: str, message: str, *, about: str, warning: bool = False
     ) -> None:
@@ -104,3 +123,28 @@ class KubernetesStore:
 
     def _watch(self, selection: Selection) -> AsyncIterator[WatchEvent]:
         return list_and_watch(self.kube, selection, resync_s=self._resync_s, retry=self._retry)
+
+
+async def keeps_unhealthy_policy(kube: Kube, api_version: str, namespace: str) -> bool:
+    """Whether the server keeps a PodDisruptionBudget's `unhealthyPodEvictionPolicy`: a
+    dry-run create (nothing is stored) answers with the object as it would be stored, and a
+    server without the field (before 1.26, or its feature gate off) drops it."""
+    probe = {
+        "apiVersion": api_version,
+        "kind": "PodDisruptionBudget",
+        "metadata": {"generateName": "niphas-probe-"},
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": {"niphas.io/probe": "unhealthy-pod-eviction-policy"}},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+    path = collection_path(api_version, "PodDisruptionBudget", namespace)
+    try:
+        answer = await kube.request("POST", path, query={"dryRun": "All"}, body=probe)
+    except KubeError as exc:
+        log.warning("cannot tell whether PDBs keep unhealthyPodEvictionPolicy: %s", exc)
+        return False
+    kept = (answer.get("spec") or {}).get("unhealthyPodEvictionPolicy") == "AlwaysAllow"
+    log.info("PodDisruptionBudget unhealthyPodEvictionPolicy %s", "kept" if kept else "dropped")
+    return kept

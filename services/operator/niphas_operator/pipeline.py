@@ -15,6 +15,13 @@ moved to, `evaluated.pushedAt` for the evaluation), and a result of an earlier p
 ignored, with the reason logged and recorded as a `Superseded` Event on the workload. A
 pinned `spec.revision` names its commit, so its results are never ordered out.
 
+A workload's `attribute` is a name of the flake's packages (`default`, matched in any
+system's packages) or a dotted path (`packages.x86_64-linux.default`, matched by its path).
+A multi-architecture workload takes each architecture's evaluation from the attribute of
+its system, and a build for the architecture whose evaluated output it produced. Each result
+taken is also recorded as an Event (Evaluated, EvaluationFailed, Built, BuildFailed) naming
+the commit and the store path.
+
 Every status write carries the resourceVersion it read (409 -> read again), so handlers and
 the reconciler never overwrite each other's conditions. Handlers are idempotent: the same
 event twice leaves the same status.
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,8 +47,9 @@ from niphas_common.kube.client import KubeConflict
 from niphas_operator.reconciler import built_from
 from niphas_operator.status import StatusBuilder, moved_to
 from niphas_operator.store import WorkloadStore
-from niphas_operator.workload import Workload, program_of
+from niphas_operator.workload import ArchitectureStatus, Workload, now_rfc3339, program_of
 from niphas_schemas import BuildDone, EvalDone
+from niphas_schemas.events import EvaluatedAttribute
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,23 @@ Enqueue = Callable[[tuple[str, str], dict[str, Any] | None], None]
 Stale = Callable[[Workload], str | None]
 """Why an event is older than what the workload already took, or None."""
 _ATTEMPTS = 5
+CLOSURE_PATHS_MAX = 2000
+"""Store paths of a closure kept in `status.closurePaths` (its count is always whole)."""
+
+
+@dataclass(frozen=True)
+class Note:
+    """The Event telling people about a result taken."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    patch: dict[str, Any] | None
+    note: Note | None = None
 
 
 def matches(
@@ -57,7 +83,7 @@ def matches(
     spec = workload.spec
     if workload.deleting or spec.store_path:
         return False
-    if attribute is not None and spec.attribute != attribute:
+    if attribute is not None and workload.attribute_name != attribute:
         return False
     if spec.revision:
         if spec.revision != commit:
@@ -144,9 +170,10 @@ class PipelineEvents:
         workload: Workload,
         about: str,
         stale: Stale,
-        compute: Callable[[Workload], dict[str, Any] | None],
+        compute: Callable[[Workload], Outcome],
     ) -> None:
         written: dict[str, Any] | None = None
+        note: Note | None = None
         for _ in range(_ATTEMPTS):
             # Judged on every fresh read: a concurrent handler may just have taken a newer push.
             reason = stale(workload)
@@ -154,7 +181,8 @@ class PipelineEvents:
                 log.info("%s/%s %s", workload.namespace, workload.name, reason)
                 await self._store.record(workload, "Superseded", reason, about=about)
                 return
-            patch = compute(workload)
+            outcome = compute(workload)
+            patch, note = outcome.patch, outcome.note
             if patch is None:
                 break
             patch["metadata"] = {"resourceVersion": workload.resource_version}
@@ -168,19 +196,49 @@ class PipelineEvents:
                 workload = Workload(fresh)
         else:
             raise KubeConflict(409, f"{workload.namespace}/{workload.name}: status kept changing")
+        if note is not None and written is not None:
+            await self._store.record(
+                workload, note.reason, note.message, about=f"{note.reason}:{about}",
+                warning=note.warning,
+            )  # fmt: skip
         self._enqueue(workload.key, written)
 
 
-def _build_status(workload: Workload, event: BuildDone) -> dict[str, Any] | None:
+def _build_status(workload: Workload, event: BuildDone) -> Outcome:
     status = StatusBuilder(workload)
     if event.status == "failed":
         tail = (event.log_tail or "").strip().splitlines()[-5:]
         message = f"build of {event.attribute} at {event.commit[:12]} failed: " + " | ".join(tail)
         status.condition("Built", False, "BuildFailed", message)
         status.condition("Degraded", True, "BuildFailed", message)
-        status.set(phase="Degraded")
-        return status.patch()
+        runs = bool(workload.status.store_path)
+        status.set(
+            phase="Degraded" if runs else "Failed", reason="BuildFailed", message=message[:1024]
+        )
+        return Outcome(status.patch(), Note("BuildFailed", message, warning=True))
     out = next((o for o in event.outputs if o.name == "out"), event.outputs[0])
+    note = Note(
+        "Built",
+        f"built {event.attribute} at {event.commit[:12]}: {out.path} "
+        f"({len(event.closure) or len(event.outputs)} paths in its closure)",
+    )
+    entries = workload.architecture_entries()
+    if entries:
+        index = _architecture_of(entries, out.path)
+        if index is None:
+            log.info(
+                "%s/%s: the build of %s is for none of its architectures",
+                *workload.key,
+                out.path,
+            )
+            return Outcome(None)
+        main = entries[index].main_program or program_of(out.path)
+        entries[index] = entries[index].model_copy(
+            update={"store_path": out.path, "commit": event.commit, "main_program": main}
+        )
+        status.set(architectures=[e.model_dump(by_alias=True, exclude_none=True) for e in entries])
+        if index > 0:
+            return Outcome(status.patch(), note)
     evaluated = (workload.obj.get("status") or {}).get("evaluated") or {}
     main_program = (
         evaluated.get("mainProgram") if evaluated.get("outPath") == out.path else None
@@ -198,25 +256,74 @@ def _build_status(workload: Workload, event: BuildDone) -> dict[str, Any] | None
             "pathCount": len(event.closure) or len(event.outputs),
             "narSize": sum(o.nar_size for o in event.outputs),
         },
+        closurePaths=sorted(event.closure or [o.path for o in event.outputs])[:CLOSURE_PATHS_MAX],
     )
     status.condition("Built", True, event.status.capitalize(), f"{event.drv_path}")
     where = event.cache_url or "the binary cache"
     status.condition("ClosureAvailable", True, "InCache", f"{out.path} in {where}")
     status.condition("Degraded", False, "BuildSucceeded", "")
-    return status.patch()
+    return Outcome(status.patch(), note)
 
 
-def _eval_status(workload: Workload, event: EvalDone) -> dict[str, Any] | None:
+def _architecture_of(entries: list[ArchitectureStatus], out_path: str) -> int | None:
+    """Which architecture a build is for: the one whose evaluation named its output (a
+    workload of one architecture takes any)."""
+    for i, entry in enumerate(entries):
+        if entry.evaluated_out_path == out_path:
+            return i
+    return 0 if len(entries) == 1 else None
+
+
+def _chosen(workload: Workload, event: EvalDone, system: str | None) -> EvaluatedAttribute | None:
+    """The workload's attribute in the evaluation: by its path when dotted, else by name
+    (of `system` when given)."""
+    dotted = "." in workload.spec.attribute
+    for attr in event.attributes:
+        if dotted and attr.attr_path == workload.spec.attribute:
+            return attr
+        named = not dotted and attr.attribute == workload.spec.attribute
+        if named and (system is None or attr.system == system):
+            return attr
+    return None
+
+
+def _eval_status(workload: Workload, event: EvalDone) -> Outcome:
     status = StatusBuilder(workload)
-    attr = next((a for a in event.attributes if a.attribute == workload.spec.attribute), None)
+    entries = workload.architecture_entries()
+    attr: EvaluatedAttribute | None = None
+    if entries:
+        for i, entry in enumerate(entries):
+            found = _chosen(workload, event, entry.system)
+            if found is not None and found.error is None and found.outputs:
+                out_path = found.outputs.get("out") or next(iter(found.outputs.values()))
+                entries[i] = entry.model_copy(
+                    update={
+                        "evaluated_out_path": out_path,
+                        "main_program": found.main_program or entry.main_program,
+                    }
+                )
+            attr = attr or found
+        status.set(architectures=[e.model_dump(by_alias=True, exclude_none=True) for e in entries])
+    else:
+        attr = _chosen(workload, event, None)
     error = event.error if event.status == "failed" else (attr.error if attr else None)
     if attr is None and error is None:
-        error = f"the flake has no attribute {workload.spec.attribute!r}"
+        systems = ", ".join(e.system for e in entries)
+        error = f"the flake has no attribute {workload.spec.attribute!r}" + (
+            f" for {systems}" if systems else ""
+        )
+    last: dict[str, Any] = {
+        "commit": event.commit,
+        "time": now_rfc3339(),
+        "succeeded": error is None,
+        "message": None,
+    }
     if error is not None:
         message = f"evaluation at {event.commit[:12]} failed: {error}"
         status.condition("Evaluated", False, "EvaluationFailed", message)
         status.condition("Degraded", True, "EvaluationFailed", message)
-        return status.patch()
+        status.set(lastEval={**last, "message": message[:1024]})
+        return Outcome(status.patch(), Note("EvaluationFailed", message, warning=True))
     assert attr is not None
     out = attr.outputs.get("out") or next(iter(attr.outputs.values()))
     # Every key, None ones too: a merge patch keeps what it does not name.
@@ -226,6 +333,7 @@ def _eval_status(workload: Workload, event: EvalDone) -> dict[str, Any] | None:
         "mainProgram": attr.main_program or None,
         "pushedAt": stamp(event.pushed_at),
     }
-    status.set(evaluated=evaluated)
+    status.set(evaluated=evaluated, lastEval={**last, "message": f"{attr.attr_path} -> {out}"})
     status.condition("Evaluated", True, "Evaluated", f"{attr.attr_path} -> {out}")
-    return status.patch()
+    note = Note("Evaluated", f"evaluated {attr.attr_path} at {event.commit[:12]}: {out}")
+    return Outcome(status.patch(), note)

@@ -8,6 +8,12 @@ event woke the worker, so a missed or repeated event costs nothing. Which store 
 a pinned `spec.storePath` (rollback) wins, else the path the latest matching `build.done`
 recorded in status. A workload with neither, or whose source changed since its path was
 built, asks the pipeline once per generation with `push.received`.
+
+A multi-architecture workload (`spec.architectures`) gets one Deployment per architecture,
+each running the store path built for that architecture's system on nodes of that
+architecture; the first architecture is the one `status.storePath` and rollbacks speak of.
+Each step of a workload's life (provisioned, rolled back, available, degraded, failed) is
+recorded as a Kubernetes Event naming the commit and store path.
 """
 
 from __future__ import annotations
@@ -25,9 +31,16 @@ from niphas_common.flakeref import repository_of
 from niphas_common.kube.client import Forbidden
 from niphas_operator import children
 from niphas_operator.children import PodSettings
+from niphas_operator.lifecycle import lifecycle
 from niphas_operator.status import StatusBuilder, history_entry, moved_to
 from niphas_operator.store import WorkloadStore
-from niphas_operator.workload import FINALIZER, Workload, program_of
+from niphas_operator.workload import (
+    ARCH_LABEL,
+    ARCHITECTURE_SYSTEMS,
+    FINALIZER,
+    Workload,
+    program_of,
+)
 from niphas_schemas import Event, PathWanted, PushReceived
 
 log = logging.getLogger(__name__)
@@ -41,7 +54,15 @@ Publish = Callable[[Event], Awaitable[object]]
 ALLOWED = "Ready"
 """The condition saying the operator may not write the workload's children (False, reason
 Forbidden, with the API server's answer); removed once a reconcile could write them."""
-CHILD_KINDS = (("apps/v1", "Deployment"), ("v1", "Service"))
+CHILD_KINDS = (
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("networking.k8s.io/v1", "Ingress"),
+    ("v1", "ConfigMap"),
+)
+Target = tuple[str | None, "Desired | None"]
+"""An architecture (None: a single-architecture workload) and what its Deployment runs
+(None: nothing built for it yet)."""
 
 
 class OwnWrites:
@@ -95,6 +116,25 @@ def desired_path(workload: Workload) -> Desired | None:
     return None
 
 
+def targets(workload: Workload, desired: Desired | None) -> list[Target]:
+    """The Deployments the workload wants: one, or one per architecture (the first
+    architecture runs `desired`, the others what their builds recorded)."""
+    if not workload.spec.architectures:
+        return [(None, desired)]
+    found: list[Target] = []
+    for i, entry in enumerate(workload.architecture_entries()):
+        if i == 0:
+            found.append((entry.architecture, desired))
+        elif entry.store_path:
+            program = entry.main_program or program_of(entry.store_path)
+            found.append(
+                (entry.architecture, Desired(entry.store_path, entry.commit, program, False))
+            )
+        else:
+            found.append((entry.architecture, None))
+    return found
+
+
 def needs_build(workload: Workload) -> bool:
     """No store path yet, or the one we have was built from another source or commit."""
     if workload.spec.store_path:
@@ -138,6 +178,8 @@ class Reconciler:
         nothing to do)."""
         self.own_deployments = OwnWrites()
         """The same for each workload's Deployment (its later status changes are not ours)."""
+        self._etc_applied: dict[tuple[str, str], tuple[str, str]] = {}
+        """(uid, content digest) of the /etc ConfigMap this process applied per workload."""
 
     async def reconcile(
         self, namespace: str, name: str, known: dict[str, Any] | None = None
@@ -156,22 +198,77 @@ class Reconciler:
             return
         workload = await self._with_finalizer(workload)
         status = StatusBuilder(workload)
+        problem = children.invalid_spec(workload)
+        if problem is not None:
+            # Nothing is applied: what runs keeps running until the spec is fixed.
+            status.condition("Valid", False, "InvalidSpec", problem)
+            await self._conclude(workload, status, None)
+            RECONCILES.labels("invalid").inc()
+            return
+        status.clear("Valid")
         await self._request_build(workload, status)
         desired = desired_path(workload)
-        if desired is None:
-            status.set(observedGeneration=workload.generation, phase=_phase(status, None))
-            await self._write_status(workload, status)
+        wanted = targets(workload, desired)
+        if all(d is None for _, d in wanted):
+            await self._conclude(workload, status, None)
             RECONCILES.labels("pending").inc()
             return
         try:
-            deployment = await self._apply_children(workload, desired)
+            deployments = await self._apply_children(workload, wanted)
         except Forbidden as exc:
             await self._forbidden(workload, status, exc)
             raise  # the controller retries with backoff: the permission may be granted
         status.clear(ALLOWED)
-        self._running(workload, desired, status, deployment)
-        await self._write_status(workload, status)
+        await self._schedulable(workload, status)
+        self._running(workload, desired, status, deployments, len(wanted))
+        await self._conclude(workload, status, desired)
         RECONCILES.labels("applied").inc()
+
+    async def _conclude(
+        self, workload: Workload, status: StatusBuilder, desired: Desired | None
+    ) -> None:
+        """Phase and reason from the conditions, an Event when the phase changed, the write."""
+        phase, reason, message = lifecycle(workload, status, running=desired is not None)
+        status.set(
+            observedGeneration=workload.generation, phase=phase, reason=reason, message=message
+        )
+        if phase != workload.status.phase and phase in ("Running", "Degraded", "Failed"):
+            where = "" if desired is None else f" (running {_what(desired)})"
+            event = {"Running": "Available"}.get(phase, phase)
+            await self._store.record(
+                workload,
+                event,
+                f"{message}{where}",
+                about=f"phase:{phase}:{workload.resource_version}",
+                warning=phase != "Running",
+            )
+        await self._write_status(workload, status)
+
+    async def _schedulable(self, workload: Workload, status: StatusBuilder) -> None:
+        """Say when no node has one of the workload's architectures (instead of pods left
+        Pending without a word)."""
+        if not workload.spec.architectures:
+            status.clear("Schedulable")
+            return
+        key, value = self._pod.store_node_label
+        missing = []
+        for arch in workload.spec.architectures:
+            nodes = await self._store.nodes_labelled({ARCH_LABEL: arch, key: value})
+            if nodes is None:
+                status.clear("Schedulable")
+                return  # no cluster to ask (render mode)
+            if not nodes:
+                missing.append(arch)
+        if missing:
+            status.condition(
+                "Schedulable",
+                False,
+                "NoNodeForArchitecture",
+                f"no node has {ARCH_LABEL}={' or '.join(missing)} and {key}={value}: "
+                f"the {', '.join(missing)} pods cannot be scheduled",
+            )
+        else:
+            status.condition("Schedulable", True, "NodesFound", "every architecture has nodes")
 
     async def _with_finalizer(self, workload: Workload) -> Workload:
         if FINALIZER in workload.finalizers:
@@ -205,12 +302,33 @@ class Reconciler:
     def _running(
         self,
         workload: Workload,
-        desired: Desired,
+        desired: Desired | None,
         status: StatusBuilder,
-        deployment: dict[str, Any],
+        deployments: dict[str | None, dict[str, Any]],
+        expected: int,
     ) -> None:
         """The status of a workload whose children run `desired`."""
-        _readiness(workload, status, deployment)
+        _readiness(workload, status, list(deployments.values()), expected)
+        if workload.spec.architectures:
+            entries = []
+            for entry in workload.architecture_entries():
+                observed = (deployments.get(entry.architecture) or {}).get("status") or {}
+                ready = int(observed.get("readyReplicas") or 0)
+                if entry.architecture == workload.spec.architectures[0] and desired:
+                    entry = entry.model_copy(
+                        update={
+                            "store_path": desired.store_path,
+                            "commit": desired.commit,
+                            "main_program": desired.main_program,
+                        }
+                    )
+                entry = entry.model_copy(update={"ready_replicas": ready})
+                entries.append(entry.model_dump(by_alias=True, exclude_none=True))
+            status.set(architectures=entries)
+        elif workload.status.architectures:
+            status.set(architectures=None)
+        if desired is None:
+            return
         if workload.status.store_path != desired.store_path:
             # A pinned path is a rollback to an entry of the history, or a path the user
             # chose: recorded as history only when it is not there yet.
@@ -224,41 +342,41 @@ class Reconciler:
             )
             status.set(**fields)
         status.set(
-            observedGeneration=workload.generation,
             resolvedCommand=children.resolved_command(
                 workload, desired.store_path, desired.main_program
             ),
             replicas=workload.spec.replicas,
             selector=",".join(f"{k}={v}" for k, v in workload.selector().items()),
         )
-        status.set(phase=_phase(status, deployment))
 
-    async def _apply_children(self, workload: Workload, desired: Desired) -> dict[str, Any]:
+    async def _apply_children(
+        self, workload: Workload, wanted: list[Target]
+    ) -> dict[str | None, dict[str, Any]]:
+        """Apply every child; the Deployments as stored, by architecture."""
         # Optional children can only have been dropped by a spec change after an earlier
         # reconcile; a new workload has none to delete.
         observed = workload.status.observed_generation
         spec_changed = observed is not None and observed != workload.generation
-        command = children.resolved_command(workload, desired.store_path, desired.main_program)
-        # A rollback (pinned path) starts no trace of its own; a build's move carries its trace.
-        traceparent = (
-            None if desired.pinned else (workload.obj.get("status") or {}).get("traceparent")
-        )
-        manifest = children.deployment(
-            workload, desired.store_path, command, self._pod, traceparent
-        )
-        if not desired.pinned:
-            # Rollbacks (pinned paths) skip preheating: they must be instant, and the CSI
-            # driver still asks for a missing closure when a pod mounts it.
-            current = await self._store.child("apps/v1", "Deployment", workload.key)
-            if current is None or children.store_path_of(current) != desired.store_path:
-                await self._preheat(workload, desired.store_path)
-        applied = await self._store.apply(manifest)
-        self.own_deployments.add(workload.key, applied["metadata"]["resourceVersion"])
+        await self._apply_etc(workload)
+        applied: dict[str | None, dict[str, Any]] = {}
+        for architecture, desired in wanted:
+            if desired is not None:
+                applied[architecture] = await self._apply_deployment(
+                    workload, architecture, desired
+                )
+        if spec_changed:
+            for name in _stale_deployments(workload):
+                await self._store.delete("apps/v1", "Deployment", (workload.namespace, name))
         pdb_version = self._store.pdb_api_version
         optional = (
             (children.service(workload), ("v1", "Service")),
+            (children.ingress(workload), ("networking.k8s.io/v1", "Ingress")),
             (
-                children.disruption_budget(workload, pdb_version),
+                children.disruption_budget(
+                    workload,
+                    pdb_version,
+                    unhealthy_always_allow=self._store.pdb_unhealthy_policy,
+                ),
                 (pdb_version, "PodDisruptionBudget"),
             ),
         )
@@ -269,6 +387,49 @@ class Reconciler:
                 await self._store.delete(api_version, kind, workload.key)
         return applied
 
+    async def _apply_etc(self, workload: Workload) -> None:
+        """The pods' /etc ConfigMap, sent only when this process has not applied its content
+        yet (a CA bundle is a few hundred kilobytes: not for every reconcile)."""
+        digest = children.etc_digest(self._pod)
+        if self._etc_applied.get(workload.key) == (workload.uid, digest):
+            return
+        await self._store.apply(children.etc_config_map(workload, self._pod))
+        self._etc_applied[workload.key] = (workload.uid, digest)
+
+    async def _apply_deployment(
+        self, workload: Workload, architecture: str | None, desired: Desired
+    ) -> dict[str, Any]:
+        name = children.deployment_name(workload, architecture)
+        command = children.resolved_command(workload, desired.store_path, desired.main_program)
+        # A rollback (pinned path) starts no trace of its own; a build's move carries its trace.
+        traceparent = (
+            None if desired.pinned else (workload.obj.get("status") or {}).get("traceparent")
+        )
+        manifest = children.deployment(
+            workload, desired.store_path, command, self._pod, traceparent, architecture
+        )
+        current = await self._store.child("apps/v1", "Deployment", (workload.namespace, name))
+        moving = current is None or children.store_path_of(current) != desired.store_path
+        if moving and not desired.pinned:
+            # Rollbacks (pinned paths) skip preheating: they must be instant, and the CSI
+            # driver still asks for a missing closure when a pod mounts it.
+            await self._preheat(workload, desired.store_path)
+        applied = await self._store.apply(manifest)
+        self.own_deployments.add(workload.key, applied["metadata"]["resourceVersion"])
+        if moving:
+            await self._announce_move(workload, name, desired)
+        return applied
+
+    async def _announce_move(self, workload: Workload, name: str, desired: Desired) -> None:
+        entry = history_entry(workload, desired.store_path)
+        if desired.pinned:
+            revision = f"revision {entry.revision}: " if entry else ""
+            reason, message = "RolledBack", f"rolled back to {revision}{_what(desired)}"
+        else:
+            reason, message = "Provisioned", f"Deployment {name} runs {_what(desired)}"
+        about = f"moved:{name}:{desired.store_path}:{workload.resource_version}"
+        await self._store.record(workload, reason, message, about=about)
+
     async def _forbidden(self, workload: Workload, status: StatusBuilder, exc: Forbidden) -> None:
         """Say on the workload (a condition, a Warning Event) that its children may not be
         written in its namespace, instead of only a line in the operator's log."""
@@ -278,7 +439,12 @@ class Reconciler:
             f"{exc.reason}"
         )
         status.condition(ALLOWED, False, "Forbidden", message)
-        status.set(observedGeneration=workload.generation, phase="Degraded")
+        status.set(
+            observedGeneration=workload.generation,
+            phase="Degraded",
+            reason="Forbidden",
+            message=message[:1024],
+        )
         await self._store.record(workload, "Forbidden", message, about="forbidden", warning=True)
         await self._write_status(workload, status)
 
@@ -311,6 +477,13 @@ class Reconciler:
         kinds = [*CHILD_KINDS, (self._store.pdb_api_version, "PodDisruptionBudget")]
         for api_version, kind in kinds:
             await self._store.delete(api_version, kind, workload.key)
+        await self._store.delete(
+            "v1", "ConfigMap", (workload.namespace, children.etc_name(workload))
+        )
+        for arch in workload.spec.architectures:
+            name = children.deployment_name(workload, arch)
+            await self._store.delete("apps/v1", "Deployment", (workload.namespace, name))
+        self._etc_applied.pop(workload.key, None)
         self.own_writes.forget(workload.key)
         self.own_deployments.forget(workload.key)
         if FINALIZER in workload.finalizers:
@@ -326,14 +499,39 @@ class Reconciler:
             )
 
 
-def _readiness(workload: Workload, status: StatusBuilder, deployment: dict[str, Any]) -> None:
-    observed = deployment.get("status") or {}
-    wanted = workload.spec.replicas
-    ready = int(observed.get("readyReplicas") or 0)
-    available = int(observed.get("availableReplicas") or 0)
-    updated = int(observed.get("updatedReplicas") or 0)
-    generation = deployment["metadata"].get("generation", 0)
-    rolled = observed.get("observedGeneration", 0) >= generation and updated >= wanted
+def _stale_deployments(workload: Workload) -> list[str]:
+    """Deployments of another shape the workload may have had (single <-> multi-arch, an
+    architecture removed)."""
+    names = [children.deployment_name(workload, a) for a in ARCHITECTURE_SYSTEMS]
+    if workload.spec.architectures:
+        names.append(workload.name)
+    keep = {children.deployment_name(workload, a) for a in workload.spec.architectures}
+    return [n for n in names if n not in keep]
+
+
+def _what(desired: Desired) -> str:
+    commit = f" (commit {desired.commit[:12]})" if desired.commit else ""
+    return f"{desired.store_path}{commit}"
+
+
+def _readiness(
+    workload: Workload, status: StatusBuilder, deployments: list[dict[str, Any]], expected: int
+) -> None:
+    wanted = workload.spec.replicas * expected
+    ready = available = updated = 0
+    rolled = len(deployments) == expected
+    for deployment in deployments:
+        observed = deployment.get("status") or {}
+        ready += int(observed.get("readyReplicas") or 0)
+        available += int(observed.get("availableReplicas") or 0)
+        count = int(observed.get("updatedReplicas") or 0)
+        updated += count
+        generation = deployment["metadata"].get("generation", 0)
+        rolled = (
+            rolled
+            and observed.get("observedGeneration", 0) >= generation
+            and count >= workload.spec.replicas
+        )
     status.set(readyReplicas=ready)
     if rolled:
         status.condition("Progressing", False, "RolloutComplete", f"{updated} updated")
@@ -347,14 +545,3 @@ def _readiness(workload: Workload, status: StatusBuilder, deployment: dict[str, 
         status.condition(
             "Available", False, "ReplicasUnavailable", f"{available} of {wanted} available"
         )
-
-
-def _phase(status: StatusBuilder, deployment: dict[str, Any] | None) -> str:
-    conditions = {c["type"]: c["status"] for c in status.conditions()}
-    if conditions.get("Degraded") == "True":
-        return "Degraded"
-    if deployment is None:
-        return "Pending"
-    if conditions.get("Available") == "True":
-        return "Running"
-    return "Progressing"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -12,6 +13,9 @@ from pydantic_settings import SettingsConfigDict
 
 from niphas_common.settings import ServiceSettings
 from niphas_operator.children import PodSettings
+
+
+log = logging.getLogger(__name__)
 
 
 def _default_identity() -> str:
@@ -55,6 +59,19 @@ class OperatorSettings(ServiceSettings):
     store_node_label: str = Field(
         default="niphas.io/store=true",
         description="key=value merged into every pod's nodeSelector: nodes running csi and mesh",
+    )
+    not_ready_toleration_s: int = Field(
+        default=60,
+        ge=0,
+        description="Seconds a pod stays on a node that became not ready or unreachable before "
+        "it is evicted (tolerations of node.kubernetes.io/not-ready and /unreachable); a "
+        "workload's own toleration of either taint wins",
+    )
+    ca_bundle_file: Path | None = Field(
+        default=Path("/etc/ssl/certs/ca-certificates.crt"),
+        description="PEM CA certificates given to every pod as /etc/ssl/certs/"
+        "ca-certificates.crt (and SSL_CERT_FILE); none, or a missing file: pods get no CA "
+        "certificates",
     )
     field_manager: str = Field(
         default="niphas-operator", description="Server-side apply field manager"
@@ -118,4 +135,19 @@ class OperatorSettings(ServiceSettings):
     def pod(self) -> PodSettings:
         """What the operator adds to every pod it runs."""
         key, _, value = self.store_node_label.partition("=")
-        return PodSettings(self.stub_image, self.csi_driver, (key, value))
+        return PodSettings(
+            self.stub_image,
+            self.csi_driver,
+            (key, value),
+            not_ready_toleration_s=self.not_ready_toleration_s,
+            ca_bundle=self._ca_bundle(),
+        )
+
+    def _ca_bundle(self) -> str | None:
+        if self.ca_bundle_file is None:
+            return None
+        try:
+            return self.ca_bundle_file.read_text()
+        except OSError as exc:
+            log.warning("pods get no CA certificates: %s", exc)
+            return None

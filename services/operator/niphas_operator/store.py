@@ -25,6 +25,9 @@ Key = tuple[str, str]
 class WorkloadStore(Protocol):
     pdb_api_version: str
     """Which PodDisruptionBudget version the children use (policy/v1 where served)."""
+    pdb_unhealthy_policy: bool
+    """Whether the cluster keeps a PDB's `unhealthyPodEvictionPolicy` (Kubernetes >= 1.26
+    with its feature gate on); render mode: False."""
 
     async def get(self, key: Key) -> dict[str, Any] | None:
         """The workload as stored now, or None."""
@@ -56,6 +59,10 @@ class WorkloadStore(Protocol):
 
     async def nodes_running(self, workload: Workload) -> tuple[str, ...]:
         """The nodes the workload's pods run on now (none without a cluster)."""
+        ...
+
+    async def nodes_labelled(self, labels: dict[str, str]) -> tuple[str, ...] | None:
+        """The nodes carrying all of `labels`; None when no cluster can tell."""
         ...
 
     async def record(

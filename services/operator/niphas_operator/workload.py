@@ -23,6 +23,21 @@ FINALIZER: Final = "niphas.io/cleanup"
 MANAGED_BY: Final = "niphas-operator"
 NAME_LABEL: Final = "niphas.io/workload"
 
+ARCH_LABEL: Final = "kubernetes.io/arch"
+"""The node label an architecture's pods select (set by every kubelet)."""
+ARCH_POD_LABEL: Final = "niphas.io/architecture"
+"""Label of a multi-architecture workload's pods: which of its Deployments they belong to."""
+ARCHITECTURE_SYSTEMS: Final = {
+    "amd64": "x86_64-linux",
+    "arm64": "aarch64-linux",
+    "arm": "armv7l-linux",
+    "386": "i686-linux",
+    "riscv64": "riscv64-linux",
+    "ppc64le": "powerpc64le-linux",
+    "s390x": "s390x-linux",
+}
+"""Kubernetes architecture (`kubernetes.io/arch`) -> the Nix system whose build its pods run."""
+
 CONDITION_TYPES: Final = (
     "Evaluated",
     "Built",
@@ -30,6 +45,8 @@ CONDITION_TYPES: Final = (
     "Progressing",
     "Available",
     "Degraded",
+    "Schedulable",
+    "Valid",
 )
 
 
@@ -49,6 +66,21 @@ class ServicePort(_Camel):
 class ServiceSpec(_Camel):
     type: str = "ClusterIP"
     ports: tuple[ServicePort, ...]
+
+
+class IngressSpec(_Camel):
+    host: str
+    port: int
+    path: str = "/"
+    path_type: str = "Prefix"
+    class_name: str | None = None
+    tls_secret_name: str | None = None
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class BinaryCache(_Camel):
+    url: str
+    public_key: str | None = None
 
 
 class WorkloadSpec(_Camel):
@@ -72,6 +104,11 @@ class WorkloadSpec(_Camel):
     service_account_name: str | None = None
     service: ServiceSpec | None = None
     history_limit: int = 10
+    ingress: IngressSpec | None = None
+    extra_volumes: tuple[dict[str, Any], ...] = ()
+    extra_volume_mounts: tuple[dict[str, Any], ...] = ()
+    binary_cache: BinaryCache | None = None
+    architectures: tuple[str, ...] = ()
 
 
 class HistoryEntry(_Camel):
@@ -80,6 +117,18 @@ class HistoryEntry(_Camel):
     commit: str | None = None
     main_program: str | None = None
     time: str | None = None
+
+
+class ArchitectureStatus(_Camel):
+    """What one architecture of a multi-architecture workload runs."""
+
+    architecture: str
+    system: str
+    store_path: str | None = None
+    commit: str | None = None
+    main_program: str | None = None
+    evaluated_out_path: str | None = None
+    ready_replicas: int = 0
 
 
 class WorkloadStatus(_Camel):
@@ -91,6 +140,7 @@ class WorkloadStatus(_Camel):
     requested_generation: int | None = None
     history: tuple[HistoryEntry, ...] = ()
     conditions: tuple[dict[str, Any], ...] = ()
+    architectures: tuple[ArchitectureStatus, ...] = ()
 
 
 class Workload:
@@ -114,6 +164,28 @@ class Workload:
         """The ref it follows: `spec.ref`, else the flakeRef's `?ref=`; None: the default
         branch."""
         return self.spec.ref or ref_of(self.spec.flake_ref)
+
+    @property
+    def attribute_name(self) -> str:
+        """The attribute's own name: `default` of `packages.x86_64-linux.default`."""
+        return self.spec.attribute.rsplit(".", 1)[-1]
+
+    @property
+    def attribute_system(self) -> str | None:
+        """The system a dotted attribute names (`packages.<system>.<name>`), else None."""
+        parts = self.spec.attribute.split(".")
+        if len(parts) == 3 and parts[0] in ("packages", "legacyPackages", "apps"):
+            return parts[1]
+        return None
+
+    def architecture_entries(self) -> list[ArchitectureStatus]:
+        """One entry per `spec.architectures`, in its order, with what status holds."""
+        stored = {a.architecture: a for a in self.status.architectures}
+        return [
+            stored.get(arch)
+            or ArchitectureStatus(architecture=arch, system=ARCHITECTURE_SYSTEMS[arch])
+            for arch in self.spec.architectures
+        ]
 
     @property
     def key(self) -> tuple[str, str]:
