@@ -1,7 +1,8 @@
 """The in-cluster binary cache in the rendered manifests: one replica of the mesh in role cache
 on a volume behind the Service niphas-cache:8080, its upload token from the Secret
 niphas-cache-upload; the builder pushes there with the same token and build pods read it; the
-mesh agents fall back to it; only builder, mesh agents and build pods reach it. The settings
+mesh agents fall back to it; only builder, eval workers (uploading evaluated derivations),
+mesh agents and build pods reach it. The settings
 are read back through the services' own settings classes. The production overlay's
 `external-cache` component swaps it for an external store."""
 
@@ -19,17 +20,16 @@ from tests.deploy.test_kustomize import DEPLOY, by_kind, render
 from tests.deploy.test_network_policies import (
     BUILD_POD,
     BUILDER,
+    CACHE,
     EVAL_WORKER,
     INTERNET,
     MESH,
     NATS,
     OPERATOR,
     allowed,
-    pod,
 )
 
 CACHE_URL = "http://niphas-cache:8080"
-CACHE = pod("niphas-cache", **{"app.kubernetes.io/part-of": "niphas"})
 OVERLAYS = ["base", "overlays/dev", "overlays/production"]
 
 
@@ -107,13 +107,17 @@ def test_builder_pushes_to_it_and_mesh_agents_fall_back_to_it(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_only_builder_mesh_agents_and_build_pods_reach_the_cache(overlay: str) -> None:
+def test_only_builder_eval_workers_mesh_agents_and_build_pods_reach_the_cache(
+    overlay: str,
+) -> None:
+    """Eval workers upload the derivations they evaluated (with the upload token)."""
     rules = [o for o in render(overlay) if o["kind"] == "NetworkPolicy"]
-    for reader in (BUILDER, MESH, BUILD_POD):
+    for reader in (BUILDER, EVAL_WORKER, MESH, BUILD_POD):
         assert allowed(rules, reader, CACHE, 8080), reader.labels
-    for other in (EVAL_WORKER, OPERATOR, NATS):
+    for other in (OPERATOR, NATS):
         assert not allowed(rules, other, CACHE, 8080), other.labels
-    assert not allowed(rules, BUILD_POD, CACHE, 9090)
+    for client in (BUILD_POD, EVAL_WORKER):
+        assert not allowed(rules, client, CACHE, 9090), client.labels
 
 
 def test_production_can_use_an_external_store_instead(

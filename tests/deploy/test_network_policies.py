@@ -34,6 +34,7 @@ EVAL_WORKER = pod("niphas-eval-worker", **{"app.kubernetes.io/part-of": "niphas"
 BUILD_POD = pod("niphas-build", **{"app.kubernetes.io/managed-by": "niphas-builder"})
 BUILDER = pod("niphas-builder", **{"app.kubernetes.io/part-of": "niphas"})
 MESH = pod("niphas-mesh", **{"app.kubernetes.io/part-of": "niphas"})
+CACHE = pod("niphas-cache", **{"app.kubernetes.io/part-of": "niphas"})
 NATS = pod("nats", **{"app.kubernetes.io/part-of": "niphas"})
 OPERATOR = pod("niphas-operator", **{"app.kubernetes.io/part-of": "niphas"})
 DNS = Peer({"k8s-app": "kube-dns"}, {"kubernetes.io/metadata.name": "kube-system"})
@@ -134,11 +135,14 @@ def test_build_pods_reach_only_the_cache_the_staging_endpoint_and_dns(overlay: s
 
 
 @pytest.mark.parametrize("overlay", ["base", "overlays/dev", "overlays/production"])
-def test_eval_workers_reach_nats_and_dns_but_no_platform_service(overlay: str) -> None:
+def test_eval_workers_reach_nats_dns_and_the_cache_but_no_other_platform_service(
+    overlay: str,
+) -> None:
     rules = policies(overlay)
     assert allowed(rules, EVAL_WORKER, NATS, 4222)
     assert allowed(rules, EVAL_WORKER, DNS, 53, "UDP")
-    for target, port in [(BUILDER, 8090), (MESH, 8080), (OPERATOR, 9090)]:
+    assert allowed(rules, EVAL_WORKER, CACHE, 8080)  # uploads of evaluated derivations
+    for target, port in [(BUILDER, 8090), (MESH, 8080), (OPERATOR, 9090), (CACHE, 9090)]:
         assert not allowed(rules, EVAL_WORKER, target, port)
     assert not allowed(rules, EVAL_WORKER, API_SERVER, 443)
     assert not allowed(rules, EVAL_WORKER, METADATA, 80)

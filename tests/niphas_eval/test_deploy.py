@@ -91,3 +91,21 @@ def test_worker_evaluates_with_the_sandbox_on_and_without_ifd(tmp_path: Path) ->
     settings = {k.strip(): v.strip() for k, v in config}
     assert settings["sandbox"] == "true" and settings["sandbox-fallback"] == "false"
     assert env["NIPHAS_EVAL_ALLOW_IMPORT_FROM_DERIVATION"] == "false"
+
+
+def test_worker_uploads_evaluated_derivations_to_the_cluster_cache(tmp_path: Path) -> None:
+    """The cache Service's URL, with the token of the optional Secret niphas-cache-upload."""
+    [worker] = [
+        o
+        for o in render(tmp_path, with_ingress=False)
+        if o["metadata"]["name"] == "niphas-eval-worker"
+    ]
+    spec = worker["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["NIPHAS_EVAL_DRV_UPLOAD_URL"] == "http://niphas-cache:8080"
+    token = Path(env["NIPHAS_EVAL_DRV_UPLOAD_TOKEN_FILE"])
+    [mount] = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == token.parent]
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "niphas-cache-upload" and token.name == "token"
+    assert volume["secret"]["optional"] is True and mount["readOnly"] is True

@@ -27,7 +27,7 @@ from niphas_eval.settings import EvalSettings
 from niphas_schemas import EvalDone, PushReceived
 from tests.helpers import serving
 from tests.niphas_eval.conftest import GitRepo, eval_dones, flake_nix, push_for
-from tests.niphas_eval.git_server import basic, git_forge, ssh_forge
+from tests.niphas_eval.git_server import GitForge, basic, git_forge, ssh_forge
 from tests.nix_harness import NixTools
 
 pytestmark = pytest.mark.nix
@@ -61,6 +61,27 @@ def commit_locked_to(repo: GitRepo, flake: str, local: str, served: str) -> str:
     return repo.head()
 
 
+TOKENS = {"app": ("niphas", APP_TOKEN), "lib": ("niphas", LIB_TOKEN)}
+"""The forge's two private repositories: (user, token) each."""
+
+
+def private_repos(make_repo: Callable[..., GitRepo]) -> tuple[GitRepo, GitRepo]:
+    """`lib` (its greeting.txt committed) and `app` (empty), served by a forge with TOKENS."""
+    lib, app = make_repo("lib"), make_repo("app")
+    (lib.dir / "greeting.txt").write_text("hello from a private input")
+    lib.git("add", "greeting.txt")
+    lib.git("commit", "-q", "-m", "greeting")
+    return lib, app
+
+
+async def commit_private_flake(app: GitRepo, lib: GitRepo, forge: GitForge, tools: NixTools) -> str:
+    """Commit into `app` the flake reading `lib` through the forge, locked; its sha."""
+    flake = private_flake(tools, forge.repo_url("lib"))
+    return await asyncio.to_thread(
+        commit_locked_to, app, flake, f"file://{lib.dir}", forge.repo_url("lib")
+    )
+
+
 async def test_private_flake_and_input_are_fetched_with_their_own_tokens(
     bus: Bus,
     tmp_path: Path,
@@ -70,16 +91,9 @@ async def test_private_flake_and_input_are_fetched_with_their_own_tokens(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    lib, app = make_repo("lib"), make_repo("app")
-    (lib.dir / "greeting.txt").write_text("hello from a private input")
-    lib.git("add", "greeting.txt")
-    lib.git("commit", "-q", "-m", "greeting")
-    tokens = {"app": ("niphas", APP_TOKEN), "lib": ("niphas", LIB_TOKEN)}
-    async with git_forge(tmp_path / "forge", tokens) as forge:
-        flake = private_flake(nix_tools, forge.repo_url("lib"))
-        commit = await asyncio.to_thread(
-            commit_locked_to, app, flake, f"file://{lib.dir}", forge.repo_url("lib")
-        )
+    lib, app = private_repos(make_repo)
+    async with git_forge(tmp_path / "forge", TOKENS) as forge:
+        commit = await commit_private_flake(app, lib, forge, nix_tools)
         app_url = forge.repo_url("app")
         allowed = [f"{forge.url}/*", f"path:{nix_tools.path}"]
         token_file = tmp_path / "secrets" / "app-token"

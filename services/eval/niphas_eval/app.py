@@ -23,6 +23,7 @@ from niphas_common.nix.runner import NixRunner
 from niphas_common.service import ServiceRuntime, ServiceSpec, run_until_signalled
 from niphas_common.settings import NatsSettings
 from niphas_eval.credentials import GitCredentials
+from niphas_eval.drv_upload import DerivationUpload
 from niphas_eval.evaluator import Evaluator
 from niphas_eval.flakeref import Allowlist
 from niphas_eval.ingress import WebhookIngress
@@ -50,8 +51,9 @@ async def build_worker(
     bus: Bus, settings: EvalSettings, *, runner: NixRunner | None = None
 ) -> EvalWorker:
     allowlist = Allowlist(tuple(settings.allowed_refs))
+    runner = runner or NixRunner()
     evaluator = Evaluator(
-        runner or NixRunner(),
+        runner,
         system=settings.system,
         work_dir=settings.state_dir / "eval",
         timeout_s=settings.eval_timeout_s,
@@ -77,6 +79,21 @@ async def build_worker(
         results,
         consumer_spec(settings),
         concurrency=settings.concurrency,
+        upload=drv_upload(settings, runner),
+    )
+
+
+def drv_upload(settings: EvalSettings, runner: NixRunner) -> DerivationUpload | None:
+    """Where evaluated derivations go for build pods (None: off, the builder shares the store)."""
+    if settings.drv_upload_url is None:
+        return None
+    log.info("evaluated derivations are uploaded to %s", settings.drv_upload_url)
+    return DerivationUpload(
+        runner,
+        settings.drv_upload_url,
+        settings.drv_upload_token_file,
+        work_dir=settings.state_dir / "eval",
+        timeout_s=settings.drv_upload_timeout_s,
     )
 
 

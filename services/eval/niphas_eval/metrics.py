@@ -26,3 +26,9 @@ EVAL_SECONDS = Histogram(
     "Wall time of one flake evaluation (the nix process)",
     buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900),
 )
+DRV_UPLOADS = Counter(
+    "niphas_eval_drv_uploads_total",
+    "Derivation closures of successful evaluations copied to the cluster cache, by outcome "
+    "(uploaded, failed: eval.done published without them)",
+    ["outcome"],
+)

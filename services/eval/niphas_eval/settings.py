@@ -105,6 +105,27 @@ class EvalSettings(ServiceSettings):
         "known_hosts_file} for ssh (see README); each evaluation gets the credentials of the "
         "repositories it fetches, as files. Re-read when it changes (a mounted Secret)",
     )
+    drv_upload_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#@\s]+/?$",
+        description="In a cluster: base URL of the in-cluster binary cache (the niphas-cache "
+        "Service, http://niphas-cache:8080) to which each successful evaluation uploads the "
+        "derivation closure of its attributes (.drv files and sources, content-addressed: "
+        "accepted without a signature), so build pods need neither the forge nor its "
+        "credentials. None: off (one machine, where the builder shares the worker's store)",
+    )
+    drv_upload_token_file: Path | None = Field(
+        default=None,
+        description="File holding the cache's upload token (Secret niphas-cache-upload, key "
+        "token), sent as HTTP basic auth from a netrc written per upload; read on each "
+        "upload. None: uploads carry no credentials",
+    )
+    drv_upload_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds one upload may take; past it (or on any failure) eval.done is "
+        "published without it and build pods evaluate the flake themselves",
+    )
     system: str = Field(
         default_factory=this_system,
         pattern=r"^[a-z0-9_]+-[a-z0-9_]+$",

@@ -33,10 +33,11 @@ from datetime import UTC, datetime
 from niphas_common.bus.bus import Bus
 from niphas_common.bus.consumer import Delivery, Subscription
 from niphas_common.bus.topology import ConsumerSpec
+from niphas_eval.drv_upload import DerivationUpload, UploadFailed
 from niphas_eval.evaluator import EvalTransient, Evaluation, Evaluator, ResolveError
 from niphas_eval.flakeref import Allowlist, UnusableRepository, git_url, with_ref
 from niphas_eval.forges.base import ZERO_COMMIT
-from niphas_eval.metrics import EVAL_SECONDS, EVALUATIONS, EVALUATIONS_SKIPPED
+from niphas_eval.metrics import DRV_UPLOADS, EVAL_SECONDS, EVALUATIONS, EVALUATIONS_SKIPPED
 from niphas_eval.results import Claim, Record, ResultStore, result_key
 from niphas_schemas import EvalDone, PushReceived
 
@@ -72,8 +73,10 @@ class EvalWorker:
         spec: ConsumerSpec,
         *,
         concurrency: int,
+        upload: DerivationUpload | None = None,
     ) -> None:
         self._bus = bus
+        self._upload = upload
         self._evaluator = evaluator
         self._allowlist = allowlist
         self._results = results
@@ -137,6 +140,7 @@ class EvalWorker:
             if not last_try:
                 raise
             evaluation = Evaluation("failed", commit, error=f"gave up: {exc}", reason="unreachable")
+        await self._upload_derivations(push, evaluation)
         done = self._fitting(self._eval_done(push, commit, ref, evaluation, pushed_at))
         await self._publish(done)
         if evaluation.reason == "unreachable":
@@ -146,6 +150,21 @@ class EvalWorker:
             return
         published = Record("published", push.event_id, time.time(), self._results.worker, done)
         await self._results.record(key, published)
+
+    async def _upload_derivations(self, push: PushReceived, evaluation: Evaluation) -> None:
+        """Put the evaluated derivations where build pods find them, before eval.done names
+        them. A failure costs only that: build pods then evaluate the flake themselves."""
+        if self._upload is None or evaluation.status != "succeeded":
+            return
+        drvs = [a.drv_path for a in evaluation.attributes if a.drv_path is not None]
+        try:
+            await self._upload.upload(drvs)
+        except UploadFailed as exc:
+            DRV_UPLOADS.labels("failed").inc()
+            log.warning("%s@%s: derivations not uploaded, build pods will evaluate the flake: "
+                        "%s", push.repository, evaluation.commit, exc)  # fmt: skip
+        else:
+            DRV_UPLOADS.labels("uploaded").inc()
 
     async def _reuse(
         self, push: PushReceived, record: Record, ref: str | None, pushed_at: datetime
