@@ -162,9 +162,9 @@ class ClusterDemo(Demo):
     async def start_cluster(self, otlp_endpoint: str | None = None) -> None:
         """Install the platform; with `otlp_endpoint`, every platform pod exports spans."""
         assert self.repo is not None
-        install_platform(
-            self.kubectl, self.key, secrets_yaml(self.secret), f"{self.forge.base_url}/*"
-        )
+        # The entry pins the clone URL: the ingress evaluates it, whatever a payload says.
+        entry = secrets_yaml(self.secret, clone_url=self.forge.url(self.repo.dir))
+        install_platform(self.kubectl, self.key, entry, f"{self.forge.base_url}/*")
         if otlp_endpoint:
             export_traces(self.kubectl, otlp_endpoint)
         data = self.kubectl.json("-n", SYSTEM, "get", "secret", "niphas-nats")["data"]
