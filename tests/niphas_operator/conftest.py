@@ -21,7 +21,7 @@ from niphas_common.bus.inspect import view
 from niphas_common.settings import NatsSettings
 from niphas_operator.app import run
 from niphas_operator.settings import OperatorSettings
-from niphas_schemas import BuildDone, BuiltOutput
+from niphas_schemas import BuildDone, BuiltOutput, EvalDone, EvaluatedAttribute
 from niphas_schemas.types import NIX32_ALPHABET
 from tests.kube_harness import REPO_ROOT, KubeApiServer
 
@@ -80,6 +80,37 @@ def build_done(
         closure=() if failed else (path, dependency),
         cache_url="http://127.0.0.1:1/cache",
         log_tail="error: builder for web failed with exit code 1" if failed else None,
+    )
+
+
+def eval_done(
+    commit: str,
+    outputs: dict[str, str],
+    *,
+    attribute: str = "web",
+    main_program: str | None = None,
+    error: str | None = None,
+) -> EvalDone:
+    """What an eval worker publishes for `attribute` at `commit`: per system, the store path
+    of its output (`outputs`: system -> name of the path); `error` fails every one."""
+    attributes = tuple(
+        EvaluatedAttribute(
+            attribute=attribute,
+            attr_path=f"packages.{system}.{attribute}",
+            system=system,
+            drv_path=None if error else store_path(f"{name}.drv"),
+            outputs={} if error else {"out": store_path(name)},
+            main_program=None if error else main_program,
+            error=error,
+        )
+        for system, name in outputs.items()
+    )
+    return EvalDone(
+        push_event_id=f"push-{commit[:8]}",
+        repository=REPOSITORY,
+        commit=commit,
+        status="succeeded",
+        attributes=attributes,
     )
 
 
@@ -167,6 +198,35 @@ def running_operator(nats_settings: NatsSettings) -> OperatorRunner:
             await asyncio.wait_for(task, 30)
 
     return runner
+
+
+def mark_ready(server: KubeApiServer, namespace: str, name: str, replicas: int) -> None:
+    """Write a Deployment's status as its controller would once `replicas` pods are ready
+    (no controllers run on the test apiserver)."""
+    deployment = server.kubectl("-n", namespace, "get", "deployment", name, "-o", "json").stdout
+    generation = json.loads(deployment)["metadata"]["generation"]
+    status = {
+        "status": {
+            "observedGeneration": generation,
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "readyReplicas": replicas,
+            "availableReplicas": replicas,
+        }
+    }
+    server.kubectl(
+        "-n", namespace, "patch", "deployment", name, "--subresource=status", "--type=merge",
+        "-p", json.dumps(status),
+    )  # fmt: skip
+
+
+def events_of(kubectl: Kubectl, name: str) -> list[dict[str, Any]]:
+    """The Events about workload `name`, oldest first."""
+    listing = json.loads(
+        kubectl("get", "events", "--field-selector", f"involvedObject.name={name}", "-o", "json")
+    )
+    items: list[dict[str, Any]] = listing["items"]
+    return sorted(items, key=lambda e: (e.get("firstTimestamp") or "", e["metadata"]["name"]))
 
 
 async def messages(bus: Bus, subject: str) -> list[dict[str, Any]]:

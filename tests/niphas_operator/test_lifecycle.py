@@ -23,6 +23,7 @@ from tests.niphas_operator.conftest import (
     OperatorRunner,
     build_done,
     commit_of,
+    mark_ready,
     messages,
     store_path,
     stream_totals,
@@ -131,7 +132,7 @@ async def _first_build_applied(
 
 async def _becomes_ready(kubectl: Kubectl, crd: KubeApiServer) -> None:
     # Readiness: write the Deployment's status as its controller would.
-    _mark_ready(crd, kubectl.namespace, "web", 1)
+    mark_ready(crd, kubectl.namespace, "web", 1)
     await eventually(
         lambda: (kubectl.get("nw", "web") or {}).get("status", {}).get("phase") == "Running", 30
     )
@@ -240,33 +241,6 @@ async def test_deleting_the_workload_removes_its_children(
             ),
             30,
         )
-
-
-def _mark_ready(server: KubeApiServer, namespace: str, name: str, replicas: int) -> None:
-    deployment = server.kubectl("-n", namespace, "get", "deployment", name, "-o", "json").stdout
-    import json
-
-    generation = json.loads(deployment)["metadata"]["generation"]
-    status = {
-        "status": {
-            "observedGeneration": generation,
-            "replicas": replicas,
-            "updatedReplicas": replicas,
-            "readyReplicas": replicas,
-            "availableReplicas": replicas,
-        }
-    }
-    server.kubectl(
-        "-n",
-        namespace,
-        "patch",
-        "deployment",
-        name,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(status),
-    )
 
 
 async def _eventually_async(refresh: Any, check: Any, timeout_s: float = 30.0) -> None:

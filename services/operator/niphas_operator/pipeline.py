@@ -37,6 +37,7 @@ from typing import Any
 
 from niphas_common import tracing
 from niphas_common.bus.consumer import Delivery
+from niphas_common.errors import TransientError
 from niphas_common.flakeref import (
     UnusableRepository,
     repository_of,
@@ -211,12 +212,11 @@ def _build_status(workload: Workload, event: BuildDone) -> Outcome:
         message = f"build of {event.attribute} at {event.commit[:12]} failed: " + " | ".join(tail)
         status.condition("Built", False, "BuildFailed", message)
         status.condition("Degraded", True, "BuildFailed", message)
-        runs = bool(workload.status.store_path)
-        status.set(
-            phase="Degraded" if runs else "Failed", reason="BuildFailed", message=message[:1024]
-        )
+        # The phase is the reconciler's (it records the change as an Event).
         return Outcome(status.patch(), Note("BuildFailed", message, warning=True))
     out = next((o for o in event.outputs if o.name == "out"), event.outputs[0])
+    if not _for_its_system(workload, event, out.path):
+        return Outcome(None)
     note = Note(
         "Built",
         f"built {event.attribute} at {event.commit[:12]}: {out.path} "
@@ -265,6 +265,30 @@ def _build_status(workload: Workload, event: BuildDone) -> Outcome:
     return Outcome(status.patch(), note)
 
 
+def _for_its_system(workload: Workload, event: BuildDone, out_path: str) -> bool:
+    """Whether a build is of the system(s) a workload runs. A build names no system: a
+    workload naming one (`packages.<system>.x`, or two or more architectures) takes a build
+    whose output an evaluation of the commit named for it. A build handled before that
+    evaluation is retried (TransientError: the consumer's backoff) until it is there."""
+    entries = workload.architecture_entries()
+    if workload.attribute_system is None and len(entries) < 2:
+        return True
+    status = workload.obj.get("status") or {}
+    evaluated = status.get("evaluated") or {}
+    named = {e.evaluated_out_path for e in entries}
+    if evaluated.get("commit") == event.commit:
+        named.add(evaluated.get("outPath"))
+    if out_path in named:
+        return True
+    seen = {evaluated.get("commit"), (status.get("lastEval") or {}).get("commit")}
+    if event.commit in seen:
+        return False  # evaluated: the output is another system's
+    raise TransientError(
+        f"{workload.namespace}/{workload.name}: the build of {event.commit[:12]} came before "
+        "its evaluation, which says which system it is for"
+    )
+
+
 def _architecture_of(entries: list[ArchitectureStatus], out_path: str) -> int | None:
     """Which architecture a build is for: the one whose evaluation named its output (a
     workload of one architecture takes any)."""
@@ -290,6 +314,23 @@ def _chosen(workload: Workload, event: EvalDone, system: str | None) -> Evaluate
 def _eval_status(workload: Workload, event: EvalDone) -> Outcome:
     status = StatusBuilder(workload)
     entries = workload.architecture_entries()
+    systems = {a.system for a in event.attributes}
+    wanted = {e.system for e in entries} or (
+        {workload.attribute_system} if workload.attribute_system else set()
+    )
+    if event.status == "succeeded" and wanted and not wanted & systems:
+        # An eval worker of another system: it says nothing about this workload's (and its
+        # builds are not this workload's).
+        other = ", ".join(sorted(systems)) or "no system"
+        status.set(
+            lastEval={
+                "commit": event.commit,
+                "time": now_rfc3339(),
+                "succeeded": True,
+                "message": f"evaluated for {other}, not for {', '.join(sorted(wanted))}",
+            }
+        )
+        return Outcome(status.patch())
     attr: EvaluatedAttribute | None = None
     if entries:
         for i, entry in enumerate(entries):
@@ -308,9 +349,9 @@ def _eval_status(workload: Workload, event: EvalDone) -> Outcome:
         attr = _chosen(workload, event, None)
     error = event.error if event.status == "failed" else (attr.error if attr else None)
     if attr is None and error is None:
-        systems = ", ".join(e.system for e in entries)
+        named = ", ".join(e.system for e in entries)
         error = f"the flake has no attribute {workload.spec.attribute!r}" + (
-            f" for {systems}" if systems else ""
+            f" for {named}" if named else ""
         )
     last: dict[str, Any] = {
         "commit": event.commit,

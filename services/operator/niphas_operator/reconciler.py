@@ -238,7 +238,7 @@ class Reconciler:
             await self._store.record(
                 workload,
                 event,
-                f"{message}{where}",
+                f"{reason}: {message}{where}",
                 about=f"phase:{phase}:{workload.resource_version}",
                 warning=phase != "Running",
             )

@@ -14,7 +14,6 @@ from pydantic_settings import SettingsConfigDict
 from niphas_common.settings import ServiceSettings
 from niphas_operator.children import PodSettings
 
-
 log = logging.getLogger(__name__)
 
 
