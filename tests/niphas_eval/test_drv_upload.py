@@ -22,6 +22,7 @@ import yaml
 
 from niphas_common.bus.bus import Bus
 from niphas_common.nix.runner import NixRunner
+from niphas_common.nix.signing import SecretKey
 from niphas_eval.app import build_worker, drv_upload
 from niphas_eval.settings import EvalSettings
 from niphas_mesh.cache_role import start_cache
@@ -48,7 +49,7 @@ CACHE_TOKEN = "cache-upl0ad-t0ken"
 @pytest.fixture
 async def cache(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     """The cluster cache on a loopback port: (its URL, the file holding its upload token).
-    No trusted keys: it stores unsigned narinfos."""
+    It trusts a key, as deployed: unsigned narinfos get in only when their bytes prove them."""
     token_file = tmp_path / "cache-upload" / "token"
     token_file.parent.mkdir()
     token_file.write_text(CACHE_TOKEN + "\n")
@@ -59,6 +60,7 @@ async def cache(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
             cache_dir=tmp_path / "cluster-cache",
             state_dir=tmp_path / "cache-state",
             upload_token_file=token_file,
+            trusted_public_keys=str(SecretKey.generate("niphas-cluster-1").public_key),
         )
     )
     try:

@@ -154,6 +154,45 @@ async def test_uploads_without_the_token_get_401_and_write_nothing(
     assert cache.files() == []
 
 
+async def test_unsigned_derivations_and_sources_prove_themselves_outputs_do_not(
+    start: StartCache,
+    built_closure: BuiltClosure,
+    nix_runner: NixRunner,
+    tmp_path: Path,
+) -> None:
+    """What eval workers upload for build pods: a `.drv` closure, unsigned. The cache takes
+    each `.drv` and source because its bytes prove its path (Nix substitutes them unsigned
+    too); an unsigned build output, or a `.drv` narinfo moved to another path, is refused."""
+    cache = await start()
+    tree = tmp_path / "niphas-proven-src"
+    tree.mkdir()
+    (tree / "main.sh").write_text("echo proven > $out\n")
+    expr = (
+        'derivation { name = "niphas-proven"; system = builtins.currentSystem; '
+        'builder = "/bin/sh"; args = [ "-c" "echo proven > $out" ]; '
+        f'src = builtins.path {{ path = {tree}; name = "niphas-proven-src"; }}; }}'
+    )
+    drv = nix_runner.run("nix-instantiate", "--expr", expr).text.strip()
+    unsigned = uploader(netrc(tmp_path, TOKEN))
+    await unsigned.arun("nix", "copy", "--derivation", "--to", f"{cache.url}?compression=zstd", drv)
+    drv_info = (cache.dir / f"{drv.removeprefix('/nix/store/')[:32]}.narinfo").read_text()
+    assert "Sig:" not in drv_info and "CA: text:" in drv_info
+    assert len([n for n in cache.files() if n.endswith(".narinfo")]) == 2  # the .drv, its src
+
+    with pytest.raises(CommandError, match=r"not a \.drv or source whose content proves"):
+        await unsigned.acopy([built_closure.app], to=f"{cache.url}?compression=zstd")
+    assert not any(built_closure.app.hash_part in n for n in cache.files())
+
+    # The same narinfo and NAR claimed for another path: its bytes do not hash to that one.
+    other = "0" * 31 + "1"
+    forged = drv_info.replace(drv.removeprefix("/nix/store/")[:32], other)
+    async with aiohttp.ClientSession() as http:
+        url = f"{cache.url}/{other}.narinfo"
+        async with http.put(url, data=forged.encode(), headers=basic(TOKEN)) as resp:
+            assert resp.status == 409 and "do not hash to its path" in await resp.text()
+    assert not (cache.dir / f"{other}.narinfo").exists()
+
+
 async def test_only_narinfos_and_nar_files_can_be_written(
     start: StartCache, tmp_path: Path
 ) -> None:

@@ -1,11 +1,11 @@
 """A client for Nix binary caches over http(s):// and file://.
 
 A cache is a transport, never a trust anchor: every narinfo must name the path asked for and
-carry a signature by a trusted key, and every NAR is checked against the signed NarHash and
-NarSize while it streams (decompressed on the fly). Callers only see data that verified:
-`download_nar` and `unpack` write to disk and remove their output on any failure; `iter_nar`
-raises at the end of a stream that does not match, so its consumers must treat the bytes as
-untrusted until the iteration completes.
+carry a signature by a trusted key (or be a source, whose path is the hash of its NAR), and
+every NAR is checked against the NarHash and NarSize while it streams (decompressed on the
+fly). Callers only see data that verified: `download_nar` and `unpack` write to disk and
+remove their output on any failure; `iter_nar` raises at the end of a stream that does not
+match, so its consumers must treat the bytes as untrusted until the iteration completes.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import aiohttp
 from niphas_schemas.types import STORE_DIR
 
 from .compression import decompressor
+from .content_proof import is_source
 from .errors import CacheError, NarError, NarinfoError, NixError, SignatureError, VerificationError
 from .hashes import HashSink, NarVerifier
 from .nar_parser import NarLimits
@@ -227,8 +228,10 @@ class BinaryCacheClient:
             raise NarinfoError(f"{what}: {exc}") from exc
 
     def _verified(self, info: NarInfo) -> NarInfo:
-        """`info` once its signature (when keys are configured) and NAR URL are checked."""
-        if self.trusted_keys is not None:
+        """`info` once its signature (when keys are configured) and NAR URL are checked. A
+        source needs no signature, as in Nix: its path is the hash of its NAR and references,
+        and the NAR is checked against that NarHash as it streams."""
+        if self.trusted_keys is not None and not is_source(info):
             info.check_signature(self.trusted_keys)
         _check_nar_url(info)
         return info

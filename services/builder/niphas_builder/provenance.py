@@ -22,7 +22,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from niphas_common.nix.content_address import source_path, text_path
+from niphas_common.nix.content_address import text_path
+from niphas_common.nix.content_proof import is_source
 from niphas_common.nix.derivation import Derivation, DerivationError, parse_derivation
 from niphas_common.nix.store_path import StorePath
 
@@ -60,20 +61,6 @@ def derivation_of(path: StorePath, contents: bytes | None, references: set[str])
     return drv
 
 
-def is_source(upload: Upload) -> bool:
-    """Whether the path is the `source` path of its (verified) NarHash and references."""
-    info = upload.info
-    path = info.store_path
-    if info.nar_hash.algo != "sha256":
-        return False
-    others = [r for r in info.references if r != path]
-    expected = source_path(
-        path.name, info.nar_hash, others, self_ref=len(others) < len(info.references),
-        store_dir=path.store_dir,
-    )  # fmt: skip
-    return expected == path
-
-
 async def vouch(
     top: str,
     uploads: Mapping[str, Upload],
@@ -93,7 +80,7 @@ async def vouch(
         elif sp.is_derivation:
             refs = {str(r) for r in upload.info.references}
             vouched.drvs[path] = derivation_of(sp, texts.get(path), refs)
-        elif is_source(upload):
+        elif is_source(upload.info):
             vouched.sources.add(path)
         else:
             candidates.append(path)

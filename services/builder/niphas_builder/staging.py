@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from niphas_common.errors import TransientError
+from niphas_common.nix.content_proof import TextSink
 from niphas_common.nix.derivation import Derivation
 from niphas_common.nix.errors import CacheError, CommandError, NixError
 from niphas_common.nix.nar_parser import NarParser
@@ -40,7 +41,6 @@ from .cache import BuildCache, with_params
 from .executor import BuildJob
 from .provenance import derivation_of, vouch
 from .verify import (
-    TextSink,
     UploadRefused,
     check_complete,
     door_problem,

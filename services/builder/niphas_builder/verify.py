@@ -19,10 +19,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from niphas_common.nix.compression import decompressor
+from niphas_common.nix import content_proof
 from niphas_common.nix.errors import NixError
-from niphas_common.nix.hashes import NarVerifier
-from niphas_common.nix.nar_parser import NarParser, NarPath, NullSink
 from niphas_common.nix.narinfo import NarInfo
 from niphas_common.nix.store_path import StorePath
 
@@ -30,9 +28,6 @@ NAR_URL_RE = re.compile(r"^nar/[0-9a-z]{52}\.nar(\.zst)?$")
 """Where Nix puts a NAR in a binary cache (`nar/<file hash>.nar[.zst]`): only these names are
 accepted, so a narinfo cannot point the builder at another file."""
 COMPRESSIONS = ("zstd", "none")
-READ_CHUNK = 1 << 20
-MAX_DRV_BYTES = 16 << 20
-"""A `.drv` larger than this is not read into memory (real ones are kilobytes)."""
 SOURCE_CA = "fixed:r:sha256:"
 
 
@@ -44,29 +39,6 @@ class UploadRefused(Exception):
 class Upload:
     info: NarInfo
     nar_file: Path
-
-
-class TextSink(NullSink):
-    """Keeps the contents of a NAR that is one small regular file (a `.drv`); `text` stays
-    None for anything else."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.text: bytes | None = None
-        self._buf: bytearray | None = None
-
-    def begin_file(self, path: NarPath, executable: bool, size: int) -> None:
-        super().begin_file(path, executable, size)
-        if path == () and not executable and size <= MAX_DRV_BYTES:
-            self._buf = bytearray()
-
-    def write(self, data: memoryview) -> None:
-        if self._buf is not None:
-            self._buf += data
-
-    def end_file(self) -> None:
-        if self._buf is not None:
-            self.text, self._buf = bytes(self._buf), None
 
 
 def door_problem(info: NarInfo, outputs: frozenset[str] | None) -> str | None:
@@ -112,25 +84,11 @@ def verify_nar(upload: Upload) -> bytes | None:
     info = upload.info
     what = str(info.store_path)
     try:
-        source = upload.nar_file.open("rb")
+        return content_proof.verify_nar(info, upload.nar_file)
     except OSError as exc:
         raise UploadRefused(f"{what}: its NAR {info.url} was not uploaded") from exc
-    checker = NarVerifier(info.nar_hash, info.nar_size, what)
-    sink = TextSink() if info.store_path.is_derivation else NullSink()
-    parser = NarParser(sink)
-    unpack = decompressor(info.compression)
-    try:
-        with source:
-            while chunk := source.read(READ_CHUNK):
-                for piece in unpack.decompress(chunk):
-                    checker.update(piece)
-                    parser.feed(piece)
-        unpack.finish()
-        parser.finish()
-        checker.finish()
     except NixError as exc:
         raise UploadRefused(f"{what}: uploaded NAR does not match its narinfo: {exc}") from exc
-    return sink.text if isinstance(sink, TextSink) else None
 
 
 async def check_complete(

@@ -13,7 +13,8 @@ What an uploader may write, and the order that keeps every reader safe:
 - a narinfo must name its own path, point at a NAR file that is already here with the size and
   hash it states, and list only references whose narinfos are here (Nix copies a closure in
   dependency order, NAR before narinfo), and with trusted keys configured it must carry a valid
-  signature by one of them. Otherwise `Refused` and nothing is written;
+  signature by one of them, or be a `.drv` or source whose NAR (decompressed and hashed here)
+  proves its path, as Nix accepts them. Otherwise `Refused` and nothing is written;
 - every file is written to a temp file (`.upload-*`, never matched by a served name), flushed to
   disk and renamed into place, so a reader sees a file whole or not at all. A crash leaves only
   temp files, removed at the next start (`remove_leftovers`).
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from niphas_common.nix.content_proof import content_problem
 from niphas_common.nix.errors import NixError
 from niphas_common.nix.hashes import HashSink
 from niphas_common.nix.narinfo import NarInfo
@@ -93,7 +95,8 @@ class CacheFiles:
                 body += chunk
                 if len(body) > MAX_NARINFO_BYTES:
                     raise TooLarge(f"{name}: a narinfo over {MAX_NARINFO_BYTES} bytes")
-            return self._put_narinfo(info.group(1), bytes(body))
+            # In a thread: the write is fsynced, and an unsigned one's NAR is read through.
+            return await asyncio.to_thread(self._put_narinfo, info.group(1), bytes(body))
         raise BadName(f"{name!r}: only <hash>.narinfo and nar/<filehash>.nar[.zst] can be uploaded")
 
     async def _put_nar(self, name: str, file_hash: str, chunks: AsyncIterator[bytes]) -> Path:
@@ -154,7 +157,10 @@ class CacheFiles:
             try:
                 info.check_signature(self.trusted)
             except NixError as exc:
-                raise Refused(f"{what}: {exc}") from exc
+                # As in Nix: a .drv or source proves itself by its bytes (what eval workers
+                # upload for build pods); anything else needs a trusted signature.
+                if (problem := content_problem(info, file)) is not None:
+                    raise Refused(f"{what}: {exc}; and {problem}") from exc
 
     def remove_leftovers(self) -> list[Path]:
         """Delete the temp files of uploads a crash interrupted (call before serving)."""

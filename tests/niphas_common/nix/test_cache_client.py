@@ -23,6 +23,7 @@ from niphas_common.nix.nar import nar_hash
 from niphas_common.nix.narinfo import NarInfo
 from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.signing import SecretKey, TrustedKeys
+from niphas_common.nix.store_path import StorePath
 from tests.nix_harness import BuiltClosure, CacheKey, FileCache
 
 pytestmark = pytest.mark.nix
@@ -285,3 +286,45 @@ async def test_closure_walk_concurrency_is_bounded(
     async with BinaryCacheClient(url, cache_key.trusted, concurrency=8) as client:
         await client.closure([built_closure.app])
     assert serve.max_in_flight == 2
+
+
+async def test_an_unsigned_source_is_proven_by_its_content(
+    built_closure: BuiltClosure,
+    make_file_cache: Callable[..., FileCache],
+    cache_key: CacheKey,
+    nix_runner: NixRunner,
+    tmp_path: Path,
+) -> None:
+    """As in Nix: a source's path is the hash of its NAR, so it needs no signature; a build
+    output still does, and a source whose NAR is not the one its path names is refused."""
+    tree = tmp_path / "niphas-proven-source"
+    tree.mkdir()
+    (tree / "greeting").write_text("hello from a source\n")
+    source = StorePath.parse(nix_runner.run("nix-store", "--add", str(tree)).text.strip())
+    try:
+        cache = make_file_cache([source, built_closure.app], "zstd")
+        for path in (source, built_closure.app):
+            file = _narinfo_file(cache, str(path))
+            file.write_text(re.sub(r"(?m)^Sig: .*\n", "", file.read_text()))
+        async with BinaryCacheClient(cache.url, cache_key.trusted) as client:
+            info = await client.get_narinfo(source)
+            assert info.sigs == () and (info.ca or "").startswith("fixed:r:sha256:")
+            await client.unpack(info, tmp_path / "out")
+            assert (tmp_path / "out" / "greeting").read_text() == "hello from a source\n"
+            with pytest.raises(SignatureError, match="has no signatures"):
+                await client.narinfo(built_closure.app)
+            # Another NarHash names another path: the claim no longer proves this one.
+            _tamper_nar(cache, info)
+            forged = _narinfo_file(cache, str(source))
+            text = forged.read_text()
+            other = Hash.of(b"something else").nix32.partition(":")[2]
+            forged.write_text(re.sub(r"NarHash: sha256:\S+", f"NarHash: sha256:{other}", text))
+            with pytest.raises(SignatureError, match="has no signatures"):
+                await client.narinfo(source)
+            # The claimed NarHash kept, the bytes changed: caught while streaming.
+            forged.write_text(text)
+            with pytest.raises((VerificationError, NarError), match=str(source)):
+                await client.unpack(await client.get_narinfo(source), tmp_path / "bad")
+            assert not (tmp_path / "bad").exists()
+    finally:
+        nix_runner.delete([source], check=False)
