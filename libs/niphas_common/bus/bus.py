@@ -23,8 +23,8 @@ from nats.js.api import PubAck
 from niphas_common.bus.codec import encode
 from niphas_common.bus.connection import close_quietly, connect
 from niphas_common.bus.consumer import EventConsumer, Subscription
-from niphas_common.bus.kv import KeyValue, open_bucket
-from niphas_common.bus.publisher import Publisher
+from niphas_common.bus.kv import BusError, KeyValue, open_bucket
+from niphas_common.bus.publisher import Publisher, PublishError
 from niphas_common.bus.state import State
 from niphas_common.bus.topology import ensure_consumer, ensure_streams, stream_name
 from niphas_common.bus.watch import E, Handler, Watch
@@ -96,10 +96,15 @@ class Bus:
     async def record(self, event: Event) -> int:
         """Write what `event` states to its bucket (set or delete its key); the revision."""
         assert event.state_bucket is not None, f"{event.subject} states nothing"
-        state = await self.state(event.state_bucket, description=f"latest {event.subject}")
-        if event.clears_state:
-            return await state.delete(event.state_key)
-        return await state.put(event.state_key, encode(event))
+        try:
+            state = await self.state(event.state_bucket, description=f"latest {event.subject}")
+            if event.clears_state:
+                return await state.delete(event.state_key)
+            return await state.put(event.state_key, encode(event))
+        except (TimeoutError, BusError) as exc:  # as a publish that was not stored
+            raise PublishError(
+                f"{event.state_bucket} {event.state_key}: not stored ({exc!r})"
+            ) from exc
 
     async def watch(self, model: type[E], handler: Handler[E], *, replay: bool) -> Watch[E]:
         """Start a typed watch of `model`'s subject (see `watch.Watch`); stop it when done."""

@@ -168,7 +168,7 @@ class EventConsumer(Generic[E]):
         token = current_event_id.set(headers.get(HEADER_EVENT_ID))
         started = time.monotonic()
         self._in_flight[id(msg)] = (msg, started)
-        span_name = f"process {msg.subject}"
+        span_name = f"process {spec.subject}"  # path.wanted, whichever node's it is
         with tracing.tracer().start_as_current_span(
             span_name,
             context=tracing.extract(headers),
