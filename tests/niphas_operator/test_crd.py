@@ -43,6 +43,24 @@ def test_valid_workload_is_accepted_and_listed_with_printer_columns(kubectl: Kub
         ({"flakeRef": "not a flake"}, "spec.flakeRef"),
         ({"revision": "main"}, "spec.revision"),
         ({"service": {"type": "Weird", "ports": [{"port": 80}]}}, "spec.service.type"),
+        ({"attribute": "packages..default"}, "spec.attribute"),
+        ({"attribute": "packages.x86_64-linux.default."}, "spec.attribute"),
+        ({"ingress": {"host": "Web_Site", "port": 80}}, "spec.ingress.host"),
+        ({"ingress": {"host": "web.example.com", "port": 0}}, "spec.ingress.port"),
+        ({"ingress": {"host": "web.example.com"}}, "spec.ingress.port"),
+        ({"ingress": {"host": "a.b", "port": 80, "path": "x"}}, "spec.ingress.path"),
+        ({"ingress": {"host": "a.b", "port": 80, "pathType": "Glob"}}, "spec.ingress.pathType"),
+        ({"extraVolumes": [{"name": "Data_1", "emptyDir": {}}]}, "spec.extraVolumes.name"),
+        (
+            {"extraVolumeMounts": [{"name": "data", "mountPath": "data"}]},
+            "spec.extraVolumeMounts.mountPath",
+        ),
+        ({"extraVolumeMounts": [{"name": "data"}]}, "spec.extraVolumeMounts.mountPath"),
+        ({"binaryCache": {"url": "ftp://cache"}}, "spec.binaryCache.url"),
+        ({"binaryCache": {"url": "https://c", "publicKey": "nokey"}}, "spec.binaryCache.publicKey"),
+        ({"architectures": ["sparc"]}, "spec.architectures"),
+        ({"architectures": []}, "spec.architectures"),
+        ({"architectures": ["amd64", "amd64"]}, "spec.architectures[1]"),
     ],
 )
 def test_invalid_workloads_are_rejected_by_the_schema(
@@ -53,6 +71,40 @@ def test_invalid_workloads_are_rejected_by_the_schema(
     assert "is invalid" in out, out
     assert complaint in out
     assert kubectl.get("nw", "bad") is None
+
+
+def test_invalid_values_name_the_accepted_form(kubectl: Kubectl) -> None:
+    out = kubectl.apply(
+        workload("bad", attribute="a b", architectures=["sparc"]), False, "--validate=false"
+    )
+    # The field, the value, and what would be accepted (the pattern, the allowed values).
+    assert 'spec.attribute: Invalid value: "a b"' in out, out
+    assert "should match" in out
+    assert 'spec.architectures: Unsupported value: "sparc"' in out
+    assert '"amd64", "arm64"' in out
+
+
+def test_dotted_attributes_and_every_new_field_are_accepted(kubectl: Kubectl) -> None:
+    spec = {
+        "attribute": "packages.x86_64-linux.default",
+        "ingress": {"host": "web.example.com", "port": 80, "tlsSecretName": "web-tls"},
+        "service": {"ports": [{"port": 80, "targetPort": 8080}]},
+        "extraVolumes": [{"name": "data", "emptyDir": {"medium": "Memory"}}],
+        "extraVolumeMounts": [{"name": "data", "mountPath": "/var/lib/web"}],
+        "binaryCache": {
+            "url": "https://cache.example.com",
+            "publicKey": "cache.example.com-1:" + "A" * 43 + "=",
+        },
+        "architectures": ["amd64", "arm64"],
+    }
+    kubectl.apply(workload("full", storePath=store_path("web-1.0"), **spec))
+    stored = kubectl.get("nw", "full")
+    assert stored is not None
+    assert stored["spec"]["attribute"] == "packages.x86_64-linux.default"
+    # Defaults the server fills in; the unknown fields of a Volume are kept.
+    assert stored["spec"]["ingress"]["path"] == "/"
+    assert stored["spec"]["ingress"]["pathType"] == "Prefix"
+    assert stored["spec"]["extraVolumes"][0]["emptyDir"] == {"medium": "Memory"}
 
 
 def test_missing_attribute_is_rejected(kubectl: Kubectl) -> None:

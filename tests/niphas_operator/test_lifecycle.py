@@ -96,6 +96,11 @@ async def _first_build_applied(
         await bus.publish(build_done(first, "web-1.0"))
     build_trace = format(build_span.get_span_context().trace_id, "032x")
     await eventually(lambda: _deployment_path(kubectl, "web") == store_path("web-1.0"), 30)
+    # The status follows the Deployment's apply.
+    await eventually(
+        lambda: (kubectl.get("nw", "web") or {}).get("status", {}).get("phase") == "Provisioning",
+        30,
+    )
     deployment = kubectl.get("deployment", "web")
     assert deployment is not None
     pod = deployment["spec"]["template"]["spec"]
@@ -159,9 +164,10 @@ async def _failed_build_degrades(kubectl: Kubectl, bus: Bus) -> None:
     await bus.publish(build_done(commit_of("three"), "web-3.0", failed=True))
 
     def degraded() -> bool:
-        return (
-            _conditions(kubectl.get("nw", "web") or {}).get("Degraded", {}).get("status") == "True"
-        )
+        # The condition (the pipeline's), then the phase (the reconciler's, right after).
+        obj = kubectl.get("nw", "web") or {}
+        condition = _conditions(obj).get("Degraded", {}).get("status")
+        return bool(condition == "True" and obj["status"].get("phase") == "Degraded")
 
     await eventually(degraded, 30)
     obj = kubectl.get("nw", "web")

@@ -44,7 +44,8 @@ def _printed(kubectl: Kubectl, name: str) -> dict[str, str]:
 
 async def _phase(kubectl: Kubectl, name: str, phase: str) -> dict[str, Any]:
     def reached() -> bool:
-        return (kubectl.get("nw", name) or {}).get("status", {}).get("phase") == phase
+        now = (kubectl.get("nw", name) or {}).get("status", {}).get("phase")
+        return bool(now == phase)
 
     try:
         await eventually(reached, 30)
