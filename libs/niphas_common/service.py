@@ -41,7 +41,7 @@ from niphas_common.tracing import setup_tracing
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "niphas.services"
-SERVICE_ORDER = ("mesh", "csi", "builder", "eval", "operator")
+SERVICE_ORDER = ("mesh", "csi", "builder", "eval", "operator", "reporter")
 """Start order for `niphas up`: nothing needs a later stage to come up."""
 
 ServiceMain = Callable[[asyncio.Event], Awaitable[None]]

@@ -1,0 +1,1 @@
+"""The reporter: commit statuses on the forge and build logs over HTTP."""
