@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from pydantic_settings import BaseSettings
 
-from niphas_common import cli_events, schema_export
+from niphas_common import cli_events, cli_logs, schema_export
 from niphas_common.logs import configure_logging
 from niphas_common.service import SERVICE_ORDER, ServiceSpec, discover, run_until_signalled
 from niphas_common.settings import CommonSettings, LogSettings
@@ -22,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(cli_events.app, name="events")
+app.command("logs")(cli_logs.logs)
 schemas_app = typer.Typer(help="The event contract files under schemas/.")
 app.add_typer(schemas_app, name="schemas")
 

@@ -15,7 +15,7 @@ import os
 import shlex
 import signal
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -184,8 +184,10 @@ class NixRunner:
         # Not asyncio.timeout(): expiry must kill the process group and say which command.
         timeout: float | None = None,  # noqa: ASYNC109
         check: bool = True,
+        on_stderr: Callable[[bytes], None] | None = None,
     ) -> CommandResult:
-        """Run without blocking the event loop; cancellation kills the command."""
+        """Run without blocking the event loop; cancellation kills the command. `on_stderr`
+        gets stderr as it comes (a build log followed live); the result still holds it all."""
         cmd, limit = self._announce(program, args, timeout)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -198,8 +200,11 @@ class NixRunner:
             )
         except OSError as exc:
             raise CommandError(cmd, None, "", f"cannot start: {exc}") from exc
+        exchange = (
+            proc.communicate(input) if on_stderr is None else _streamed(proc, input, on_stderr)
+        )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(input), limit)
+            out, err = await asyncio.wait_for(exchange, limit)
         except TimeoutError:
             await _stop_async(proc)
             raise CommandTimeout(cmd, None, "", f"timed out after {limit} s") from None
@@ -259,6 +264,32 @@ class NixRunner:
         return self.run(
             "nix", "build", "--json", "--no-link", *installables, timeout=timeout
         ).json()
+
+
+async def _streamed(
+    proc: asyncio.subprocess.Process, input: bytes | None, on_stderr: Callable[[bytes], None]
+) -> tuple[bytes, bytes]:
+    """`communicate`, with each piece of stderr handed to `on_stderr` as it arrives."""
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    stderr = proc.stderr
+
+    async def feed() -> None:
+        if input is not None and proc.stdin is not None:
+            proc.stdin.write(input)
+            await proc.stdin.drain()
+            proc.stdin.close()
+
+    async def pump() -> bytes:
+        pieces = []
+        while piece := await stderr.read(65536):
+            pieces.append(piece)
+            on_stderr(piece)
+        return b"".join(pieces)
+
+    _, out, err = await asyncio.gather(feed(), proc.stdout.read(), pump())
+    await proc.wait()
+    return out, err
 
 
 def _path_info_args(paths: Iterable[str | StorePath], recursive: bool) -> list[str]:

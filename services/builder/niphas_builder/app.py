@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from niphas_common.bus.build_logs import build_logs
 from niphas_common.bus.bus import Bus
 from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.signing import SecretKey, TrustedKeys
@@ -113,11 +114,18 @@ async def wired(
             description="Newest commit per repository and ref",
         )
         heads = supersede.RefHeads(kv)
+    logs = None
+    if settings.logs:
+        logs = await build_logs(
+            bus,
+            max_bytes=settings.logs_max_bytes,
+            max_age_s=settings.logs_max_age_days * 86400.0,
+        )
     executor = await make_executor(settings, runner, cache, key)
     flight = single_flight.SingleFlight(claims, settings.name, settings.lease_ttl_s)
     try:
         async with staging_endpoint(executor, settings):
-            yield Builder(bus, settings, cache, executor, flight, heads)
+            yield Builder(bus, settings, cache, executor, flight, heads, logs)
     finally:
         await executor.close()
         await cache.close()

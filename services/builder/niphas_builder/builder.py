@@ -23,12 +23,14 @@ import logging
 import time
 from collections.abc import Iterable
 
+from niphas_common.bus.build_logs import BuildLogs
 from niphas_common.bus.bus import Bus
 from niphas_common.bus.consumer import Delivery, Subscription
 from niphas_common.bus.topology import ConsumerSpec
 from niphas_common.errors import TransientError
 from niphas_schemas import EvalDone, EvaluatedAttribute, PathAvailable
 
+from .build_log import LogWriter
 from .cache import BuildCache
 from .executor import BuildJob, Executor
 from .metrics import BUILD_SECONDS, BUILDS, PATHS_PUSHED, PUSHES, RESULTS
@@ -49,6 +51,7 @@ class Builder:
         executor: Executor,
         flight: SingleFlight,
         heads: RefHeads | None,
+        logs: BuildLogs | None = None,
     ) -> None:
         self.bus = bus
         self.settings = settings
@@ -56,6 +59,7 @@ class Builder:
         self.executor = executor
         self.flight = flight
         self.heads = heads
+        self.logs = logs
         self._slots = asyncio.Semaphore(settings.max_parallel_builds)
 
     def subscription(self) -> Subscription[EvalDone]:
@@ -135,13 +139,25 @@ class Builder:
         """Build and push as the lease holder."""
         log.info("build started: %s (%s of %s)", job.drv_path, job.attribute, job.commit)
         started = time.monotonic()
+        writer = None
+        if self.logs is not None:
+            writer = LogWriter(self.logs, job.drv_hash, self.settings.log_max_bytes)
+            await writer.start()
         try:
-            outcome = await self.executor.realise(job)
-        except TransientError:
+            outcome = await self.executor.realise(job, writer.feed if writer else None)
+        except TransientError as exc:
             BUILDS.labels("error").inc()
+            if writer is not None:
+                await writer.finish("error", note=f"the build did not run to its end: {exc}")
+            raise
+        except asyncio.CancelledError:
+            if writer is not None:
+                await asyncio.shield(writer.finish("cancelled", note="build cancelled"))
             raise
         elapsed = time.monotonic() - started
         BUILD_SECONDS.observe(elapsed)
+        if writer is not None:
+            await writer.finish("built" if outcome.succeeded else "failed", outcome.log)
         if not outcome.succeeded:
             BUILDS.labels("failed").inc()
             log.warning("build failed: %s", job.drv_path)

@@ -9,6 +9,7 @@ does, from its node); otherwise the builder pushes from its own store.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,12 +51,17 @@ class Outcome:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+LogSink = Callable[[bytes], None]
+"""Gets a build's output as it comes (`build_log.LogWriter.feed`)."""
+
+
 class Executor(Protocol):
     pushes: bool
 
-    async def realise(self, job: BuildJob) -> Outcome:
-        """Build `job`; a build failure is an Outcome, trouble reaching the machinery is a
-        `TransientError`."""
+    async def realise(self, job: BuildJob, log: LogSink | None = None) -> Outcome:
+        """Build `job`, handing its output to `log` as it comes; a build failure is an
+        Outcome, trouble reaching the machinery is a `TransientError`. Cancelling the call
+        stops the build."""
         ...
 
     async def close(self) -> None: ...
@@ -73,10 +79,10 @@ class LocalExecutor:
         self.name = name
         self.timeout_s = timeout_s
 
-    async def realise(self, job: BuildJob) -> Outcome:
+    async def realise(self, job: BuildJob, log: LogSink | None = None) -> Outcome:
         try:
             result = await self.runner.arun(
-                "nix-store", "--realise", job.drv_path, timeout=self.timeout_s
+                "nix-store", "--realise", job.drv_path, timeout=self.timeout_s, on_stderr=log
             )
         except CommandTimeout as exc:
             return Outcome(

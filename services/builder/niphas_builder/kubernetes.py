@@ -24,7 +24,7 @@ from niphas_common.kube.config import require
 from niphas_common.kube.watch import LISTED, SYNCED, Selection, list_and_watch
 
 from .build_pod import job_manifest, job_name
-from .executor import BuildJob, Outcome
+from .executor import BuildJob, LogSink, Outcome
 from .settings import BuilderSettings
 from .staging import StagingArea, UploadRefused
 
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 FOLLOW_RESYNC_S = 300
 """Seconds between re-reads of a followed Job (a relist), however quiet its watch is."""
+
+JOB_LOG_LINES = 100_000
+"""Lines of a build pod's log collected (the log stream caps it in bytes, keeping its end)."""
 
 __all__ = ["JobExecutor", "job_manifest", "job_name", "verdict"]
 
@@ -81,12 +84,20 @@ class JobExecutor:
         token = self.staging.token(job.drv_hash)
         return job_manifest(job, self.settings, self.staging.url(job), token, self.public_keys)
 
-    async def realise(self, job: BuildJob) -> Outcome:
+    async def realise(self, job: BuildJob, log: LogSink | None = None) -> Outcome:
+        """Cancelled (a superseded build), the Job is deleted: its pod stops."""
         name = job_name(job)
         await self.staging.prepare(job)
         # API errors are KubeErrors, TransientErrors already: the build is retried later.
-        ok, reason = await self._run(job, name)
+        try:
+            ok, reason = await self._run(job, name)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._delete(name))
+            self.staging.discard(job)
+            raise
         logs = await self._logs(name)
+        if log is not None:
+            log(logs.encode())  # the pod's log, once it finished
         await self._delete(name)
         try:
             if ok:
@@ -149,7 +160,7 @@ class JobExecutor:
         for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
             pod_name = pod["metadata"]["name"]
             path = f"{object_path('v1', 'Pod', self.namespace, pod_name)}/log"
-            query = {"container": "build", "tailLines": str(self.settings.log_tail_lines)}
+            query = {"container": "build", "tailLines": str(JOB_LOG_LINES)}
             try:
                 texts.append(await self.kube.text(path, query=query))
             except KubeError as exc:

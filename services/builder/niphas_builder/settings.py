@@ -77,6 +77,23 @@ class BuilderSettings(ServiceSettings):
     log_tail_lines: int = Field(
         default=60, ge=1, le=2000, description="Build log lines kept in a failed build.done"
     )
+    logs: bool = Field(
+        default=True,
+        description="Keep each build's full log in the stream BUILD_LOGS (read with `niphas "
+        "logs`, served by the reporter); False: only the tail in a failed build.done",
+    )
+    log_max_bytes: int = Field(
+        default=8 * 1024**2,
+        ge=1024,
+        description="Bytes of one build's log kept; past it the output is counted, not kept, "
+        "and the log's last 64 KiB are added after a line saying so",
+    )
+    logs_max_bytes: int = Field(
+        default=1024**3,
+        ge=1024**2,
+        description="Bytes the log stream keeps in all; the oldest logs go first",
+    )
+    logs_max_age_days: float = Field(default=14.0, gt=0, description="Days a build log is kept")
     supersede: bool = Field(
         default=True,
         description="Skip queued builds of a commit once a newer commit of the same ref arrived "

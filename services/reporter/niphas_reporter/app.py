@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from niphas_common.bus.build_logs import log_reader
 from niphas_common.bus.bus import Bus
 from niphas_common.repo_credentials import CredentialsFile
 from niphas_common.service import ServiceSpec, running
 from niphas_common.settings import NatsSettings
 
+from .logs_http import LogsEndpoint
 from .poster import RetryPolicy, StatusPoster
 from .reporter import Reporter
 from .settings import ReporterSettings
@@ -29,7 +31,6 @@ def log_url(settings: ReporterSettings, drv_path: str) -> str:
 @contextlib.asynccontextmanager
 async def wired(bus: Bus, settings: ReporterSettings) -> AsyncIterator[Reporter]:
     """The reporter's handlers with their poster; queued statuses are dropped on exit."""
-    del bus  # the logs part uses it
     credentials = CredentialsFile(settings.credentials_file, log)
     poster = StatusPoster(
         credentials,
@@ -44,9 +45,11 @@ async def wired(bus: Bus, settings: ReporterSettings) -> AsyncIterator[Reporter]
         await poster.close()
 
 
-def http_app(settings: ReporterSettings) -> web.Application:
-    del settings
-    return web.Application()
+def http_app(bus: Bus, settings: ReporterSettings) -> web.Application:
+    """The logs (and, added by the runtime, /healthz /readyz /metrics)."""
+    app = web.Application()
+    LogsEndpoint(log_reader(bus), settings.logs_token_file).add_routes(app)
+    return app
 
 
 async def main(stop: asyncio.Event) -> None:
@@ -55,7 +58,7 @@ async def main(stop: asyncio.Event) -> None:
         running("reporter", settings, NatsSettings(), stop=stop) as runtime,
         wired(runtime.bus, settings) as reporter,
     ):
-        app = http_app(settings)
+        app = http_app(runtime.bus, settings)
         runtime.add_ops_routes(app)
         server = web.AppRunner(app, access_log=None)
         await server.setup()

@@ -36,6 +36,11 @@ class ReporterSettings(ServiceSettings):
         le=65535,
         description="Port of the logs HTTP server (also /healthz, /readyz, /metrics)",
     )
+    logs_token_file: Path | None = Field(
+        default=None,
+        description="File holding a token the logs server asks for (`Authorization: Bearer "
+        "<token>`, else 403); None: logs are readable by whoever reaches the server",
+    )
     durable_prefix: str = Field(
         default="reporter",
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
