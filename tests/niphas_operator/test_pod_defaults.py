@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from niphas_common.kube.config import connect
-from niphas_operator.children import PASSWD
+from niphas_operator.children import PASSWD, disruption_budget
 from niphas_operator.kubernetes_store import keeps_unhealthy_policy
 from niphas_operator.settings import OperatorSettings
+from niphas_operator.workload import Workload
 from tests.helpers import eventually
 from tests.kube_harness import KubeApiServer
 from tests.niphas_operator.conftest import Kubectl, OperatorRunner, store_path, workload
@@ -149,6 +150,19 @@ async def test_the_unhealthy_pod_eviction_policy_is_detected(crd: KubeApiServer)
         assert await keeps_unhealthy_policy(kube, "policy/v1beta1", "default") is False
         items, _ = await kube.list("/apis/policy/v1beta1/namespaces/default/poddisruptionbudgets")
         assert not [p for p in items if p["metadata"]["name"].startswith("niphas-probe-")]
+
+
+def test_where_kept_the_pdb_lets_unhealthy_pods_be_evicted() -> None:
+    """The manifest for a cluster that keeps the field (this server cannot show it)."""
+    obj = {"metadata": {"name": "web", "namespace": "apps", "uid": "u"}, "spec": {}}
+    spec = {"flakeRef": "github:a/b", "attribute": "web", "replicas": 2}
+    two = Workload({**obj, "spec": spec})
+    pdb = disruption_budget(two, "policy/v1", unhealthy_always_allow=True)
+    assert pdb is not None
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert (
+        disruption_budget(Workload({**obj, "spec": {**spec, "replicas": 1}}), "policy/v1") is None
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Render mode (no cluster configured): the operator asks the pipeline for a first build,
-then writes the manifests it would apply, at the store path a build.done reported, into a
-directory for GitOps."""
+then writes the manifests it would apply (Deployment, Service, Ingress, PDB, the pods' /etc
+ConfigMap), at the store path a build.done reported, into a directory for GitOps."""
 
 from __future__ import annotations
 
@@ -26,7 +26,12 @@ async def test_render_mode_writes_manifests_after_build_done(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     workloads, rendered = tmp_path / "workloads", tmp_path / "rendered"
     workloads.mkdir()
-    manifest = workload("web", replicas=2, service={"ports": [{"port": 80}]})
+    manifest = workload(
+        "web",
+        replicas=2,
+        service={"ports": [{"port": 80}]},
+        ingress={"host": "web.example.com", "port": 80},
+    )
     manifest["metadata"]["namespace"] = "apps"
     (workloads / "web.yaml").write_text(yaml.safe_dump(manifest))
     settings = OperatorSettings(
@@ -55,6 +60,18 @@ async def test_render_mode_writes_manifests_after_build_done(
             == "policy/v1"
         )
         assert (rendered / "apps" / "web" / "service.yaml").exists()
+        # The Ingress routes its host to the Service; the pods' /etc is rendered beside.
+        ingress = yaml.safe_load((rendered / "apps" / "web" / "ingress.yaml").read_text())
+        (rule,) = ingress["spec"]["rules"]
+        assert rule["host"] == "web.example.com"
+        assert rule["http"]["paths"][0]["backend"]["service"] == {
+            "name": "web",
+            "port": {"number": 80},
+        }
+        etc = yaml.safe_load((rendered / "apps" / "web-niphas-etc" / "configmap.yaml").read_text())
+        assert "root:x:0:0" in etc["data"]["passwd"]
+        pdb = yaml.safe_load((rendered / "apps" / "web" / "pdb.yaml").read_text())
+        assert "unhealthyPodEvictionPolicy" not in pdb["spec"]
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)

@@ -6,7 +6,9 @@
   status, finalizers, generation, resourceVersion, and the `spec.storePath` a rollback pins
   (an overlay on the user's spec). Changing the effective spec (the file, or a pin) bumps
   the generation, as the API server does.
-- `render_dir/<namespace>/<name>/{deployment,service,pdb}.yaml`: the children, exactly what
+- `render_dir/<namespace>/<child>/{deployment,service,ingress,pdb,configmap}.yaml`: the
+  children by their names (`<name>`; `<name>-niphas-etc` for the pods' /etc,
+  `<name>-<arch>` for each architecture's Deployment), exactly what
   the Kubernetes store applies minus owner references (no uid exists before a cluster holds
   the object), for Fleet or Argo CD to deliver. Written only when their content changes, so
   a GitOps repository sees no churn.
