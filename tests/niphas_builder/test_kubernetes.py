@@ -223,6 +223,21 @@ async def test_restarted_builder_adopts_the_running_job(
     assert await gone(batch, ns, name)
 
 
+async def test_a_cancelled_build_deletes_its_job(
+    executor: JobExecutor, batch: client.BatchV1Api, settings: BuilderSettings
+) -> None:
+    """Superseded: the builder cancels the call, then the build itself (its Job and pod)."""
+    ns, job = settings.k8s_namespace, make_job(DRV.replace("0c6k", "3c6k"))
+    name = job_name(job)
+    task = asyncio.create_task(executor.realise(job))
+    await created_job(batch, ns, name)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await executor.cancel(job)
+    assert await gone(batch, ns, name)
+
+
 async def test_the_cluster_comes_from_kubeconfig_when_none_is_set(
     kube_apiserver: KubeApiServer,
     settings: BuilderSettings,

@@ -203,3 +203,16 @@ async def test_a_pending_status_never_follows_a_final_one(
         await eventually(lambda: len(forge.posted) == 4)
         await reporter.poster.idle()
     assert forge.states("niphas/build/app") == ["success"]
+
+
+def test_a_build_cancelled_while_building_says_so() -> None:
+    from niphas_reporter.statuses import Statuses
+
+    statuses = Statuses("niphas", lambda drv: f"http://logs/{drv[-12:]}")
+    tail = f"superseded by {NEWER}: cancelled while building"
+    [status] = statuses.for_build(built("github", "failed", tail))
+    assert (status.state, status.description) == (
+        "cancelled",
+        f"cancelled: superseded by {NEWER[:12]}",
+    )
+    assert status.target_url == f"http://logs/{DRV[-12:]}"

@@ -8,7 +8,10 @@ For each successfully evaluated attribute, in this order:
    for another eval.done it is `cached`);
 2. when the cache holds every output's closure with a trusted signature: `cached`, no build;
 3. otherwise it waits for a build slot (`max_parallel_builds`); a newer commit of the same ref
-   arriving meanwhile supersedes it (published as failed: "superseded by <commit>");
+   arriving meanwhile supersedes it (published as failed: "superseded by <commit>"); one
+   arriving while it builds cancels the build (`cancel_superseded`), unless the newer commit
+   or another push waiting here needs the same derivation (failed: "superseded by <commit>:
+   cancelled while building"; builders elsewhere waiting for it build it themselves);
 4. single-flight: the lease holder builds through the executor and pushes the closure,
    everyone else waiting on the same derivation gets its result;
 5. `build.done` (and `path.available` for every pushed path, holder: the cache).
@@ -33,13 +36,21 @@ from niphas_schemas import EvalDone, EvaluatedAttribute, PathAvailable
 from .build_log import LogWriter
 from .cache import BuildCache
 from .executor import BuildJob, Executor
-from .metrics import BUILD_SECONDS, BUILDS, PATHS_PUSHED, PUSHES, RESULTS
+from .metrics import BUILD_SECONDS, BUILDS, CANCELLED, PATHS_PUSHED, PUSHES, RESULTS
 from .result import BuildResult, built_outputs, log_tail, sorted_paths
 from .settings import BuilderSettings
 from .single_flight import SingleFlight
 from .supersede import RefHeads
 
 log = logging.getLogger(__name__)
+
+
+class Superseded(Exception):
+    """A running build was cancelled: a newer push of its ref made it pointless."""
+
+    def __init__(self, newer: str) -> None:
+        super().__init__(f"superseded by {newer}")
+        self.newer = newer
 
 
 class Builder:
@@ -61,6 +72,8 @@ class Builder:
         self.heads = heads
         self.logs = logs
         self._slots = asyncio.Semaphore(settings.max_parallel_builds)
+        self._askers: dict[str, dict[str, EvalDone]] = {}
+        """Per derivation hash: the evaluations handled here that wait for its build."""
 
     def subscription(self) -> Subscription[EvalDone]:
         spec = ConsumerSpec(
@@ -124,16 +137,66 @@ class Builder:
             async def build() -> BuildResult:
                 nonlocal ran
                 ran = True
-                return await self._build(job)
+                return await self._cancellable(job)
 
-            result = await self.flight.run(
-                job.drv_hash,
-                event.event_id,
-                build,
-                lambda: self.cache.lookup(job.outputs),
-                timeout_s=self.settings.build_timeout_s * 2,
-            )
+            askers = self._askers.setdefault(job.drv_hash, {})
+            askers[event.event_id] = event
+            try:
+                result = await self.flight.run(
+                    job.drv_hash,
+                    event.event_id,
+                    build,
+                    lambda: self.cache.lookup(job.outputs),
+                    timeout_s=self.settings.build_timeout_s * 2,
+                )
+            except Superseded as exc:
+                tail = f"superseded by {exc.newer}: cancelled while building"
+                return BuildResult.failed(tail, self.settings.name), "cancelled"
+            finally:
+                askers.pop(event.event_id, None)
+                if not askers:
+                    self._askers.pop(job.drv_hash, None)
             return result, "executor" if ran else "shared"
+
+    async def _cancellable(self, job: BuildJob) -> BuildResult:
+        """`_build`, cancelled (`Superseded`) once every push waiting for it here was
+        overtaken by a newer push of its ref that does not need the derivation."""
+        if not (self.settings.supersede and self.settings.cancel_superseded and self.heads):
+            return await self._build(job)
+        building = asyncio.create_task(self._build(job), name=f"build {job.drv_hash}")
+        watcher = asyncio.create_task(self._watch(job, building), name=f"watch {job.drv_hash}")
+        try:
+            return await building
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled() and (newer := watcher.result()):
+                await self.executor.cancel(job)
+                raise Superseded(newer) from None
+            raise
+        finally:
+            watcher.cancel()
+
+    async def _watch(self, job: BuildJob, building: asyncio.Task[BuildResult]) -> str | None:
+        while not building.done():
+            await asyncio.sleep(self.settings.cancel_check_s)
+            newer = await self._pointless(job)
+            if newer is not None and not building.done():
+                log.info("cancelling the build of %s: superseded by %s", job.drv_path, newer)
+                CANCELLED.inc()
+                building.cancel()
+                return newer
+        return None
+
+    async def _pointless(self, job: BuildJob) -> str | None:
+        """The newer commit, when every push waiting here for `job` was superseded by a head
+        that does not need its derivation; None while any push still needs it."""
+        assert self.heads is not None
+        newer = None
+        for event in list(self._askers.get(job.drv_hash, {}).values()):
+            head = await self.heads.superseding(event)
+            if head is None or head.drvs is None or job.drv_hash in head.drvs:
+                return None
+            newer = head.commit
+        return newer
 
     async def _build(self, job: BuildJob) -> BuildResult:
         """Build and push as the lease holder."""

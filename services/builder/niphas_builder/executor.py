@@ -60,8 +60,12 @@ class Executor(Protocol):
 
     async def realise(self, job: BuildJob, log: LogSink | None = None) -> Outcome:
         """Build `job`, handing its output to `log` as it comes; a build failure is an
-        Outcome, trouble reaching the machinery is a `TransientError`. Cancelling the call
-        stops the build."""
+        Outcome, trouble reaching the machinery is a `TransientError`."""
+        ...
+
+    async def cancel(self, job: BuildJob) -> None:
+        """Stop `job`'s build for good, after its `realise` call was cancelled (a newer push
+        made it pointless)."""
         ...
 
     async def close(self) -> None: ...
@@ -94,6 +98,9 @@ class LocalExecutor:
                 text += f"\n{SANDBOX_REFUSED}"
             return Outcome(False, text, self.name)
         return Outcome(True, result.stderr, self.name)
+
+    async def cancel(self, job: BuildJob) -> None:
+        """Nothing left to do: cancelling `realise` killed nix's process group."""
 
     async def close(self) -> None:
         pass

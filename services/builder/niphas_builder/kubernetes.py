@@ -85,16 +85,12 @@ class JobExecutor:
         return job_manifest(job, self.settings, self.staging.url(job), token, self.public_keys)
 
     async def realise(self, job: BuildJob, log: LogSink | None = None) -> Outcome:
-        """Cancelled (a superseded build), the Job is deleted: its pod stops."""
+        """Cancelled (the builder stopping), the Job keeps running for the next builder to
+        adopt; `cancel` stops it."""
         name = job_name(job)
         await self.staging.prepare(job)
         # API errors are KubeErrors, TransientErrors already: the build is retried later.
-        try:
-            ok, reason = await self._run(job, name)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._delete(name))
-            self.staging.discard(job)
-            raise
+        ok, reason = await self._run(job, name)
         logs = await self._logs(name)
         if log is not None:
             log(logs.encode())  # the pod's log, once it finished
@@ -108,6 +104,12 @@ class JobExecutor:
         finally:
             self.staging.discard(job)
         return Outcome(ok, f"{logs}\n{reason}".strip(), f"job/{name}")
+
+    async def cancel(self, job: BuildJob) -> None:
+        """Stop `job`'s build (superseded): delete its Job, whose pod goes with it."""
+        await self._delete(job_name(job))
+        self.staging.discard(job)
+        log.info("deleted Job %s/%s: build cancelled", self.namespace, job_name(job))
 
     async def _run(self, job: BuildJob, name: str) -> tuple[bool, str]:
         manifest = self.manifest(job)

@@ -14,8 +14,12 @@ PATHS_PUSHED = Counter("niphas_builder_paths_pushed_total", "Store paths in push
 RESULTS = Counter(
     "niphas_builder_results_total",
     "build.done events published, by status (built, cached, failed) and how they came about "
-    "(executor, cache, shared: another builder's result, superseded)",
+    "(executor, cache, shared: another builder's result, superseded, cancelled)",
     ["status", "source"],
+)
+CANCELLED = Counter(
+    "niphas_builder_cancelled_total",
+    "Running builds cancelled because a newer push of their ref made them pointless",
 )
 LEASE_WAITS = Counter(
     "niphas_builder_lease_waits_total", "Times a builder waited for another's build"

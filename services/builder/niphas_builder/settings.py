@@ -99,6 +99,18 @@ class BuilderSettings(ServiceSettings):
         description="Skip queued builds of a commit once a newer commit of the same ref arrived "
         "(published as failed, log tail `superseded by <commit>`)",
     )
+    cancel_superseded: bool = Field(
+        default=True,
+        description="With supersede: also cancel running builds of a commit once a newer "
+        "commit of the same ref arrived that does not need the derivation (the local nix is "
+        "killed, the Job deleted; published as failed, `superseded by <commit>: cancelled "
+        "while building`)",
+    )
+    cancel_check_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds between looks at the ref's head while a build runs",
+    )
     executor: Literal["local", "kubernetes"] = Field(
         default="local",
         description="`local`: nix-store --realise on this node; `kubernetes`: one Job per build",

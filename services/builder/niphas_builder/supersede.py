@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 
 from niphas_common.bus.kv import BusError, KeyNotFound, KeyValue, RevisionMismatch
@@ -29,6 +30,20 @@ def _key(repository: str, ref: str) -> str:
     return hashlib.sha256(f"{repository}\x00{ref}".encode()).hexdigest()[:40]
 
 
+def drv_hashes(event: EvalDone) -> list[str]:
+    return sorted(
+        {a.drv_path.rsplit("/", 1)[-1].split("-", 1)[0] for a in event.attributes if a.drv_path}
+    )
+
+
+@dataclass(frozen=True)
+class Head:
+    """The newest commit of a ref and its derivations (None: recorded by an older builder)."""
+
+    commit: str
+    drvs: frozenset[str] | None
+
+
 def pushed(event: EvalDone) -> datetime:
     """When `event`'s commit became its ref's head, as well as the event tells."""
     return event.pushed_at or event.occurred_at
@@ -38,14 +53,16 @@ class RefHeads:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
 
-    async def _read(self, key: str) -> tuple[str, datetime, int] | None:
+    async def _read(self, key: str) -> tuple[str, datetime, int, Head] | None:
         try:
             entry = await self.kv.get(key)
         except KeyNotFound:
             return None
         try:
             body = json.loads(entry.value or b"")
-            return body["commit"], datetime.fromisoformat(body["at"]), entry.revision or 0
+            drvs = body.get("drvs")
+            head = Head(body["commit"], None if drvs is None else frozenset(drvs))
+            return body["commit"], datetime.fromisoformat(body["at"]), entry.revision or 0, head
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -55,7 +72,9 @@ class RefHeads:
             return
         key = _key(event.repository, event.ref)
         at = pushed(event)
-        body = json.dumps({"commit": event.commit, "at": at.isoformat()}).encode()
+        body = json.dumps(
+            {"commit": event.commit, "at": at.isoformat(), "drvs": drv_hashes(event)}
+        ).encode()
         try:
             for _ in range(5):
                 current = await self._read(key)
@@ -74,6 +93,11 @@ class RefHeads:
 
     async def superseded_by(self, event: EvalDone) -> str | None:
         """The newer commit of `event`'s ref, if one was pushed after `event`'s."""
+        head = await self.superseding(event)
+        return None if head is None else head.commit
+
+    async def superseding(self, event: EvalDone) -> Head | None:
+        """The head of `event`'s ref, if it was pushed after `event`'s commit."""
         if event.ref is None:
             return None
         try:
@@ -83,4 +107,4 @@ class RefHeads:
             return None
         if current is None or current[0] == event.commit or current[1] <= pushed(event):
             return None
-        return current[0]
+        return current[3]
