@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers import unmount_below
+
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "deploy" / "monitoring"
 KUBECTL = str(Path(sys.executable).with_name("kubectl"))
@@ -160,7 +162,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[
         server.stop()
         for log in logs.values():
             log.close()
-        subprocess.run(["umount", "-R", str(root / "pods")], capture_output=True, check=False)
+        unmount_below(root)  # what the CSI driver staged
 
 
 def with_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
