@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 _OPERATION = "KV-Operation"
 _REMOVED = ("DEL", "PURGE")
+MARKER_TTL_S = 86400.0
+"""Seconds a deletion's marker is kept, for watchers that were reconnecting meanwhile (a
+reader that starts later sees the key absent anyway); then it expires, so keys deleted over
+months do not pile up as markers every new reader must skip."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,11 @@ class State:
         except RevisionMismatch:
             return None
 
-    async def delete(self, key: str) -> int:
-        """Delete `key` (a deletion marker: watchers hear it); the marker's revision."""
-        ack = await self._js.publish(self.subject(key), b"", headers={_OPERATION: "DEL"})
+    async def delete(self, key: str, *, marker_ttl_s: float = MARKER_TTL_S) -> int:
+        """Delete `key`: a marker that watchers hear, itself gone after `marker_ttl_s`
+        seconds; the marker's revision."""
+        headers = {_OPERATION: "PURGE", "Nats-Rollup": "sub"}
+        ack = await self._js.publish(self.subject(key), b"", headers=headers, msg_ttl=marker_ttl_s)
         return int(ack.seq)
 
     async def get(self, key: str) -> Entry | None:

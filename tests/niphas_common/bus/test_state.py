@@ -76,3 +76,17 @@ async def test_an_event_that_states_something_is_recorded_then_published(bus: Bu
     assert await state.get(said.state_key) is None
     stored = await bus.js.stream_info("PATH_AVAILABLE")
     assert stored.state.messages == 2  # both events kept for inspection
+
+
+async def test_a_deletion_marker_expires(bus: Bus) -> None:
+    """Keys deleted over months must not pile up as markers that every new reader skips."""
+    state = await bus.state("test-markers")
+    await state.put("k", b"v")
+    await state.delete("k", marker_ttl_s=1.0)
+    assert await state.get("k") is None
+    for _ in range(100):
+        info = await bus.js.stream_info(state.stream)
+        if info.state.messages == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert info.state.messages == 0
