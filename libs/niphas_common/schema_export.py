@@ -33,6 +33,10 @@ ROLES: dict[str, tuple[str, str]] = {
         "mesh; builder (for the cache)",
         "people (the holders are read from the state bucket niphas-holders)",
     ),
+    "workload.status": (
+        "operator (a workload's phase changed for the commit it runs)",
+        "reporter (commit status niphas/deploy/<namespace>/<name>)",
+    ),
 }
 """Who publishes and who consumes each subject (the AsyncAPI document and the README's
 subjects table both say this)."""

@@ -12,6 +12,8 @@ from niphas_schemas.events import (
     PathAvailable,
     PathWanted,
     PushReceived,
+    WorkloadPhase,
+    WorkloadRolled,
 )
 from niphas_schemas.holders import HOLDERS_BUCKET, NodeRecord
 
@@ -29,4 +31,6 @@ __all__ = [
     "PathAvailable",
     "PathWanted",
     "PushReceived",
+    "WorkloadPhase",
+    "WorkloadRolled",
 ]

@@ -1,4 +1,4 @@
-"""The five event bodies, one class per subject.
+"""The event bodies, one class per subject.
 
 Every event is frozen, forbids unknown fields and carries `schema_version`, `event_id` and
 `occurred_at`. `idempotency_key` is deterministic in the event's meaning (not its own id or time,
@@ -314,11 +314,54 @@ class PathAvailable(Event):
         return f"{_digest(self.holder_url, self.store_path, stamp)}:{self.state}"
 
 
+WorkloadPhase = Literal["Provisioning", "Running", "Degraded", "Failed"]
+"""The phases of a workload that runs (or failed to run) a commit; see the operator's README."""
+
+
+class WorkloadRolled(Event):
+    """A workload's rollout of a commit reached a new phase: Provisioning (its Deployment runs
+    the commit's store path, not every replica available yet), Running, Degraded or Failed.
+
+    Published by the operator when the phase (or the commit it runs) changes, for whoever
+    reports rollouts (the reporter's commit statuses); the operator knows no forge."""
+
+    subject: ClassVar[str] = "workload.status"
+    namespace: str = Field(
+        pattern=r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$", description="The workload's namespace"
+    )
+    name: str = Field(
+        pattern=r"^[a-z0-9]([a-z0-9.\-]{0,251}[a-z0-9])?$", description="The workload's name"
+    )
+    repository: RepoUrl
+    ref: GitRef | None = Field(
+        default=None, description="The ref the workload follows; None: the default branch"
+    )
+    commit: CommitSha
+    store_path: StorePath | None = Field(
+        default=None, description="What its Deployment runs (the first architecture's path)"
+    )
+    phase: WorkloadPhase
+    reason: str = Field(
+        pattern=r"^[A-Za-z][A-Za-z0-9]{0,127}$",
+        description="One CamelCase word, as `kubectl get nw` prints it",
+    )
+    message: str = Field(default="", max_length=1024, description="The sentence behind it")
+
+    @property
+    def idempotency_key(self) -> str:
+        # A state announcement: the same workload may leave a phase and come back to it, so the
+        # time of the announcement is part of what makes it the same event.
+        stamp = self.occurred_at.isoformat()
+        where = f"{self.namespace}/{self.name}"
+        return f"{_digest(where, self.commit, stamp)}:{self.phase}"
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     PushReceived,
     EvalDone,
     BuildDone,
     PathWanted,
     PathAvailable,
+    WorkloadRolled,
 )
 SUBJECTS: dict[str, type[Event]] = {cls.subject: cls for cls in EVENT_TYPES}

@@ -17,6 +17,7 @@ from niphas_schemas import (
     PathAvailable,
     PathWanted,
     PushReceived,
+    WorkloadRolled,
 )
 
 APP = "/nix/store/0c6d1awz8a5sd9gklwj6fckfh3fp7w9w-app"
@@ -29,6 +30,7 @@ REPO = "https://git.example.test/acme/app.git"
 def test_every_subject_has_a_model() -> None:
     assert set(SUBJECTS) == {
         "push.received", "eval.done", "build.done", "path.wanted", "path.available",
+        "workload.status",
     }  # fmt: skip
 
 
@@ -184,3 +186,30 @@ def test_consistency_rules() -> None:
     assert later.msg_id != withdrawn.msg_id  # a state announcement may recur
     with pytest.raises(ValidationError, match="an attribute without error needs"):
         EvaluatedAttribute(attribute="a", attr_path="packages.x.a", system="x86_64-linux")
+
+
+def test_a_workload_rollout_names_the_workload_commit_and_a_known_phase() -> None:
+    rolled = WorkloadRolled(
+        namespace="team-a",
+        name="web",
+        repository=REPO,
+        commit=COMMIT,
+        store_path=APP,
+        phase="Running",
+        reason="MinimumReplicasAvailable",
+        message="1 available",
+    )
+    assert WorkloadRolled.model_validate_json(rolled.model_dump_json()) == rolled
+    again = rolled.model_copy(update={"event_id": "other"})
+    assert again.msg_id == rolled.msg_id  # the same announcement published twice
+    later = rolled.model_copy(update={"occurred_at": rolled.occurred_at + timedelta(seconds=1)})
+    assert later.msg_id != rolled.msg_id  # back in the same phase later: a new event
+    fields = rolled.model_dump()
+    for wrong in (
+        {"phase": "Evaluating"},
+        {"namespace": "Team_A"},
+        {"reason": "two words"},
+        {"unknown": 1},
+    ):
+        with pytest.raises(ValidationError):
+            WorkloadRolled.model_validate({**fields, **wrong})

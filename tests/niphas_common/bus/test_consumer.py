@@ -252,7 +252,7 @@ async def test_provisioning_is_idempotent_and_applies_changed_settings(bus: Bus)
 
     await ensure_streams(bus.js, bus.settings)
     await ensure_streams(bus.js, bus.settings)  # again: no error, nothing duplicated
-    assert len(await inspect.streams(bus.js)) == 6
+    assert len(await inspect.streams(bus.js)) == 7  # one per subject, and dead letters
 
     # push.received remembers webhook deliveries for days (a late redelivery of an old push is
     # a duplicate, not a new push); the other streams use the common window.
