@@ -342,7 +342,8 @@ class WorkloadRolled(Event):
     )
     phase: WorkloadPhase
     reason: str = Field(
-        pattern=r"^[A-Za-z][A-Za-z0-9]{0,127}$",
+        min_length=1,
+        max_length=128,
         description="One CamelCase word, as `kubectl get nw` prints it",
     )
     message: str = Field(default="", max_length=1024, description="The sentence behind it")

@@ -13,7 +13,9 @@ A multi-architecture workload (`spec.architectures`) gets one Deployment per arc
 each running the store path built for that architecture's system on nodes of that
 architecture; the first architecture is the one `status.storePath` and rollbacks speak of.
 Each step of a workload's life (provisioned, rolled back, available, degraded, failed) is
-recorded as a Kubernetes Event naming the commit and store path.
+recorded as a Kubernetes Event naming the commit and store path; a change of the phase (or of
+the commit) of a workload that runs one is published as `workload.status` for whoever reports
+rollouts (the reporter's commit statuses).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from niphas_operator.workload import (
     Workload,
     program_of,
 )
-from niphas_schemas import Event, PathWanted, PushReceived
+from niphas_schemas import Event, PathWanted, PushReceived, WorkloadRolled
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,11 @@ RECONCILES = Counter("niphas_operator_reconciles_total", "Reconciles run, by out
 REQUESTS_PUBLISHED = Counter(
     "niphas_operator_push_requests_total", "push.received published for workloads"
 )
+ROLLOUTS_PUBLISHED = Counter(
+    "niphas_operator_rollouts_published_total", "workload.status published, by phase", ["phase"]
+)
+ROLLOUT_PHASES = ("Provisioning", "Running", "Degraded", "Failed")
+"""The phases of a workload running a commit: what `workload.status` announces."""
 
 Publish = Callable[[Event], Awaitable[object]]
 ALLOWED = "Ready"
@@ -180,6 +187,9 @@ class Reconciler:
         """The same for each workload's Deployment (its later status changes are not ours)."""
         self._etc_applied: dict[tuple[str, str], tuple[str, str]] = {}
         """(uid, content digest) of the /etc ConfigMap this process applied per workload."""
+        self._announced: dict[tuple[str, str], tuple[str, str, str]] = {}
+        """(uid, commit, phase) of the last rollout seen per workload, so a new commit in the
+        same phase (a push while the last one still provisions) is announced too."""
 
     async def reconcile(
         self, namespace: str, name: str, known: dict[str, Any] | None = None
@@ -242,7 +252,35 @@ class Reconciler:
                 about=f"phase:{phase}:{workload.resource_version}",
                 warning=phase != "Running",
             )
+        await self._announce_rollout(workload, desired, phase, reason, message)
         await self._write_status(workload, status)
+
+    async def _announce_rollout(
+        self, workload: Workload, desired: Desired | None, phase: str, reason: str, message: str
+    ) -> None:
+        """`workload.status` when the phase of the commit the workload runs changed. Published
+        before the status is written: a failed write is retried and announces again (the
+        same fact twice), never not at all."""
+        if desired is None or desired.commit is None or phase not in ROLLOUT_PHASES:
+            return
+        now = (workload.uid, desired.commit, phase)
+        last = self._announced.get(workload.key)
+        if phase != workload.status.phase or (last is not None and last != now):
+            await self._publish(
+                WorkloadRolled(
+                    namespace=workload.namespace,
+                    name=workload.name,
+                    repository=repository_of(workload.spec.flake_ref),
+                    ref=workload.ref,
+                    commit=desired.commit,
+                    store_path=desired.store_path,
+                    phase=phase,
+                    reason=reason[:128] or phase,
+                    message=message[:1024],
+                )
+            )
+            ROLLOUTS_PUBLISHED.labels(phase).inc()
+        self._announced[workload.key] = now
 
     async def _schedulable(self, workload: Workload, status: StatusBuilder) -> None:
         """Say when no node has one of the workload's architectures (instead of pods left
@@ -484,6 +522,7 @@ class Reconciler:
             name = children.deployment_name(workload, arch)
             await self._store.delete("apps/v1", "Deployment", (workload.namespace, name))
         self._etc_applied.pop(workload.key, None)
+        self._announced.pop(workload.key, None)
         self.own_writes.forget(workload.key)
         self.own_deployments.forget(workload.key)
         if FINALIZER in workload.finalizers:
