@@ -1,5 +1,6 @@
 """Commit statuses: the reporter, consuming the real subjects on a real nats-server, posts
-one context per stage (eval, each built attribute) to GitHub, Gitea and GitLab as each
+one context per stage (eval, each built attribute, each workload's rollout) to GitHub, Gitea
+and GitLab as each
 documents its API (checked by a fake forge on loopback); a forge answering 5xx is retried
 with backoff, one that is down or refuses never holds up the events (all acked), and no
 token reaches a log."""
@@ -17,7 +18,14 @@ from niphas_common.bus.bus import Bus
 from niphas_reporter.app import wired
 from niphas_reporter.reporter import Reporter
 from niphas_reporter.settings import ReporterSettings
-from niphas_schemas import BuildDone, BuiltOutput, EvalDone, EvaluatedAttribute, PushReceived
+from niphas_schemas import (
+    BuildDone,
+    BuiltOutput,
+    EvalDone,
+    EvaluatedAttribute,
+    PushReceived,
+    WorkloadRolled,
+)
 from tests.helpers import eventually, serving
 
 from .conftest import REPOS, TOKENS
@@ -216,3 +224,49 @@ def test_a_build_cancelled_while_building_says_so() -> None:
         f"cancelled: superseded by {NEWER[:12]}",
     )
     assert status.target_url == f"http://logs/{DRV[-12:]}"
+
+
+def rolled(forge: str, phase: str, reason: str, commit: str = COMMIT) -> WorkloadRolled:
+    return WorkloadRolled(
+        namespace="apps",
+        name="web",
+        repository=REPOS[forge],
+        ref="refs/heads/main",
+        commit=commit,
+        store_path=OUT,
+        phase=phase,
+        reason=reason,
+        message=f"{reason} happened",
+    )
+
+
+async def test_a_workload_rollout_is_one_context_pending_then_final(
+    bus: Bus, forge: FakeForge, reporter_settings: ReporterSettings
+) -> None:
+    deploy = "niphas/deploy/apps/web"
+    async with reporting(bus, reporter_settings) as reporter:
+        for kind in ("github", "gitlab"):
+            await bus.publish(rolled(kind, "Provisioning", "RollingOut"))
+        await eventually(lambda: len(forge.posted) == 2)
+        for kind in ("github", "gitlab"):
+            await bus.publish(rolled(kind, "Running", "MinimumReplicasAvailable"))
+        await eventually(lambda: len(forge.posted) == 4)
+        # A newer commit's build failed: the running commit's rollout is as it was.
+        await bus.publish(rolled("github", "Degraded", "BuildFailed"))
+        # Its replicas going away is this commit's rollout failing.
+        await bus.publish(rolled("github", "Degraded", "ReplicasUnavailable", NEWER))
+        await eventually(lambda: len(forge.posted) == 5)
+        await reporter.poster.idle()
+
+    assert forge.violations == []
+    github = [
+        p.body for p in forge.posted if (p.forge, p.context, p.sha) == ("github", deploy, COMMIT)
+    ]
+    assert [b["state"] for b in github] == ["pending", "success"]
+    assert "RollingOut" in github[0]["description"]
+    assert github[1]["target_url"] == f"http://reporter.test:8095/logs/push/{COMMIT}"
+    gitlab = [p.body for p in forge.posted if (p.forge, p.context) == ("gitlab", deploy)]
+    assert [b["state"] for b in gitlab] == ["pending", "success"] and gitlab[0]["ref"] == "main"
+    [failed] = [p for p in forge.posted if p.sha == NEWER]
+    assert (failed.context, failed.sha, failed.body["state"]) == (deploy, NEWER, "failure")
+    assert "ReplicasUnavailable" in failed.body["description"]

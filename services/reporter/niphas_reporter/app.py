@@ -28,6 +28,10 @@ def log_url(settings: ReporterSettings, drv_path: str) -> str:
     return f"{settings.public_url.rstrip('/')}/logs/drv/{drv_hash(drv_path)}"
 
 
+def push_logs_url(settings: ReporterSettings, commit: str) -> str:
+    return f"{settings.public_url.rstrip('/')}/logs/push/{commit}"
+
+
 @contextlib.asynccontextmanager
 async def wired(bus: Bus, settings: ReporterSettings) -> AsyncIterator[Reporter]:
     """The reporter's handlers with their poster; queued statuses are dropped on exit."""
@@ -38,7 +42,11 @@ async def wired(bus: Bus, settings: ReporterSettings) -> AsyncIterator[Reporter]
         timeout_s=settings.request_timeout_s,
         queue_size=settings.queue_size,
     )
-    statuses = Statuses(settings.context_prefix, lambda drv: log_url(settings, drv))
+    statuses = Statuses(
+        settings.context_prefix,
+        lambda drv: log_url(settings, drv),
+        lambda commit: push_logs_url(settings, commit),
+    )
     try:
         yield Reporter(statuses, poster, settings.durable_prefix)
     finally:

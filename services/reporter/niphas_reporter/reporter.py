@@ -1,4 +1,5 @@
-"""The reporter's handlers: push.received, eval.done and build.done -> commit statuses.
+"""The reporter's handlers: push.received, eval.done, build.done and workload.status ->
+commit statuses.
 
 A consumer of the existing subjects beside the pipeline (its own durables): the services
 stay unaware of forges beyond eval's webhooks. Each handler only turns the event into
@@ -12,7 +13,7 @@ from typing import Any
 
 from niphas_common.bus.consumer import Delivery, Subscription
 from niphas_common.bus.topology import ConsumerSpec
-from niphas_schemas import BuildDone, EvalDone, PushReceived
+from niphas_schemas import BuildDone, EvalDone, PushReceived, WorkloadRolled
 
 from .poster import StatusPoster
 from .statuses import Statuses
@@ -36,6 +37,7 @@ class Reporter:
             Subscription(PushReceived, spec("push", PushReceived.subject), self.on_push),
             Subscription(EvalDone, spec("eval", EvalDone.subject), self.on_eval),
             Subscription(BuildDone, spec("build", BuildDone.subject), self.on_build),
+            Subscription(WorkloadRolled, spec("deploy", WorkloadRolled.subject), self.on_rollout),
         ]
 
     async def on_push(self, event: PushReceived, _: Delivery) -> None:
@@ -49,4 +51,8 @@ class Reporter:
 
     async def on_build(self, event: BuildDone, _: Delivery) -> None:
         for status in self.statuses.for_build(event):
+            self.poster.submit(status)
+
+    async def on_rollout(self, event: WorkloadRolled, _: Delivery) -> None:
+        for status in self.statuses.for_rollout(event):
             self.poster.submit(status)

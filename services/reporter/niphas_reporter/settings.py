@@ -44,13 +44,14 @@ class ReporterSettings(ServiceSettings):
     durable_prefix: str = Field(
         default="reporter",
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
-        description="Prefix of the durable consumers (<prefix>-push, -eval, -build)",
+        description="Prefix of the durable consumers (<prefix>-push, -eval, -build, -deploy)",
     )
     context_prefix: str = Field(
         default="niphas",
         min_length=1,
         max_length=64,
-        description="First part of every status context (niphas/eval, niphas/build/<attr>)",
+        description="First part of every status context (niphas/eval, niphas/build/<attr>, "
+        "niphas/deploy/<namespace>/<name>)",
     )
     attempts: int = Field(
         default=6,

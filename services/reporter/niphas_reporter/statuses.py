@@ -5,13 +5,18 @@
   `<prefix>/build/<attr>` pending, or failure when the attribute did not evaluate.
 - `build.done`: `<prefix>/build/<attr>` success (built or cached), failure linking its log, or
   cancelled when a newer push of the ref superseded it.
+- `workload.status` (the operator): `<prefix>/deploy/<namespace>/<name>` pending while the
+  commit's rollout provisions, success once Running, failure when Degraded or Failed, with the
+  reason as description, linking the commit's build logs. A workload Degraded because a newer
+  evaluation or build failed still runs this commit as it did: nothing is posted (the newer
+  commit's own statuses say it failed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from niphas_schemas import BuildDone, EvalDone, PushReceived
+from niphas_schemas import BuildDone, EvalDone, PushReceived, WorkloadRolled
 
 from .forges import CommitStatus, State
 
@@ -19,7 +24,16 @@ SUPERSEDED = "superseded by "
 """How the builder's log tail starts when a newer push of the ref made the build pointless."""
 
 LogUrl = Callable[[str], str]
-"""A derivation path -> the URL of its build log."""
+"""A derivation path -> the URL of its build log (or a commit -> the logs of its builds)."""
+
+NEWER_FAILED = ("EvaluationFailed", "BuildFailed")
+"""Reasons a workload is Degraded that are about a newer commit, not the one it runs."""
+_ROLLOUT_STATES: dict[str, State] = {
+    "Provisioning": "pending",
+    "Running": "success",
+    "Degraded": "failure",
+    "Failed": "failure",
+}
 
 
 def _first_line(text: str | None, default: str) -> str:
@@ -34,9 +48,10 @@ def drv_hash(drv_path: str) -> str:
 
 
 class Statuses:
-    def __init__(self, prefix: str, log_url: LogUrl) -> None:
+    def __init__(self, prefix: str, log_url: LogUrl, push_logs_url: LogUrl | None = None) -> None:
         self.prefix = prefix
         self.log_url = log_url
+        self.push_logs_url = push_logs_url
 
     @property
     def eval_context(self) -> str:
@@ -44,6 +59,9 @@ class Statuses:
 
     def build_context(self, attribute: str) -> str:
         return f"{self.prefix}/build/{attribute}"
+
+    def deploy_context(self, namespace: str, name: str) -> str:
+        return f"{self.prefix}/deploy/{namespace}/{name}"
 
     def for_push(self, event: PushReceived) -> list[CommitStatus]:
         if event.commit is None:
@@ -107,6 +125,28 @@ class Statuses:
                 state,
                 text,
                 target_url=url,
+                ref=event.ref,
+            )
+        ]
+
+    def for_rollout(self, event: WorkloadRolled) -> list[CommitStatus]:
+        if event.phase == "Degraded" and event.reason in NEWER_FAILED:
+            return []
+        state = _ROLLOUT_STATES[event.phase]
+        where = f"{event.namespace}/{event.name}"
+        text = f"{where}: {event.reason}"
+        if event.phase == "Provisioning":
+            text = f"{where} rolling out: {event.reason}"
+        elif event.phase == "Running":
+            text = f"{where} running"
+        return [
+            CommitStatus(
+                event.repository,
+                event.commit,
+                self.deploy_context(event.namespace, event.name),
+                state,
+                text,
+                target_url=self.push_logs_url(event.commit) if self.push_logs_url else None,
                 ref=event.ref,
             )
         ]
