@@ -136,4 +136,4 @@ async def test_niphas_logs_prints_a_log_and_fails_in_one_line(
     assert missing.returncode == 1
     assert missing.stderr == f"niphas logs: no log of {'e' * 32}\n"
     wrong = await asyncio.to_thread(niphas, "workload-x", "web")
-    assert wrong.returncode == 2 and "expected drv or push" in wrong.stderr
+    assert wrong.returncode == 2 and "expected drv, push or workload" in wrong.stderr
