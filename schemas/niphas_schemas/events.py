@@ -14,7 +14,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Final, Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from niphas_schemas.holders import HOLDERS_BUCKET, path_key
 from niphas_schemas.types import (
@@ -55,6 +55,28 @@ PushedAt = Annotated[
         "when the eval worker resolved the ref; orders two commits of one ref (None: unknown)"
     ),
 ]
+
+
+def _plain_url(url: str) -> str:
+    # Nodes allow workload caches by URL prefix: a '..' segment or an escape could step out.
+    rest = url.split("://", 1)[1]
+    if "%" in rest or any(part in (".", "..") for part in rest.split("/")):
+        raise ValueError("no '.' or '..' segments and no percent-escapes")
+    return url
+
+
+BinaryCacheUrl = Annotated[
+    str,
+    Field(max_length=2048, pattern=r"^https?://[^\s?#@]+$"),
+    AfterValidator(_plain_url),
+]
+"""An http(s) binary cache URL: no query, fragment, user info, dot segments or escapes."""
+
+NixPublicKey = Annotated[
+    str,
+    Field(max_length=1024, pattern=r"^[A-Za-z0-9._+\-]+:[A-Za-z0-9+/]{43}=$"),
+]
+"""A Nix public key as `nix key convert-secret-to-public` prints it: name:base64 (Ed25519)."""
 
 
 def _utcnow() -> datetime:
@@ -254,10 +276,29 @@ class PathWanted(Event):
     requester: str = Field(
         max_length=512, description="Who asks, e.g. csi:<volume id> or operator:<ns>/<name>"
     )
+    binary_cache: BinaryCacheUrl | None = Field(
+        default=None,
+        description="A binary cache the workload names for this closure (its NiphasWorkload's "
+        "spec.binaryCache.url): one more holder of these paths and their references, used only "
+        "if the node's NIPHAS_MESH_WORKLOAD_CACHES allows it; None: the cluster's holders only",
+    )
+    binary_cache_public_key: NixPublicKey | None = Field(
+        default=None,
+        description="The key the workload says that cache signs with; the want fails unless "
+        "the node already trusts it (NIPHAS_MESH_TRUSTED_PUBLIC_KEYS)",
+    )
+
+    @model_validator(mode="after")
+    def _key_with_cache(self) -> Self:
+        if self.binary_cache_public_key is not None and self.binary_cache is None:
+            raise ValueError("binary_cache_public_key needs binary_cache")
+        return self
 
     @property
     def idempotency_key(self) -> str:
-        return f"{self.node}:{_digest(self.requester, *sorted(self.store_paths))}"
+        cache = (self.binary_cache or "", self.binary_cache_public_key or "")
+        parts = (*cache, self.requester) if any(cache) else (self.requester,)
+        return f"{self.node}:{_digest(*parts, *sorted(self.store_paths))}"
 
     @property
     def routed_subject(self) -> str:

@@ -155,6 +155,8 @@ async def test_conflicting_publish_is_already_exists(
         ("missing-volume-id", "volume_id is required"),
         ("block-access", "block access is not supported"),
         ("no-capability", "mount access is required"),
+        ("s3-binary-cache", "volume attribute 'binaryCache': 's3://bucket' is not an http(s)"),
+        ("bad-binary-cache-key", "volume attribute 'binaryCachePublicKey': 'k1' is not a Nix"),
     ],
 )
 async def test_invalid_requests_are_refused_and_leave_nothing(
@@ -179,6 +181,11 @@ async def test_invalid_requests_are_refused_and_leave_nothing(
         request.volume_capability.block.SetInParent()
     elif case == "no-capability":
         request.ClearField("volume_capability")
+    elif case == "s3-binary-cache":
+        request.volume_context["binaryCache"] = "s3://bucket"
+    elif case == "bad-binary-cache-key":
+        request.volume_context["binaryCache"] = "https://cache.example"
+        request.volume_context["binaryCachePublicKey"] = "k1"
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await driver.node.NodePublishVolume(request, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

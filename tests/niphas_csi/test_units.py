@@ -1,5 +1,6 @@
-"""Narrow units: request validation (store paths, targets, volume ids) and mountinfo parsing
-(octal escapes in mount points) without mounting anything."""
+"""Narrow units: request validation (store paths, targets, volume ids, the workload's binary
+cache attributes) and mountinfo parsing (octal escapes in mount points) without mounting
+anything."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ import pytest
 
 from niphas_csi.errors import InvalidRequest
 from niphas_csi.mounts import parse_mountinfo
-from niphas_csi.request import parse_store_paths, validate_target, validate_volume_id
+from niphas_csi.request import (
+    parse_binary_cache,
+    parse_store_paths,
+    validate_target,
+    validate_volume_id,
+)
 
 GOOD = "/nix/store/0c4wjd5a2m2q1fmbj1m2vzvyw2lp4ab6-hello-2.12"
 OTHER = "/nix/store/1c4wjd5a2m2q1fmbj1m2vzvyw2lp4ab6-lib"
@@ -50,6 +56,34 @@ def test_target_must_stay_under_the_root_even_through_symlinks(tmp_path: Path) -
 def test_volume_ids_must_be_plain_names(volume_id: str) -> None:
     with pytest.raises(InvalidRequest):
         validate_volume_id(volume_id)
+
+
+KEY = "cache.example-1:" + "A" * 43 + "="
+
+
+def test_binary_cache_attributes_are_optional_and_passed_as_given() -> None:
+    assert parse_binary_cache({}) == (None, None)
+    assert parse_binary_cache({"binaryCache": "", "binaryCachePublicKey": ""}) == (None, None)
+    attributes = {"binaryCache": "https://cache.example/team", "binaryCachePublicKey": KEY}
+    assert parse_binary_cache(attributes) == ("https://cache.example/team", KEY)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "named"),
+    [
+        ({"binaryCache": "s3://bucket"}, "'binaryCache': 's3://bucket' is not an http(s):// URL"),
+        ({"binaryCache": "file:///srv/cache"}, "'binaryCache'"),
+        ({"binaryCache": "https://c.example/../x"}, "no '.' or '..' segments"),
+        ({"binaryCache": "https://user@c.example"}, "'binaryCache'"),
+        ({"binaryCache": "https://c.example", "binaryCachePublicKey": "nokey"},
+         "'binaryCachePublicKey': 'nokey' is not a Nix public key name:base64"),
+        ({"binaryCachePublicKey": KEY}, "'binaryCachePublicKey' is set without 'binaryCache'"),
+    ],
+)  # fmt: skip
+def test_bad_binary_cache_attributes_are_named(attributes: dict[str, str], named: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        parse_binary_cache(attributes)
+    assert named in str(err.value)
 
 
 def test_mountinfo_unescapes_paths() -> None:

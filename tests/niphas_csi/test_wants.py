@@ -1,7 +1,10 @@
 """Missing paths: the driver publishes `path.wanted.<node>` and waits for its node's holder
 records of the asked paths (and only those). With the real mesh agent on the node the publish
-completes; with a stand-in that reports a failure the publish fails with the mesh's reason;
-with nobody answering it fails at the deadline, leaving nothing mounted, leased or recorded."""
+completes; with a stand-in that reports a failure the publish fails with the mesh's reason
+(another volume's failure does not fail it); with nobody answering it fails at the deadline,
+leaving nothing mounted, leased or recorded. The workload's binary cache attributes ride in the
+want; the real agent fetches from a cache it allows, and a cache it does not allow fails the
+mount with the reason."""
 
 from __future__ import annotations
 
@@ -85,6 +88,31 @@ async def test_nobody_answers_deadline_exceeded_and_nothing_left(
         await driver.stop()
 
 
+async def test_the_workload_cache_attributes_ride_in_the_want(
+    bare_node: Node,
+    nats_settings: NatsSettings,
+    built_closure: BuiltClosure,
+    wanted: list[PathWanted],
+    cache_key: CacheKey,
+) -> None:
+    driver = await start_driver(bare_node, nats_settings, fetch_timeout_s=1.5)
+    attributes = {
+        "binaryCache": "https://cache.example/team",
+        "binaryCachePublicKey": str(cache_key.public),
+    }
+    try:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await driver.publish(
+                "csi-own", bare_node.target(), str(built_closure.app), extra=attributes
+            )
+        [want] = wanted
+        assert want.binary_cache == "https://cache.example/team"
+        assert want.binary_cache_public_key == str(cache_key.public)
+        assert want.store_paths == (str(built_closure.app),)
+    finally:
+        await driver.stop()
+
+
 async def test_a_reported_failure_fails_the_publish_with_its_reason(
     bare_node: Node, nats_settings: NatsSettings, built_closure: BuiltClosure, bus: Bus
 ) -> None:
@@ -94,7 +122,8 @@ async def test_a_reported_failure_fails_the_publish_with_its_reason(
             await bus.publish(
                 PathAvailable(
                     holder_kind="node", holder=want.node, holder_url="http://127.0.0.1:9",
-                    state="failed", store_path=path, error="no peer and no cache has it",
+                    state="failed", store_path=path,
+                    error=f"{want.requester}: no peer and no cache has it",
                 )
             )  # fmt: skip
 
@@ -127,6 +156,13 @@ async def test_stand_in_mesh_fetches_and_the_publish_completes(
 
     async def fetch(msg: Any) -> None:
         want = decode(PathWanted, msg.data)
+        for path in want.store_paths:  # another volume's want failed: not this one's answer
+            await bus.publish(
+                PathAvailable(
+                    holder_kind="node", holder=want.node, holder_url="http://127.0.0.1:9",
+                    state="failed", store_path=path, error="csi:other: refused",
+                )
+            )  # fmt: skip
         await runner.acopy(want.store_paths, src=signed_cache.url)
         for path in want.store_paths:
             info = built_closure.infos[path]
@@ -234,3 +270,64 @@ async def test_the_driver_hears_only_the_paths_it_asked_for_on_its_node(bus: Bus
         await wants.stop()
     assert wants.heard == 1
     assert subjects == [f"path.wanted.{NODE_ID}"]
+
+
+async def test_real_mesh_agent_fetches_from_the_workload_cache_it_allows_and_no_other(
+    bare_node: Node,
+    nats_settings: NatsSettings,
+    built_closure: BuiltClosure,
+    signed_cache: FileCache,
+    cache_key: CacheKey,
+    tmp_path: Path,
+) -> None:
+    from niphas_mesh.agent import start_agent
+    from niphas_mesh.settings import MeshSettings
+    from tests.niphas_mesh.servers import counting_cache
+
+    async with counting_cache(signed_cache.dir) as (url, served):
+        mesh_settings = MeshSettings(
+            node=NODE_ID,
+            listen="127.0.0.1:0",
+            store_root=str(bare_node.store_root),
+            state_dir=tmp_path / "mesh-state",
+            trusted_public_keys=str(cache_key.public),
+            workload_caches=f"{url}/",  # no fallback cache: only the workload's has the closure
+            gc_high_percent=100.0,
+            gc_interval_s=3600.0,
+            rescan_interval_s=3600.0,
+        )
+        agent = await start_agent(mesh_settings, nats_settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        driver = await start_driver(bare_node, nats_settings)
+        try:
+            refused = bare_node.target("refused")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await driver.publish(
+                    "csi-refused", refused, str(built_closure.app),
+                    extra={"binaryCache": "https://elsewhere.example"}, rpc_timeout_s=60,
+                )  # fmt: skip
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            details = err.value.details() or ""
+            assert (
+                "binary cache https://elsewhere.example is not in NIPHAS_MESH_WORKLOAD_CACHES"
+                in details
+            )
+            assert_nothing_left(bare_node, "csi-refused", refused)
+            assert served.requests == 0
+            target = bare_node.target("own")
+            await driver.publish(
+                "csi-own", target, str(built_closure.app),
+                extra={"binaryCache": url, "binaryCachePublicKey": str(cache_key.public)},
+                rpc_timeout_s=60,
+            )  # fmt: skip
+            assert set(os.listdir(target)) == {p.base_name for p in built_closure.paths}
+            assert len(served.nar_requests) == len(built_closure.paths)
+            await driver.unpublish("csi-own", target)
+        finally:
+            await driver.stop()
+            stop.set()
+            try:
+                await asyncio.wait_for(task, 30)
+            finally:
+                await agent.close()

@@ -23,6 +23,8 @@ from niphas_common.nix.signing import SecretKey
 class Served:
     """What a server sent: NAR bytes in total and requests per NAR name."""
 
+    requests: int = 0
+    """Every request, of any file (narinfo, nar, nix-cache-info), found or not."""
     nar_bytes: int = 0
     nar_requests: Counter[str] = field(default_factory=Counter)
     range_requests: int = 0
@@ -61,6 +63,7 @@ async def counting_cache(
     first = [True]
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        served.requests += 1
         rel = request.match_info["rel"]
         file = directory / rel
         if ".." in rel.split("/") or not file.is_file():

@@ -65,11 +65,23 @@ async def announce_peer(bus: Bus, name: str, url: str, closure: BuiltClosure) ->
 
 
 async def want(
-    bus: Bus, node: str, closure: BuiltClosure, within_s: float = 60, who: str = "t"
+    bus: Bus,
+    node: str,
+    closure: BuiltClosure,
+    within_s: float = 60,
+    who: str = "t",
+    **fields: str,
 ) -> None:
+    """`node` wants `closure`; `fields`: more of the want's (binary_cache, ...)."""
     deadline = datetime.now(UTC) + timedelta(seconds=within_s)
     await bus.publish(
-        PathWanted(node=node, store_paths=(str(closure.app),), deadline=deadline, requester=who)
+        PathWanted(
+            node=node,
+            store_paths=(str(closure.app),),
+            deadline=deadline,
+            requester=who,
+            **fields,  # type: ignore[arg-type]
+        )
     )
 
 

@@ -1,7 +1,7 @@
-"""Mesh logic without a NATS server or a Nix store: holder choice (`HolderChoice`) over an
-index fed by the in-memory router, and garbage collection (`Collector`) over an in-memory
-catalogue, withdrawing through the in-memory router. The same logic runs against real
-servers and stores in the other mesh tests."""
+"""Mesh logic without a NATS server or a Nix store: holder choice (`HolderChoice`: peers, a
+want's own cache, fallback caches) over an index fed by the in-memory router, and garbage
+collection (`Collector`) over an in-memory catalogue, withdrawing through the in-memory router.
+The same logic runs against real servers and stores in the other mesh tests."""
 
 from __future__ import annotations
 
@@ -83,6 +83,19 @@ async def test_peers_before_caches_never_this_node(router: MemoryRouter) -> None
     choice, announced = await choice_for(router, fallback_caches=["http://cache"])
     assert [h.holder for h in await choice.next()] == ["peer"]
     assert announced == []  # a peer holds it: no `fetching` word needed
+    assert [h.url for h in await choice.next()] == ["http://cache"]
+    assert await choice.next() == []
+
+
+async def test_a_wants_own_cache_comes_after_peers_and_before_fallback_caches(
+    router: MemoryRouter,
+) -> None:
+    await tell(router, available("peer"))
+    own: list[str] = []
+    choice, _ = await choice_for(router, workload_caches=own, fallback_caches=["http://cache"])
+    own.append("http://own")  # a want joining the flight adds its cache while it runs
+    assert [h.holder for h in await choice.next()] == ["peer"]
+    assert [h.url for h in await choice.next()] == ["http://own"]
     assert [h.url for h in await choice.next()] == ["http://cache"]
     assert await choice.next() == []
 

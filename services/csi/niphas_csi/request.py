@@ -16,6 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from niphas_common.nix.errors import StorePathError
 from niphas_common.nix.store_path import StorePath
+from niphas_schemas.events import BinaryCacheUrl, NixPublicKey
 from niphas_schemas.types import StorePath as StorePathStr
 
 from .errors import InvalidRequest
@@ -32,6 +33,13 @@ POD_KEYS = {
 TRACEPARENT_ATTRIBUTE = "traceparent"
 """volumeAttributes key (optional): the W3C trace context of the build that moved the workload
 (the operator sets it), so the mount and the fetch it causes join the trace of the push."""
+CACHE_ATTRIBUTE = "binaryCache"
+"""volumeAttributes key (optional): a binary cache URL the workload names for its closure (the
+operator sets it from spec.binaryCache.url); passed to the mesh in the want, which uses it only
+if the node's NIPHAS_MESH_WORKLOAD_CACHES allows it."""
+CACHE_KEY_ATTRIBUTE = "binaryCachePublicKey"
+"""volumeAttributes key (optional, with `binaryCache`): the key that cache signs with
+(name:base64); the mesh refuses it unless the node already trusts it."""
 MAX_STORE_PATHS = 1024
 """As many as one path.wanted event may carry."""
 
@@ -48,6 +56,9 @@ class PublishRequest:
     pod: Mapping[str, str] = field(default_factory=dict)
     """name, namespace, uid of the pod (podInfoOnMount), for logs and the state record."""
     traceparent: str | None = None
+    binary_cache: str | None = None
+    """The workload's binary cache (the `binaryCache` attribute), for the mesh to consider."""
+    binary_cache_public_key: str | None = None
 
 
 def validate_volume_id(volume_id: str) -> str:
@@ -97,6 +108,35 @@ def parse_store_paths(value: str | None) -> tuple[str, ...]:
     return tuple(sorted(paths))
 
 
+_CACHE_URL = TypeAdapter(BinaryCacheUrl)
+_CACHE_KEY = TypeAdapter(NixPublicKey)
+
+
+def parse_binary_cache(volume_context: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The `binaryCache` and `binaryCachePublicKey` attributes, checked as the want checks
+    them: an http(s) URL (no query, user info, dot segments or escapes); a Nix public key
+    (name:base64), only together with a cache."""
+    url = volume_context.get(CACHE_ATTRIBUTE) or None
+    key = volume_context.get(CACHE_KEY_ATTRIBUTE) or None
+    checks = ((CACHE_ATTRIBUTE, url, _CACHE_URL, "an http(s):// URL"),
+              (CACHE_KEY_ATTRIBUTE, key, _CACHE_KEY, "a Nix public key name:base64"))  # fmt: skip
+    for attribute, value, adapter, form in checks:
+        if value is None:
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            detail = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise InvalidRequest(
+                f"volume attribute {attribute!r}: {value!r} is not {form} ({detail})"
+            ) from None
+    if key is not None and url is None:
+        raise InvalidRequest(
+            f"volume attribute {CACHE_KEY_ATTRIBUTE!r} is set without {CACHE_ATTRIBUTE!r}"
+        )
+    return url, key
+
+
 def validate_publish(
     *,
     volume_id: str,
@@ -118,4 +158,5 @@ def validate_publish(
     store_paths = parse_store_paths(volume_context.get(STORE_PATH_ATTRIBUTE))
     pod = {short: volume_context[key] for key, short in POD_KEYS.items() if key in volume_context}
     traceparent = volume_context.get(TRACEPARENT_ATTRIBUTE) or None
-    return PublishRequest(volume_id, target, store_paths, pod, traceparent)
+    cache, cache_key = parse_binary_cache(volume_context)
+    return PublishRequest(volume_id, target, store_paths, pod, traceparent, cache, cache_key)

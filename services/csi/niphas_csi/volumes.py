@@ -158,6 +158,8 @@ class Volumes:
             presence.missing,
             requester=f"csi:{request.volume_id}",
             timeout_s=limit,
+            binary_cache=request.binary_cache,
+            binary_cache_public_key=request.binary_cache_public_key,
             still_missing=still_missing,  # type: ignore[arg-type]
             recheck_s=self.fetch.recheck_s,
         )

@@ -5,8 +5,10 @@ reason).
 Each waiting publish listens to exactly the holder records it waits for, this node's word
 about each asked path (`<hash>.node.<node>` in the `niphas-holders` state), from before the
 want is published until it is answered: the driver never receives the rest of the cluster's
-announcements, nor this node's about other paths. The store is also re-checked now and then,
-in case an answer was missed (a reconnect).
+announcements, nor this node's about other paths. A `failed` record counts only when it names
+this want's requester (the mesh answers each want on its own): another volume's want failing,
+say for naming a binary cache the node does not allow, never fails this one. The store is also
+re-checked now and then, in case an answer was missed (a reconnect).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ StillMissing = Callable[[Sequence[str]], Awaitable[Sequence[str]]]
 
 
 class _Wait:
-    def __init__(self, paths: Sequence[str]) -> None:
+    def __init__(self, paths: Sequence[str], requester: str) -> None:
         self.pending = set(paths)
+        self.requester = requester
         self.failure: str | None = None
         self.changed = asyncio.Event()
 
@@ -68,6 +71,10 @@ class PathWants:
             if event.state == "available":
                 wait.pending.discard(event.store_path)
             elif event.state == "failed":
+                if not (event.error or "").startswith(f"{wait.requester}: "):
+                    # Another want's failure (the mesh names the requester in each): this
+                    # want gets its own answer, so one volume's refusal never fails another's.
+                    return
                 wait.failure = f"{event.store_path}: {event.error}"
             wait.changed.set()
 
@@ -80,10 +87,15 @@ class PathWants:
         timeout_s: float,
         still_missing: StillMissing,
         recheck_s: float,
+        binary_cache: str | None = None,
+        binary_cache_public_key: str | None = None,
     ) -> None:
         """Return once every path is in the node's store; raise PathsUnavailable when the
-        mesh reports a failure, FetchDeadline when `timeout_s` passes first."""
-        wait = _Wait(paths)
+        mesh reports a failure, FetchDeadline when `timeout_s` passes first.
+
+        `binary_cache` (with its `binary_cache_public_key`): the workload's own cache, passed
+        in the want; the mesh decides whether its node allows it (a refusal is a failure)."""
+        wait = _Wait(paths, requester)
         state = await self.bus.state(HOLDERS_BUCKET)
         keys = {path_key(p, "node", self.node_id, "") for p in paths}
         listener = await state.listen(sorted(keys), self._on_record(wait))
@@ -96,6 +108,8 @@ class PathWants:
                     store_paths=tuple(paths),
                     deadline=datetime.now(UTC) + timedelta(seconds=timeout_s),
                     requester=requester,
+                    binary_cache=binary_cache,
+                    binary_cache_public_key=binary_cache_public_key,
                 )
             )
             while True:

@@ -42,6 +42,7 @@ from .server import build_app
 from .settings import MeshSettings
 from .state_lock import StateLock
 from .store import NodeStore
+from .workload_caches import WorkloadCaches
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ def _fetcher(
         session=session,
         inflight=local.inflight,
         fallback_caches=settings.fallback_caches.split(),
+        workload_caches=WorkloadCaches.parse(settings.workload_caches, local.trusted),
         concurrency=settings.fetch_concurrency,
         peer_wait_s=settings.peer_wait_s,
         range_min_bytes=settings.range_min_bytes,

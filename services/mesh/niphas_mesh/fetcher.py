@@ -6,7 +6,8 @@ flight gets the verified narinfo from a holder, starts the flights of its refere
 (references are imported first), downloads the NAR from the same holder, then hands it to the
 importer and announces it.
 
-Which holder to try next is `holders.HolderChoice`'s call (peers first, fallback caches last,
+Which holder to try next is `holders.HolderChoice`'s call (peers first, then announced caches,
+the want's own binary cache, fallback caches last,
 byte ranges from several peers for a large NAR, an earlier fetching node before the cache);
 `downloader.Downloader` gets and verifies the narinfo and NAR from that pick. A holder that
 fails verification, stalls or errors is reported (log + metric) and the next one is tried. So
@@ -18,6 +19,12 @@ collector, wired in `agent`) that leaves the closures of the wants being answere
 anything, or another want's pass did since this attempt began (two wants hitting the full disk
 together: the second pass finds the first one's work done), the want is tried again at once;
 otherwise it fails at once: another attempt would download again only to fail the same way.
+
+A want may name the workload's own binary cache (`binary_cache`). Only a cache the node allows
+(`workload_caches`, NIPHAS_MESH_WORKLOAD_CACHES) is used, and only with a public key the node
+already trusts; otherwise the want fails at once with the reason, and nothing is asked of that
+cache. An allowed cache joins the holders of each flight the want starts or joins, and of the
+flights of their references; what it serves is verified like any holder's.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from .inflight import Inflight
 from .last_use import LastUse
 from .metrics import FETCHES, SINGLE_FLIGHT_JOINS
 from .store import NodeStore
+from .workload_caches import WorkloadCaches
 
 log = logging.getLogger(__name__)
 RETRY_S = 2.0
@@ -77,6 +85,7 @@ class Fetcher:
         session: aiohttp.ClientSession,
         inflight: Inflight,
         fallback_caches: Sequence[str] = (),
+        workload_caches: WorkloadCaches | None = None,
         concurrency: int = 8,
         peer_wait_s: float = 30.0,
         range_min_bytes: int = 64 << 20,
@@ -90,6 +99,7 @@ class Fetcher:
         self.importer = Importer(store, incoming)
         self.inflight = inflight
         self.fallback_caches = tuple(fallback_caches)
+        self.workload_caches = workload_caches or WorkloadCaches((), trusted)
         self.peer_wait_s = peer_wait_s
         self.range_min_bytes = range_min_bytes
         self.free_space = free_space
@@ -103,6 +113,8 @@ class Fetcher:
             range_bytes=range_bytes,
         )
         self._flights: dict[str, asyncio.Task[None]] = {}
+        self._caches: dict[str, list[str]] = {}
+        """Hash part -> the wants' own caches a running flight may also try (grows on joins)."""
         self._wanted: Counter[StorePath] = Counter()
         """Paths of the wants being answered right now (what `needed` starts from)."""
         self._references: dict[str, Sequence[StorePath]] = {}
@@ -135,12 +147,20 @@ class Fetcher:
         paths = [StorePath.parse(p) for p in event.store_paths]
         for p in paths:
             self.last_use.touch(p.hash_part)
+        refusal = self.workload_caches.refusal(event.binary_cache, event.binary_cache_public_key)
+        if refusal is not None:
+            log.warning("refusing a want of %s: %s", event.requester, refusal)
+            for p in paths:
+                if p not in self.store:
+                    await self.announcer.failed(str(p), f"{event.requester}: {refusal}")
+            return
+        caches = (event.binary_cache,) if event.binary_cache else ()
         remaining = (event.deadline - datetime.now(UTC)).total_seconds()
         errors: dict[StorePath, str] = {}
         late = ""
         try:
             async with asyncio.timeout(remaining):
-                await self.ensure(paths, errors)
+                await self.ensure(paths, errors, caches)
         except TimeoutError:
             late = f"not present by the deadline {event.deadline.isoformat()}"
         except FetchFailed:
@@ -153,25 +173,33 @@ class Fetcher:
                 cause = f"{late} (last error: {cause})" if cause else late
             await self.announcer.failed(str(p), f"{event.requester}: {cause or 'not present'}")
 
-    async def ensure(self, paths: Sequence[StorePath], errors: dict[StorePath, str]) -> None:
+    async def ensure(
+        self,
+        paths: Sequence[StorePath],
+        errors: dict[StorePath, str],
+        caches: Sequence[str] = (),
+    ) -> None:
         """Make the closure of `paths` present, retrying until the caller's deadline; the last
-        error of each path is kept in `errors`. A full disk is retried only after a GC pass
-        freed something (otherwise each attempt would download again only to fail the same
-        way): FetchFailed at once."""
+        error of each path is kept in `errors`. `caches`: the want's own (allowed) caches,
+        tried after the announced holders and before the fallback caches. A full disk is
+        retried only after a GC pass freed something (otherwise each attempt would download
+        again only to fail the same way): FetchFailed at once."""
         self._wanted.update(paths)
         try:
-            await self._ensure(paths, errors)
+            await self._ensure(paths, errors, caches)
         finally:
             self._wanted.subtract(paths)
             self._wanted = +self._wanted  # drop the zero counts
             if not self._wanted and not self._flights:
                 self._references.clear()  # left by failed flights nobody waits for now
 
-    async def _ensure(self, paths: Sequence[StorePath], errors: dict[StorePath, str]) -> None:
+    async def _ensure(
+        self, paths: Sequence[StorePath], errors: dict[StorePath, str], caches: Sequence[str]
+    ) -> None:
         while True:
             collected = self._collected
             results = await asyncio.gather(
-                *(asyncio.shield(self.flight(p)) for p in paths), return_exceptions=True
+                *(asyncio.shield(self.flight(p, caches)) for p in paths), return_exceptions=True
             )
             failed: dict[StorePath, FetchFailed | ImportFailed] = {}
             for p, result in zip(paths, results, strict=True):
@@ -209,8 +237,9 @@ class Fetcher:
         """Whether this node has a flight for `path` right now."""
         return StorePath.parse(path).hash_part in self._flights
 
-    def flight(self, path: StorePath) -> asyncio.Future[None]:
-        """The one fetch of `path` on this node (a finished future if present)."""
+    def flight(self, path: StorePath, caches: Sequence[str] = ()) -> asyncio.Future[None]:
+        """The one fetch of `path` on this node (a finished future if present); `caches`
+        (a want's own, already allowed) become holders of that flight, joined or new."""
         if path in self.store:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
@@ -218,14 +247,19 @@ class Fetcher:
         task = self._flights.get(path.hash_part)
         if task is not None:
             SINGLE_FLIGHT_JOINS.labels(self.node).inc()
+            live = self._caches[path.hash_part]
+            live.extend(url for url in caches if url not in live)
             return task
-        task = asyncio.create_task(self._fetch(path), name=f"fetch {path.base_name}")
+        live = list(dict.fromkeys(caches))
+        self._caches[path.hash_part] = live
+        task = asyncio.create_task(self._fetch(path, live), name=f"fetch {path.base_name}")
         self._flights[path.hash_part] = task
         task.add_done_callback(lambda t: self._landed(path, t))
         return task
 
     def _landed(self, path: StorePath, task: asyncio.Task[None]) -> None:
         self._flights.pop(path.hash_part, None)
+        self._caches.pop(path.hash_part, None)
         if path in self.store:
             self._references.pop(path.hash_part, None)
         if not task.cancelled() and task.exception() is not None:
@@ -233,7 +267,7 @@ class Fetcher:
 
     # -- one flight --------------------------------------------------------------------
 
-    async def _fetch(self, path: StorePath) -> None:
+    async def _fetch(self, path: StorePath, caches: Sequence[str]) -> None:
         refs: list[asyncio.Future[None]] = []
         # From now on a peer asking for this path waits for our verified narinfo (and NAR).
         self.inflight.begin(path.hash_part)
@@ -241,11 +275,11 @@ class Fetcher:
         def start_references(info: NarInfo) -> None:
             if not refs:
                 self._references[path.hash_part] = info.reference_paths()
-                refs.extend(self.flight(r) for r in info.reference_paths())
+                refs.extend(self.flight(r, caches) for r in info.reference_paths())
                 refs.append(_done())
 
         try:
-            info = await self._download(path, start_references)
+            info = await self._download(path, start_references, caches)
             try:
                 await asyncio.gather(*refs)
             except BaseException:
@@ -260,13 +294,16 @@ class Fetcher:
         if valid is not None:
             await self.announcer.available(valid)
 
-    async def _download(self, path: StorePath, on_narinfo: OnNarinfo) -> NarInfo:
+    async def _download(
+        self, path: StorePath, on_narinfo: OnNarinfo, caches: Sequence[str]
+    ) -> NarInfo:
         choice = HolderChoice(
             self.index,
             str(path),
             node=self.node,
             url=self.announcer.url,
             announce_fetching=lambda: self.announcer.fetching(str(path)),
+            workload_caches=caches,
             fallback_caches=self.fallback_caches,
             peer_wait_s=self.peer_wait_s,
             range_min_bytes=self.range_min_bytes,

@@ -1,7 +1,8 @@
 """Which holder to download one store path from next: the mesh's load balancer.
 
 Holders come from the index: peers first (shuffled, so one seed does not serve everyone), the
-cache last, plus the configured fallback caches; never this node itself (at its URL or at an
+announced caches, then the want's own binary cache (a workload's, already allowed by the node),
+then the configured fallback caches; never this node itself (at its URL or at an
 earlier run's). A large NAR that several peers hold is fetched from all of them at once in
 byte ranges. When no peer has the path yet, the node announces `fetching`; if other nodes
 announced their fetch earlier, it streams from one of them while that node is still receiving
@@ -35,6 +36,7 @@ class HolderChoice:
         node: str,
         url: str,
         announce_fetching: Callable[[], Awaitable[int]],
+        workload_caches: Sequence[str] = (),
         fallback_caches: Sequence[str] = (),
         peer_wait_s: float = 30.0,
         range_min_bytes: int = 64 << 20,
@@ -44,6 +46,8 @@ class HolderChoice:
         self.node = node
         self.url = url
         self._announce_fetching = announce_fetching
+        self.workload_caches = workload_caches
+        """Read at each look: wants joining the flight may add theirs."""
         self.fallback_caches = tuple(fallback_caches)
         self.peer_wait_s = peer_wait_s
         self.range_min_bytes = range_min_bytes
@@ -103,10 +107,9 @@ class HolderChoice:
         found = [h for h in self.index.available(self.path) if not self._me(h)]
         known = {h.url for h in found}
         epoch = datetime.fromtimestamp(0, UTC)
+        extra = dict.fromkeys([*self.workload_caches, *self.fallback_caches])
         found += [
-            Holding("cache", url, url, "available", 0, epoch)
-            for url in self.fallback_caches
-            if url not in known
+            Holding("cache", url, url, "available", 0, epoch) for url in extra if url not in known
         ]
         return found
 

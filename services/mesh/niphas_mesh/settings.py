@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from pydantic_settings import SettingsConfigDict
 
 from niphas_common.settings import ServiceSettings
+
+from .workload_caches import check_entries
 
 
 class MeshSettings(ServiceSettings):
@@ -61,6 +63,13 @@ class MeshSettings(ServiceSettings):
         default="",
         description="Space-separated binary cache URLs tried after every announced holder "
         "(e.g. the builder's cache when it does not announce on path.available)",
+    )
+    workload_caches: Annotated[str, AfterValidator(check_entries)] = Field(
+        default="",
+        description="Space-separated binary cache URLs (exact), or URL prefixes ending in `/`, "
+        "that a workload may name (NiphasWorkload spec.binaryCache, passed in its want); a want "
+        "naming any other fails at once. Empty: none. What they serve is verified like "
+        "everything else (signed by a trusted key, or a source)",
     )
     trusted_public_keys: str = Field(
         default="",
