@@ -80,7 +80,7 @@ async def want(
             store_paths=(str(closure.app),),
             deadline=deadline,
             requester=who,
-            **fields,  # type: ignore[arg-type]
+            **fields,
         )
     )
 
