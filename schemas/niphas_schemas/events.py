@@ -79,6 +79,10 @@ NixPublicKey = Annotated[
 """A Nix public key as `nix key convert-secret-to-public` prints it: name:base64 (Ed25519)."""
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -276,14 +280,18 @@ class PathWanted(Event):
     requester: str = Field(
         max_length=512, description="Who asks, e.g. csi:<volume id> or operator:<ns>/<name>"
     )
+    # Both left out of the body when None: a want naming no cache is written as before these
+    # fields existed, so an agent of the previous release (unknown fields forbidden) takes it.
     binary_cache: BinaryCacheUrl | None = Field(
         default=None,
+        exclude_if=_is_none,
         description="A binary cache the workload names for this closure (its NiphasWorkload's "
         "spec.binaryCache.url): one more holder of these paths and their references, used only "
         "if the node's NIPHAS_MESH_WORKLOAD_CACHES allows it; None: the cluster's holders only",
     )
     binary_cache_public_key: NixPublicKey | None = Field(
         default=None,
+        exclude_if=_is_none,
         description="The key the workload says that cache signs with; the want fails unless "
         "the node already trusts it (NIPHAS_MESH_TRUSTED_PUBLIC_KEYS)",
     )

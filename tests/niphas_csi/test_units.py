@@ -4,10 +4,13 @@ anything."""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from niphas_common.bus.codec import decode, encode
 from niphas_csi.errors import InvalidRequest
 from niphas_csi.mounts import parse_mountinfo
 from niphas_csi.request import (
@@ -16,6 +19,7 @@ from niphas_csi.request import (
     validate_target,
     validate_volume_id,
 )
+from niphas_schemas import PathWanted
 
 GOOD = "/nix/store/0c4wjd5a2m2q1fmbj1m2vzvyw2lp4ab6-hello-2.12"
 OTHER = "/nix/store/1c4wjd5a2m2q1fmbj1m2vzvyw2lp4ab6-lib"
@@ -84,6 +88,20 @@ def test_bad_binary_cache_attributes_are_named(attributes: dict[str, str], named
     with pytest.raises(InvalidRequest) as err:
         parse_binary_cache(attributes)
     assert named in str(err.value)
+
+
+def test_a_want_naming_no_cache_is_written_as_before() -> None:
+    """So an agent of the previous release, which forbids unknown fields, still takes it."""
+    deadline = datetime.now(UTC)
+    plain = PathWanted(node="n1", store_paths=(GOOD,), deadline=deadline, requester="csi:v")
+    assert "binary_cache" not in json.loads(encode(plain))
+    own = plain.model_copy(
+        update={"binary_cache": "https://c.example", "binary_cache_public_key": KEY}
+    )
+    body = json.loads(encode(own))
+    assert (body["binary_cache"], body["binary_cache_public_key"]) == ("https://c.example", KEY)
+    assert decode(PathWanted, encode(own)) == own
+    assert own.idempotency_key != plain.idempotency_key
 
 
 def test_mountinfo_unescapes_paths() -> None:
