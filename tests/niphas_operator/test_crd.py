@@ -57,6 +57,8 @@ def test_valid_workload_is_accepted_and_listed_with_printer_columns(kubectl: Kub
         ),
         ({"extraVolumeMounts": [{"name": "data"}]}, "spec.extraVolumeMounts.mountPath"),
         ({"binaryCache": {"url": "ftp://cache"}}, "spec.binaryCache.url"),
+        ({"binaryCache": {"url": "s3://bucket"}}, "spec.binaryCache.url"),
+        ({"binaryCache": {"url": "https://c/x?priority=1"}}, "spec.binaryCache.url"),
         ({"binaryCache": {"url": "https://c", "publicKey": "nokey"}}, "spec.binaryCache.publicKey"),
         ({"architectures": ["sparc"]}, "spec.architectures"),
         ({"architectures": []}, "spec.architectures"),

@@ -91,6 +91,38 @@ async def test_the_watch_lists_then_reports_changes(store: FileStore) -> None:
     await events.aclose()
 
 
+class StatusWriteAfterRead(FileStore):
+    """The operator's status write landing between the rollback's read and its patch."""
+
+    races = 2
+
+    async def get(self, key: tuple[str, str]) -> dict[str, Any] | None:
+        obj = await super().get(key)
+        if self.races:
+            self.races -= 1
+            await self.merge_patch_status(key, {"status": {"phase": "Running"}})
+        return obj
+
+
+async def test_a_rollback_that_loses_a_race_with_a_status_write_reads_again(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "workloads").mkdir()
+    (tmp_path / "workloads" / "web.yaml").write_text(yaml.safe_dump(workload("web")))
+    racing = StatusWriteAfterRead(tmp_path / "workloads", tmp_path / "render", tmp_path / "st")
+    history = [
+        {"revision": 2, "storePath": store_path("web-2.0")},
+        {"revision": 1, "storePath": store_path("web-1.0")},
+    ]
+    await racing.merge_patch_status(
+        KEY, {"status": {"storePath": store_path("web-2.0"), "history": history}}
+    )
+    entry = await rollback(racing, KEY, None)
+    assert entry.store_path == store_path("web-1.0") and racing.races == 0
+    pinned = await racing.get(KEY)
+    assert pinned is not None and Workload(pinned).spec.store_path == store_path("web-1.0")
+
+
 async def test_rollback_and_unpin_write_the_pin_under_the_lock(store: FileStore) -> None:
     obj = await store.get(KEY)
     assert obj is not None
