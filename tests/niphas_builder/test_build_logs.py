@@ -85,3 +85,23 @@ async def test_a_log_over_its_cap_keeps_its_start_and_end(
     assert tail, text
     assert len(head.encode()) <= 1024 + 40
     assert "boom: the build broke" in tail
+
+
+async def test_a_log_stream_the_server_refuses_leaves_builds_working(
+    bus: Bus,
+    build_flake: Callable[..., BuildFlake],
+    builder_settings: BuilderSettings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """More log storage than the server has (a small JetStream in a dev cluster): the builder
+    says why once and builds, keeping the tail in build.done, instead of crash-looping."""
+    too_big = builder_settings.model_copy(update={"logs_max_bytes": 1 << 60})
+    flake = build_flake()
+    async with running_builder(bus, too_big):
+        await bus.publish(flake.eval_done("fail"))
+        [done] = await build_done(bus, 1)
+    assert done.status == "failed" and "boom: the build broke" in (done.log_tail or "")
+    [line] = [r.getMessage() for r in caplog.records if "build logs off" in r.getMessage()]
+    assert "NIPHAS_BUILDER_LOGS_MAX_BYTES" in line
+    with pytest.raises(UnknownLog):
+        await log_reader(bus).read(done.drv_path)

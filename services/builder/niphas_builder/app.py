@@ -11,6 +11,7 @@ from aiohttp import web
 
 from niphas_common.bus.build_logs import build_logs
 from niphas_common.bus.bus import Bus
+from niphas_common.bus.kv import BusError
 from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.signing import SecretKey, TrustedKeys
 from niphas_common.service import ServiceRuntime, ServiceSpec, running
@@ -116,11 +117,19 @@ async def wired(
         heads = supersede.RefHeads(kv)
     logs = None
     if settings.logs:
-        logs = await build_logs(
-            bus,
-            max_bytes=settings.logs_max_bytes,
-            max_age_s=settings.logs_max_age_days * 86400.0,
-        )
+        try:
+            logs = await build_logs(
+                bus,
+                max_bytes=settings.logs_max_bytes,
+                max_age_s=settings.logs_max_age_days * 86400.0,
+            )
+        except BusError as exc:
+            # Builds matter more than their logs: build, keep the tail in build.done, say why.
+            log.error(
+                "build logs off: the stream BUILD_LOGS was refused (%s); set "
+                "NIPHAS_BUILDER_LOGS_MAX_BYTES within the server's JetStream storage",
+                exc,
+            )
     executor = await make_executor(settings, runner, cache, key)
     flight = single_flight.SingleFlight(claims, settings.name, settings.lease_ttl_s)
     try:
