@@ -210,6 +210,14 @@ class ClusterDemo(Demo):
             await self.nc.close()
         self.forge.stop()
 
+    def uninstall(self) -> None:
+        """Remove the platform and leave the node as it was: every object of the overlay,
+        waited for (its namespace goes once the csi and mesh pods are gone, so no other csi
+        driver of the same name meets theirs), and the node's store label."""
+        self.kubectl("delete", "-k", str(OVERLAY), "--ignore-not-found", "--wait=true",
+                     "--timeout=540s", timeout=600)  # fmt: skip
+        self.kubectl("label", "node", "--all", f"{NODE_LABEL.partition('=')[0]}-", check=False)
+
 
 def ready(pod: dict[str, Any]) -> bool:
     conditions = pod.get("status", {}).get("conditions") or []
