@@ -24,6 +24,7 @@ from niphas_common.nix.errors import CacheError, CommandError, NixError
 from niphas_common.nix.narinfo import NarInfo
 from niphas_common.nix.runner import NixRunner, PathInfo
 from niphas_common.nix.signing import SecretKey, TrustedKeys
+from niphas_common.nix.upload_token import UploadTokenError, read_upload_token, write_netrc
 
 from .result import BuildResult, built_outputs, sorted_paths
 
@@ -52,30 +53,16 @@ def load_or_create_key(path: Path, name: str = "niphas-local-1") -> SecretKey:
 def with_upload_credentials(
     runner: NixRunner, push_url: str, token_file: Path | None, netrc: Path
 ) -> NixRunner:
-    """`runner` sending the cache's upload token when it pushes to an http(s) cache.
-
-    Nix sends the credentials its `netrc-file` holds for a host as HTTP basic auth (on every
-    request to that host, uploads included), so the token goes into a netrc (mode 0600) and the
-    runner passes `--option netrc-file`: only a path ever appears on a command line or in a
-    log. Builds never get it (they run through a runner of their own, see sandbox.py)."""
+    """`runner` sending the cache's upload token (`upload_token`) when it pushes to an
+    http(s) cache. Builds never get it (they run through a runner of their own, sandbox.py)."""
     host = urlsplit(push_url).hostname
     if token_file is None or host is None or not push_url.startswith(("http://", "https://")):
         return runner
     try:
-        token = token_file.read_text().strip()
-    except OSError as exc:
-        raise ValueError(
-            f"cache upload token {token_file} unreadable ({exc.strerror}): create the Secret "
-            "niphas-cache-upload (key token), or unset NIPHAS_BUILDER_CACHE_TOKEN_FILE"
-        ) from exc
-    if not token or any(c.isspace() for c in token):
-        raise ValueError(f"cache upload token {token_file}: empty or containing white space")
-    netrc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = netrc.with_name(f".{netrc.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"machine {host} login niphas password {token}\n")
-    os.replace(tmp, netrc)
+        token = read_upload_token(token_file)
+    except UploadTokenError as exc:
+        raise ValueError(f"{exc}, or unset NIPHAS_BUILDER_CACHE_TOKEN_FILE") from exc
+    write_netrc(netrc, host, token)
     return replace(runner, options={**runner.options, "netrc-file": str(netrc)})
 
 

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 from niphas_common.nix.errors import CommandError
 from niphas_common.nix.runner import NixRunner
+from niphas_common.nix.upload_token import UploadTokenError, read_upload_token, write_netrc
 from niphas_eval.evaluator import first_error_line
 from niphas_eval.nixenv import nix_environment
 
@@ -101,15 +102,9 @@ class DerivationUpload:
         if self.token_file is None:
             return None
         try:
-            token = self.token_file.read_text().strip()
-        except OSError as exc:
-            raise UploadFailed(
-                f"upload token {self.token_file} unreadable ({exc.strerror}): create the "
-                "Secret niphas-cache-upload (key token)"
-            ) from None
-        if not token or any(c.isspace() for c in token):
-            raise UploadFailed(f"upload token {self.token_file}: empty or containing white space")
-        return token
+            return read_upload_token(self.token_file)
+        except UploadTokenError as exc:
+            raise UploadFailed(str(exc)) from None
 
     @contextlib.contextmanager
     def _netrc(self, token: str | None) -> Iterator[Path | None]:
@@ -121,8 +116,7 @@ class DerivationUpload:
         private = Path(tempfile.mkdtemp(prefix="cache-upload-", dir=self.work_dir))
         try:
             netrc = private / "netrc"
-            netrc.touch(mode=0o600)
-            netrc.write_text(f"machine {self.host} login niphas password {token}\n")
+            write_netrc(netrc, self.host, token)
             yield netrc
         finally:
             shutil.rmtree(private, ignore_errors=True)
