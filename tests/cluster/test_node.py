@@ -6,8 +6,10 @@ host is left clean runs at the end of the session (tests/node_harness.py)."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,7 +73,14 @@ for _ in range(50):  # the node's DNS learns a new Service within a second
         break
     except OSError:
         time.sleep(0.2)
-print("status", urllib.request.urlopen("http://web/", timeout=5).status)
+for attempt in range(50):  # kube-proxy programs a new endpoint a moment after it is ready
+    try:
+        print("status", urllib.request.urlopen("http://web/", timeout=5).status)
+        break
+    except OSError as error:
+        if attempt == 49:
+            print("web unreachable:", error)
+        time.sleep(0.2)
 sa = "/var/run/secrets/kubernetes.io/serviceaccount"
 request = urllib.request.Request(
     "https://kubernetes.default.svc/api",
@@ -87,16 +96,31 @@ except OSError:
 """
 
 
+def web_pod(image: str) -> str:
+    return json.dumps({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "labels": {"app": "web"}},
+        "spec": {"containers": [{
+            "name": "web", "image": image, "imagePullPolicy": "Never",
+            "command": ["python3", "-m", "http.server", "8000"],
+            "readinessProbe": {"tcpSocket": {"port": 8000}, "periodSeconds": 1},
+        }]},
+    })  # fmt: skip
+
+
+def has_address(endpoints: dict[str, Any]) -> bool:
+    return any(subset.get("addresses") for subset in endpoints.get("subsets") or [])
+
+
 def test_pods_find_services_by_name_and_the_api_with_their_service_account(
     real_node: Node, node_kubectl: Kubectl, niphas_image: str
 ) -> None:
     namespace = new_namespace(node_kubectl)
-    node_kubectl(
-        "-n", namespace, "run", "web", f"--image={niphas_image}", "--image-pull-policy=Never",
-        "--labels=app=web", "--command", "--", "python3", "-m", "http.server", "8000",
-    )  # fmt: skip
+    node_kubectl("-n", namespace, "apply", "-f", "-", input=web_pod(niphas_image))
     node_kubectl("-n", namespace, "expose", "pod", "web", "--port=80", "--target-port=8000")
+    # Ready only once it listens (the probe), then the Service has it as an endpoint.
     wait_for(node_kubectl, namespace, "pod", "web", pod_ready)
+    wait_for(node_kubectl, namespace, "endpoints", "web", has_address)
     node_kubectl(
         "-n", namespace, "run", "client", f"--image={niphas_image}",
         "--image-pull-policy=Never", "--restart=Never", "--command", "--",
