@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 NGINX = "/usr/sbin/nginx"
@@ -20,10 +21,20 @@ def free_port() -> int:
 
 
 class Nginx:
-    """nginx serving `cache` on a free port, logging the bytes of every NAR it sends."""
+    """nginx serving `cache` on a free loopback port, logging the bytes of every NAR it sends.
 
-    def __init__(self, tmp: Path, cache: Path) -> None:
-        self.port = free_port()
+    `host` and `port` pick another address (e.g. a network namespace's, with `prefix` the
+    argv that runs nginx inside that namespace)."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        cache: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        self.port = free_port() if port is None else port
         self.log = tmp / "nginx-access.log"
         conf = tmp / "nginx.conf"
         conf.write_text(
@@ -35,12 +46,12 @@ http {{
   access_log {self.log} bench;
   sendfile on; tcp_nopush on; keepalive_requests 100000;
   default_type application/octet-stream;
-  server {{ listen 127.0.0.1:{self.port}; root {cache}; }}
+  server {{ listen {host}:{self.port}; root {cache}; }}
 }}
 """
         )
-        self.proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp)])
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([*prefix, NGINX, "-c", str(conf), "-p", str(tmp)])
+        self.url = f"http://{host}:{self.port}"
         wait_http(f"{self.url}/nix-cache-info")
 
     def nar_bytes(self) -> int:

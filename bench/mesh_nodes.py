@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.cpu_shares import CpuShares
@@ -55,8 +56,16 @@ class Agents:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.urls: dict[str, str] = {}
 
-    def start(self, node: str) -> str:
-        port = free_port()
+    def start(
+        self,
+        node: str,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        prefix: Sequence[str] = (),
+    ) -> str:
+        """Start the node's agent listening on `host:port` (default a free loopback port),
+        its argv after `prefix` (e.g. `ip netns exec <its namespace>`); its URL once ready."""
+        port = free_port() if port is None else port
         env = {
             **os.environ,
             "NIPHAS_MESH_STATE_DIR": str(self.tmp / "state"),
@@ -64,12 +73,12 @@ class Agents:
             "NIPHAS_LOG_LEVEL": "WARNING",
         }
         niphas = str(Path(sys.executable).with_name("niphas"))
-        argv = [niphas, "mesh", "--listen", f"127.0.0.1:{port}", "--node", node]
+        argv = [*prefix, niphas, "mesh", "--listen", f"{host}:{port}", "--node", node]
         argv += ["--store-root", str(self.tmp / "nodes" / node), "--nats-url", self.nats_url]
         if self.shares is not None:
             argv = self.shares.wrap(node, argv)
         self.procs[node] = subprocess.Popen(argv, env=env)
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://{host}:{port}"
         wait_http(f"{url}/readyz")
         self.urls[node] = url
         return url

@@ -1,0 +1,333 @@
+"""Fan-out under a network model of a cluster: one closure wanted by N nodes, each in its own
+network namespace behind a rate-limited link, with the mesh and with stock `nix copy`.
+
+    .venv/bin/python bench/bench_netmodel.py [--nodes 2,4,8,16,32] [--rate-mbit 128]
+        [--size-mb 32] [--node-cores C] [--json PATH]
+
+The network (bench/netns.py): a hub namespace with a bridge; every node and the binary cache
+in a namespace of its own, linked to the bridge by a veth whose two ends are limited to
+`--rate-mbit` by a token bucket (upload and download alike), no route anywhere else. nginx
+serves the signed cache in the cache's namespace; nats-server runs on the hub's bridge address.
+Each node's `niphas mesh` agent runs in its namespace (`ip netns exec`), listening on the
+node's address, in a CPU share of its own (bench/cpu_shares.py, `--node-cores` each, so one
+node alone gets no more CPU than each of many).
+
+For N = 1 (the baseline) and every `--nodes` count, a fresh closure (~`--size-mb` in
+`--paths` store paths), wanted at once:
+- with the mesh: the cache is announced as holder and every node gets a `path.wanted` at the
+  same moment; the clock stops when every node has announced every path;
+- without: every node runs `nix copy --from http://<cache>` into a store of its own, at once,
+  in its namespace and CPU share.
+Measured: completion time and the cache's egress (NAR bytes nginx sent), and the agents' peak
+memory (VmHWM) over the whole fan-out. Targets: with the mesh, the largest N finishes within
+2x one node's time and the cache sends the closure about once (<= 1.5x); without the mesh the
+time grows with N (the cache's link carries N closures); each agent peaks at <= 150 MB.
+Everything made (namespaces, veths, bridge, qdiscs, cgroups, processes, store paths) is
+removed on exit, on error and on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import FrameType
+
+from niphas_common.nats_server import EmbeddedNats
+from niphas_common.nix.runner import NixRunner, PathInfo
+from niphas_common.nix.signing import SecretKey
+from niphas_common.nix.store_path import StorePath
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.*
+from bench.bench_fanout import prepare, with_mesh
+from bench.cpu_shares import CpuShares
+from bench.http_servers import NGINX, Nginx
+from bench.mesh_nodes import ROOT, Agents
+from bench.netns import Network
+from bench.report import Report, Series, add_json_option
+
+AGENT_PORT = 5480
+CACHE_PORT = 80
+MESH_TIME_FACTOR = 2.0
+"""Target: with the mesh the largest N finishes within this multiple of one node's time."""
+EGRESS_FACTOR = 1.5
+"""Target: with the mesh the cache sends at most this multiple of the closure."""
+AGENT_PEAK_MB = 150.0
+"""Target: an agent's peak resident memory over the fan-out."""
+ROUND_TIMEOUT_S = 15 * 60
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM), 0 if the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Cluster:
+    """The namespaces, the cache, NATS and one agent per node; `close` removes all of it."""
+
+    def __init__(self, tmp: Path, args: argparse.Namespace, nodes: int, public: str) -> None:
+        self.tmp, self.public = tmp, public
+        self.net = Network(args.rate_mbit * 1e6)
+        self.shares = CpuShares.create("bench-netmodel")
+        self.names = [f"n{i:02}" for i in range(nodes)]
+        self.nats: EmbeddedNats | None = None
+        self.nginx: Nginx | None = None
+        self.agents: Agents | None = None
+        self.node_cores = args.node_cores
+
+    def link(self) -> None:
+        """The namespaces and their links."""
+        self.net.create()
+        self.net.add("cache")
+        for name in self.names:
+            self.net.add(name)
+
+    def start(self) -> None:
+        """NATS, the cache and the agents; called from the hub's namespace, where nats-server
+        then runs and this process's sockets (and its threads') are."""
+        cache = self.net.hosts["cache"]
+        self.nats = EmbeddedNats(self.tmp / "nats", host=self.net.hub.address)
+        nats_url = self.nats.start()
+        self.nginx = Nginx(self.tmp, self.tmp / "cache", host=cache.address, port=CACHE_PORT,
+                           prefix=self.net.exec("cache", []))  # fmt: skip
+        self.agents = Agents(self.tmp, nats_url, self.public, self.shares)
+        agents = self.agents
+
+        def start(name: str) -> str:
+            host = self.net.hosts[name]
+            return agents.start(name, host.address, AGENT_PORT, self.net.exec(name, []))
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(start, self.names))
+        print(
+            f"{len(self.names)} agents ready in {time.perf_counter() - started:.0f} s", flush=True
+        )
+        if self.shares is not None:
+            self.shares.limit(self.node_cores)
+
+    def close(self) -> None:
+        for stop in (
+            self.agents.stop if self.agents else None,
+            self.nginx.stop if self.nginx else None,
+            self.nats.stop if self.nats else None,
+        ):
+            if stop is not None:
+                try:
+                    stop()
+                except Exception as exc:  # the rest must still be removed
+                    print(f"cleanup: {exc!r}", file=sys.stderr)
+        if self.shares is not None:
+            self.shares.remove()
+        self.net.remove()
+
+    async def plain(self, n: int, paths: list[StorePath], where: Path) -> float:
+        """N `nix copy --from` the cache at once, each in its node's namespace and CPU share;
+        seconds until all are done."""
+        assert self.nginx is not None
+        procs = []
+        start = time.perf_counter()
+        for name in self.names[:n]:
+            runner = NixRunner(options={"trusted-public-keys": self.public})
+            argv = self.net.exec(name, runner.command(
+                "nix", "copy", "--from", self.nginx.url, "--to", str(where / name), *map(str, paths)
+            ))  # fmt: skip
+            if self.shares is not None:
+                argv = self.shares.wrap(name, argv)
+            env = {**os.environ, "XDG_CACHE_HOME": str(where / f"xdg-{name}")}
+            procs.append(
+                await asyncio.create_subprocess_exec(*argv, env=env, stderr=asyncio.subprocess.PIPE)
+            )
+        try:
+            # stderr read as they go (nix prints a line per path), shown only on failure
+            outs = await asyncio.wait_for(
+                asyncio.gather(*(p.communicate() for p in procs)), ROUND_TIMEOUT_S
+            )
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+                    await p.wait()
+        failed = [err.decode(errors="replace") for p, (_, err) in zip(procs, outs, strict=True)
+                  if p.returncode]  # fmt: skip
+        if failed:
+            raise RuntimeError(f"nix copy failed on {len(failed)} of {n} nodes:\n{failed[0]}")
+        elapsed = time.perf_counter() - start
+        if self.shares is not None:
+            self.shares.limit(self.node_cores)  # groups made for nodes without an agent
+        return elapsed
+
+
+Measured = dict[str, list[float]]
+
+
+def rounds(
+    cluster: Cluster,
+    ns: list[int],
+    closures: list[list[StorePath]],
+    infos: list[dict[str, PathInfo]],
+) -> Measured:
+    """One fan-out per node count with the mesh, then without; the table row as it goes."""
+    assert cluster.nginx is not None
+    assert cluster.agents is not None
+    assert cluster.nats is not None
+    nginx, agents = cluster.nginx, cluster.agents
+    measured: Measured = {k: [] for k in ("mesh egress", "plain egress", "mesh time", "plain time")}
+    measured["idle rss"] = [status_kb(p.pid, "VmRSS") / 1024 for p in agents.procs.values()]
+    print(f"| {'nodes':>5} | {'egress mesh':>11} | {'egress without':>14} | "
+          f"{'time mesh':>9} | {'time without':>12} |")  # fmt: skip
+    print(f"|{'-' * 7}|{'-' * 13}|{'-' * 16}|{'-' * 11}|{'-' * 14}|")
+    for n, closure, info in zip(ns, closures, infos, strict=True):
+        size = sum(i.nar_size for i in info.values())
+        before = nginx.nar_bytes()
+        t_mesh = asyncio.run(
+            with_mesh(cluster.nats.url, nginx.url, info, cluster.names[:n], agents.urls)
+        )
+        mid = nginx.nar_bytes()
+        plain = cluster.tmp / f"plain-{n}"
+        t_plain = asyncio.run(cluster.plain(n, closure, plain))
+        shutil.rmtree(plain, ignore_errors=True)
+        e_mesh, e_plain = mid - before, nginx.nar_bytes() - mid
+        for key, value in zip(measured, (e_mesh, e_plain, t_mesh, t_plain), strict=False):
+            measured[key].append(value)
+        print(f"| {n:>5} | {e_mesh / size:>10.2f}x | {e_plain / size:>13.2f}x | "
+              f"{t_mesh:>8.2f}s | {t_plain:>11.2f}s |", flush=True)  # fmt: skip
+    measured["peak rss"] = [status_kb(p.pid, "VmHWM") / 1024 for p in agents.procs.values()]
+    return measured
+
+
+def netmodel_report(
+    args: argparse.Namespace, ns: list[int], infos: list[dict[str, PathInfo]], m: Measured
+) -> Report:
+    closure = sorted(sum(i.nar_size for i in info.values()) for info in infos)[len(infos) // 2]
+    link_s = closure * 8 / (args.rate_mbit * 1e6)
+    report = Report(
+        "netmodel",
+        f"Fan-out of a {closure / 1e6:.0f} MB closure to N nodes behind "
+        f"{args.rate_mbit:g} Mbit/s links (network namespaces)",
+    )
+    plain_name = "nix copy --from the cache on every node"
+    one_mesh, one_plain = m["mesh time"][0], m["plain time"][0]
+    for i, n in enumerate(ns):
+        size = sum(x.nar_size for x in infos[i].values())
+        egress, alone = m["mesh egress"][i], m["plain egress"][i]
+        report.row(f"cache egress, {n} nodes", egress / 1e6, "MB", baseline=alone / 1e6,
+                   baseline_name=plain_name, target=f"<= {EGRESS_FACTOR:g}x the closure",
+                   met=egress <= EGRESS_FACTOR * size)  # fmt: skip
+    for i, n in enumerate(ns):
+        report.row(f"completion time, {n} nodes", m["mesh time"][i], "s",
+                   baseline=m["plain time"][i], baseline_name=plain_name)  # fmt: skip
+    big = len(ns) - 1
+    report.row(f"mesh: {ns[big]} nodes vs 1 node", m["mesh time"][big], "s", baseline=one_mesh,
+               baseline_name="the mesh with 1 node", target=f"<= {MESH_TIME_FACTOR:g}x",
+               met=m["mesh time"][big] <= MESH_TIME_FACTOR * one_mesh)  # fmt: skip
+    report.row(f"nix copy: {ns[big]} nodes vs 1 node", m["plain time"][big], "s",
+               baseline=one_plain, baseline_name="nix copy with 1 node",
+               target=f"> {MESH_TIME_FACTOR:g}x (grows with N)",
+               met=m["plain time"][big] > MESH_TIME_FACTOR * one_plain)  # fmt: skip
+    peak = max(m["peak rss"])
+    report.row("mesh agent peak RSS (VmHWM) over the fan-out, worst agent", peak, "MB",
+               baseline=max(m["idle rss"]), baseline_name="the same agent set idle (VmRSS)",
+               target=f"<= {AGENT_PEAK_MB:g} MB", met=peak <= AGENT_PEAK_MB)  # fmt: skip
+    xs = [float(n) for n in ns]
+    for plot, key, unit, scale in (("completion time", "time", "s", 1.0),
+                                   ("cache egress", "egress", "MB", 1e-6)):  # fmt: skip
+        for mode, label in (("mesh", "with the mesh"), ("plain", "without (nix copy)")):
+            ys = [v * scale for v in m[f"{mode} {key}"]]
+            report.series.append(Series(plot, label, xs, ys, "nodes", f"{plot} ({unit})"))
+    cores = "no CPU share (no writable cgroup)" if args.node_cores is None else (
+        f"{args.node_cores:.3g} of a core per node (a cgroup quota on its agent and its nix "
+        "processes)")  # fmt: skip
+    report.note(
+        f"Each node and the cache in a network namespace of its own behind a veth limited to "
+        f"{args.rate_mbit:g} Mbit/s each way (tc tbf on both ends), all on one bridge; one "
+        f"closure ({closure / 1e6:.1f} MB in {args.paths} paths) crosses one link in "
+        f"{link_s:.1f} s at that rate. {cores}; the host has {os.cpu_count()} cores, so at "
+        f"large N the nodes' quotas add up to more than the host and CPU contends with the "
+        f"network. nginx serves the cache, nats-server runs on the hub, the agents run with "
+        f"default settings; all {max(ns)} agents run during every round. Idle agent RSS "
+        f"{min(m['idle rss']):.0f}-{max(m['idle rss']):.0f} MB, peak over the fan-out "
+        f"{min(m['peak rss']):.0f}-{peak:.0f} MB."
+    )
+    return report
+
+
+class Stopped(Exception):
+    """SIGTERM, raised in the main thread so every cleanup below runs."""
+
+
+def on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    raise Stopped(f"signal {signum}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--nodes", default="2,4,8,16,32", help="comma-separated node counts (1 always runs too)"
+    )
+    parser.add_argument("--rate-mbit", type=float, default=128.0,
+                        help="every link's rate, Mbit/s each way (default: a 32 MB closure "
+                        "crosses one link in ~2 s)")  # fmt: skip
+    parser.add_argument("--size-mb", type=int, default=32, help="closure size per round")
+    parser.add_argument("--paths", type=int, default=8, help="store paths per closure")
+    parser.add_argument("--files", type=int, default=200, help="files per closure")
+    parser.add_argument("--node-cores", type=float, default=None,
+                        help="CPU quota per node in cores (default: the host's cores / the "
+                        "largest N, what every node can have at once)")  # fmt: skip
+    add_json_option(parser)
+    args = parser.parse_args()
+    try:
+        ns = sorted({1, *(int(n) for n in args.nodes.split(","))})
+    except ValueError:
+        parser.error(f"--nodes must be comma-separated integers, got {args.nodes!r}")
+    if ns[0] < 1 or args.size_mb < 1 or args.paths < 1 or args.rate_mbit <= 0:
+        parser.error("--nodes, --size-mb, --paths and --rate-mbit must be positive")
+    if args.node_cores is None:
+        args.node_cores = (os.cpu_count() or 1) / ns[-1]
+    if os.geteuid() != 0:
+        parser.error("network namespaces need root")
+    if not Path(NGINX).exists():
+        subprocess.run(["bash", str(ROOT / "scripts" / "setup-bench-tools.sh")], check=True)
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    host = NixRunner()
+    closures: list[list[StorePath]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-netmodel-") as tmp_name:
+        tmp = Path(tmp_name)
+        key = SecretKey.generate("bench-1")
+        (tmp / "sk").write_text(str(key))
+        cluster = Cluster(tmp, args, ns[-1], str(key.public_key))
+        if cluster.shares is None:
+            args.node_cores = None
+        try:
+            infos = prepare(host, tmp, ns, args, closures)
+            cluster.link()
+            with cluster.net.entered("hub"):
+                cluster.start()
+                measured = rounds(cluster, ns, closures, infos)
+        finally:
+            cluster.close()
+            if added := [path for closure in closures for path in closure]:
+                host.run("nix-store", "--delete", *map(str, added), check=False)
+    report = netmodel_report(args, ns, infos, measured)
+    print(f"\n{report.notes[0]}")
+    report.write(args.json)
+    return 0 if report.all_met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
