@@ -1,0 +1,116 @@
+"""Memory per service: each service's resident memory idle and its peak under the demo's load.
+
+    .venv/bin/python bench/bench_memory.py [--pushes 2] [--settle-s 3] [--json PATH]
+
+The services run as `niphas up` runs them on one machine, configured as the demo configures
+them (demo/niphas_demo: eval ingress and workers, builder, operator, csi, mesh, reporter, an
+embedded NATS). Idle: `--settle-s` after every service answered /readyz, each service's
+VmRSS from /proc (its process and every process below it, e.g. eval workers, summed). Under
+load: after `--pushes` pushes of the demo's sample app (webhook -> evaluation -> build ->
+Deployment rendered), each service's VmHWM (the peak resident set of each of its processes,
+summed: an upper bound of the tree's peak). The mesh agents under the fan-out are measured by
+bench_netmodel.py (target <= 150 MB per agent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.*
+from bench.report import Report, add_json_option
+from niphas_demo.flow import Demo
+from niphas_demo.stack import Stack, child_pids
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM), 0 if the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += child_pids(current)
+    return found
+
+
+def service_mb(stack: Stack, field: str) -> dict[str, float]:
+    """Per service, `field` summed over its process tree, in MB (2^20 bytes)."""
+    return {
+        name: sum(status_kb(p, field) for p in tree(pid)) / 1024
+        for name, pid in sorted(stack.service_pids().items())
+    }
+
+
+async def measure(state: Path, pushes: int, settle_s: float) -> tuple[dict[str, float], ...]:
+    """(idle VmRSS, VmHWM after the pushes, process counts) per service."""
+    demo = Demo(state, Console(quiet=True))
+    try:
+        env = demo.prepare()
+        await demo.start(env)
+        assert demo.stack is not None
+        await asyncio.sleep(settle_s)
+        idle = service_mb(demo.stack, "VmRSS")
+        started = time.perf_counter()
+        for i in range(pushes):
+            result = await demo.push(f"v{i + 1}")
+            await demo.rendered(result.store_path)
+        print(f"{pushes} pushes built and rendered in {time.perf_counter() - started:.1f} s")
+        peak = service_mb(demo.stack, "VmHWM")
+        procs = {n: float(len(tree(p))) for n, p in demo.stack.service_pids().items()}
+        return idle, peak, procs
+    finally:
+        await demo.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pushes", type=int, default=2, help="demo pushes for the load")
+    parser.add_argument(
+        "--settle-s", type=float, default=3.0, help="seconds idle after ready before measuring"
+    )
+    add_json_option(parser)
+    args = parser.parse_args()
+    if args.pushes < 1 or args.settle_s < 0:
+        parser.error("--pushes must be >= 1 and --settle-s >= 0")
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        idle, peak, procs = asyncio.run(measure(Path(tmp), args.pushes, args.settle_s))
+    report = Report("memory", "Resident memory per service, idle and under the demo's load")
+    print(f"| {'service':<10} | {'processes':>9} | {'idle RSS':>9} | {'peak RSS':>9} |")
+    print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
+    for name in idle:
+        print(f"| {name:<10} | {procs.get(name, 0):>9.0f} | {idle[name]:>6.1f} MB | "
+              f"{peak.get(name, 0):>6.1f} MB |")  # fmt: skip
+        report.row(f"{name}: RSS idle", idle[name], "MB")
+        report.row(f"{name}: peak RSS, {args.pushes} demo pushes", peak.get(name, 0.0), "MB",
+                   baseline=idle[name], baseline_name="idle")  # fmt: skip
+    report.note(
+        f"Idle: VmRSS {args.settle_s:g} s after every service was ready, summed over each "
+        f"service's processes; under load: VmHWM after {args.pushes} pushes of the demo's app "
+        "(evaluated, built, rendered), summed over its processes (an upper bound of the peak). "
+        "Processes per service: "
+        + ", ".join(f"{n} {c:.0f}" for n, c in sorted(procs.items()))
+        + ". The mesh agents' peak under a fan-out is in the netmodel benchmark."
+    )
+    report.write(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
