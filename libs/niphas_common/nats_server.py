@@ -59,13 +59,21 @@ class EmbeddedNats:
         binary: Path | None = None,
         ready_timeout_s: float = 10.0,
         extra_args: tuple[str, ...] = (),
+        monitoring: bool = False,
+        cgroup: Path | None = None,
     ) -> None:
+        """`monitoring`: serve the HTTP monitoring endpoints (/jsz, /routez) on a free port,
+        kept across restarts. `cgroup`: a cgroup v2 directory to run the server in, so a
+        firewall rule can match the connections the server itself opens (`-m cgroup`)."""
         self.state_dir = state_dir
         self.host = host
         self.port = port
         self.binary = binary or find_nats_server()
         self.ready_timeout_s = ready_timeout_s
         self.extra_args = extra_args
+        self.monitoring = monitoring
+        self.monitor_port: int | None = None
+        self.cgroup = cgroup
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,6 +81,16 @@ class EmbeddedNats:
         if self.port is None:
             raise NatsServerError("the server has not been started")
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        if self.monitor_port is None:
+            raise NatsServerError("the server has no monitoring port (monitoring=False)")
+        return f"http://{self.host}:{self.monitor_port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     @property
     def pid(self) -> int | None:
@@ -96,7 +114,15 @@ class EmbeddedNats:
             "-l", str(log_file),
             *self.extra_args,
         ]  # fmt: skip
+        if self.monitoring:
+            cmd += ["-m", str(self.monitor_port if self.monitor_port is not None else -1)]
         log.info("$ %s", " ".join(cmd))
+        if self.cgroup is not None:
+            # Enter the cgroup before exec, so every socket the server opens belongs to it
+            # (the pid stays the server's: the ports file is named for it).
+            self.cgroup.mkdir(exist_ok=True)
+            enter = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+            cmd = ["/bin/sh", "-c", enter, str(self.cgroup), *cmd]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
         ports_file = ports_dir / f"nats-server_{self._proc.pid}.ports"
         deadline = time.monotonic() + self.ready_timeout_s
@@ -105,25 +131,33 @@ class EmbeddedNats:
                 raise NatsServerError(
                     f"nats-server exited with {self._proc.returncode}; see {log_file}"
                 )
-            url = self._read_ports(ports_file)
-            if url is not None and self._accepts(url):
+            ports = self._read_ports(ports_file)
+            url = next(iter(ports.get("nats") or []), None)
+            monitor = next(iter(ports.get("monitoring") or []), None)
+            if (
+                url is not None
+                and (monitor is not None or not self.monitoring)
+                and self._accepts(url)
+            ):
                 break
             if time.monotonic() > deadline:
                 self.stop()
                 raise NatsServerError(f"nats-server not ready after {self.ready_timeout_s}s")
             time.sleep(0.005)
         self.port = int(url.rsplit(":", 1)[1])
+        if monitor is not None:
+            self.monitor_port = int(monitor.rsplit(":", 1)[1])
         log.info("embedded NATS ready at %s (data in %s)", self.url, store)
         return self.url
 
     @staticmethod
-    def _read_ports(ports_file: Path) -> str | None:
+    def _read_ports(ports_file: Path) -> dict[str, list[str]]:
+        """The server's listen URLs by kind (nats, monitoring, cluster); empty until written."""
         try:
-            ports = json.loads(ports_file.read_text())
+            ports: dict[str, list[str]] = json.loads(ports_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        nats_urls: list[str] = ports.get("nats") or []
-        return nats_urls[0] if nats_urls else None
+            return {}
+        return ports
 
     @staticmethod
     def _accepts(url: str) -> bool:
