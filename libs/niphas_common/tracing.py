@@ -10,9 +10,10 @@ fraction of a recorded span's cost.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
-from opentelemetry import propagate, trace
+from opentelemetry import context, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -83,6 +84,24 @@ costs more than starting a span."""
 
 def tracer() -> trace.Tracer:
     return _tracer
+
+
+def recording() -> bool:
+    """Whether spans are recorded (something exports them). When not, a caller may skip its
+    span and only carry the trace context on (`continued`): a span that is not recorded
+    costs as much as the work it would wrap on the bus's hot paths."""
+    return _sampler.exporting
+
+
+@contextmanager
+def continued(headers: Mapping[str, str] | None) -> Iterator[None]:
+    """Make the trace context `headers` carry the current one, without a span of our own:
+    what is published meanwhile joins the sender's trace, and logs carry its trace id."""
+    token = context.attach(extract(headers))
+    try:
+        yield
+    finally:
+        context.detach(token)
 
 
 def inject(headers: dict[str, str]) -> dict[str, str]:

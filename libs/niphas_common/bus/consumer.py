@@ -168,34 +168,45 @@ class EventConsumer(Generic[E]):
         token = current_event_id.set(headers.get(HEADER_EVENT_ID))
         started = time.monotonic()
         self._in_flight[id(msg)] = (msg, started)
-        span_name = f"process {spec.subject}"  # path.wanted, whichever node's it is
-        with tracing.tracer().start_as_current_span(
-            span_name,
-            context=tracing.extract(headers),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": msg.subject,
-                "messaging.consumer.group.name": spec.durable,
-                "messaging.message.delivery_count": delivered,
-            },
-        ) as span:
-            try:
-                event = decode(self._sub.model, msg.data)
-                await self._sub.handler(event, delivery)
-            except PermanentError as exc:
-                span.set_status(Status(StatusCode.ERROR, str(exc)))
-                await self._dead(msg, str(exc), delivered)
-            except Exception as exc:
-                span.set_status(Status(StatusCode.ERROR, repr(exc)))
-                await self._retry_or_dead(msg, exc, delivered)
-            else:
-                await msg.ack()
-                self._acked.inc()
-            finally:
-                self._in_flight.pop(id(msg), None)
-                self._handler_seconds.observe(time.monotonic() - started)
-                current_event_id.reset(token)
+        try:
+            if not tracing.recording():
+                # Tracing off: the sender's trace context only, no span nobody records.
+                with tracing.continued(headers):
+                    await self._settle(msg, delivery)
+                return
+            with tracing.tracer().start_as_current_span(
+                f"process {spec.subject}",  # path.wanted, whichever node's it is
+                context=tracing.extract(headers),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": msg.subject,
+                    "messaging.consumer.group.name": spec.durable,
+                    "messaging.message.delivery_count": delivered,
+                },
+            ) as span:
+                failure = await self._settle(msg, delivery)
+                if failure is not None:
+                    span.set_status(Status(StatusCode.ERROR, failure))
+        finally:
+            self._in_flight.pop(id(msg), None)
+            self._handler_seconds.observe(time.monotonic() - started)
+            current_event_id.reset(token)
+
+    async def _settle(self, msg: Msg, delivery: Delivery) -> str | None:
+        """Decode, handle, then ack, retry or dead-letter; what failed, None when acked."""
+        try:
+            event = decode(self._sub.model, msg.data)
+            await self._sub.handler(event, delivery)
+        except PermanentError as exc:
+            await self._dead(msg, str(exc), delivery.num_delivered)
+            return str(exc)
+        except Exception as exc:
+            await self._retry_or_dead(msg, exc, delivery.num_delivered)
+            return repr(exc)
+        await msg.ack()
+        self._acked.inc()
+        return None
 
     async def _retry_or_dead(self, msg: Msg, exc: Exception, delivered: int) -> None:
         spec = self._sub.spec

@@ -89,3 +89,26 @@ async def test_handler_logs_carry_the_event_id(
     assert entry["event_id"] == event.event_id
     assert entry["message"] == f"evaluating {event.repository}"
     assert entry["trace_id"] and len(entry["trace_id"]) == 32
+
+
+async def test_with_tracing_off_the_consumer_continues_the_senders_trace_without_a_span(
+    bus: Bus, push_event: Callable[..., PushReceived], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from niphas_common import tracing
+
+    monkeypatch.setattr(tracing._sampler, "exporting", False)
+    seen: list[tuple[str, int, int]] = []
+
+    async def handle(ev: PushReceived, delivery: Delivery) -> None:
+        current = trace.get_current_span().get_span_context()
+        seen.append((delivery.headers["traceparent"], current.trace_id, current.span_id))
+
+    await bus.publish(push_event("delivery-untraced"))
+    spec = ConsumerSpec(durable="untraced-test", subject="push.received")
+    async with serving(bus, [Subscription(PushReceived, spec, handle)]):
+        await eventually(lambda: bool(seen))
+
+    traceparent, trace_id, span_id = seen[0]
+    _, sent_trace, sent_span, _ = traceparent.split("-")
+    # The handler runs in the sender's context itself: same trace, and no consumer span between.
+    assert (format(trace_id, "032x"), format(span_id, "016x")) == (sent_trace, sent_span)
