@@ -63,7 +63,7 @@ demo: setup ## push -> build -> the app served from its mounted closure, v2, rol
 	$(BIN)/python -m niphas_demo $(DEMO_ARGS)
 
 .PHONY: chaos  # a directory of that name exists
-chaos: setup ## soak: 50 pushes while services are SIGKILLed and NATS restarts; exits 1 on loss (root)
+chaos: setup ## soak: 50 pushes, mounts throughout, services SIGKILLed, NATS restarted (CHAOS_ARGS=--nats-cluster 3: leader kills, a partition); exits 1 on loss or leak (root)
 	command -v git >/dev/null || { apt-get update -qq && apt-get install -y -qq git >/dev/null; }
 	$(BIN)/python -m niphas_chaos $(CHAOS_ARGS)
 

@@ -1,7 +1,16 @@
 """The fault driver: at random moments, SIGKILL a random service (the process `niphas up`
-started and everything it started, as a container dies whole) and, once, restart the NATS
-server on the same port with its file storage intact. `niphas up` restarts what was killed;
-the services reconnect to NATS on their own."""
+started and everything it started, as a container dies whole) and disturb NATS.
+
+On one server, NATS restarts on the same port with its file storage intact. On a cluster
+(`EmbeddedNatsCluster`), one server at a time is SIGKILLed and restarted (preferably the leader
+of a stream the pipeline uses, so a leader election happens under load), and one server is cut
+from the others' routes for a while (`partition`). Faults never overlap on NATS: one server
+down at a time keeps the cluster's quorum, which is what a rolling failure looks like.
+`niphas up` restarts what was killed; the services reconnect to NATS on their own.
+
+Every fault records when it ended (the service back, the server back in the cluster, the
+partition healed), so the report can tell the mounts made during a fault from the others.
+"""
 
 from __future__ import annotations
 
@@ -11,40 +20,65 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from niphas_common.nats_cluster import EmbeddedNatsCluster
 from niphas_common.nats_server import EmbeddedNats
 from niphas_demo.stack import child_pids
 
 NATS_DOWN_S = 2.0
-"""How long NATS stays down during its restart: long enough for every client to notice."""
+"""How long a NATS server stays down: long enough for every client to notice."""
+SERVICE_BACK_TIMEOUT_S = 60.0
+"""How long a killed service's restart is watched for (its fault's end)."""
+NATS_FAULTS = ("nats restart", "nats kill", "partition")
+
+Leaders = Callable[[], Awaitable[list[str]]]
+"""The streams whose leaders a kill aims at (the pipeline's and the KV buckets')."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Fault:
     at_s: float
     """Seconds since the soak started."""
     kind: str
-    """`kill` or `nats restart`."""
+    """`kill` (a service), `nats restart` (the one server), `nats kill` (one server of the
+    cluster, killed and restarted) or `partition` (one server cut from the others)."""
     target: str
     pids: tuple[int, ...] = ()
+    at_wall: float = 0.0
+    """The same moment as a Unix time, to compare with JetStream's timestamps."""
+    ended_s: float | None = None
+    """When it was over (seconds since the soak started); None: not seen ending."""
 
 
 @dataclass
 class Plan:
-    """When faults happen: `kills` SIGKILLs spread at random over `duration_s`, and the NATS
-    restarts at random moments in its middle half."""
+    """When faults happen: `kills` SIGKILLs spread at random over `duration_s`, the NATS
+    restarts (or server kills, on a cluster) and partitions at random moments in its middle
+    half."""
 
     kills: list[float]
     nats_restarts: list[float]
+    partitions: list[float] = field(default_factory=list)
 
     @classmethod
-    def random(cls, rng: random.Random, kills: int, nats_restarts: int, duration_s: float) -> Plan:
+    def random(
+        cls,
+        rng: random.Random,
+        kills: int,
+        nats_restarts: int,
+        duration_s: float,
+        partitions: int = 0,
+    ) -> Plan:
+        def middle(n: int) -> list[float]:
+            return sorted(rng.uniform(duration_s / 4, duration_s * 3 / 4) for _ in range(n))
+
         return cls(
             sorted(rng.uniform(0, duration_s) for _ in range(kills)),
-            sorted(rng.uniform(duration_s / 4, duration_s * 3 / 4) for _ in range(nats_restarts)),
+            middle(nats_restarts),
+            middle(partitions),
         )
 
 
@@ -78,21 +112,32 @@ class FaultDriver:
     plan: Plan
     services: Callable[[], dict[str, int]]
     """The running services, name -> pid (`Stack.service_pids`)."""
-    nats: EmbeddedNats
+    nats: EmbeddedNats | EmbeddedNatsCluster
     rng: random.Random
     log: Path
+    leader_streams: Leaders | None = None
+    partition_s: float = 10.0
     faults: list[Fault] = field(default_factory=list)
-    _t0: float = field(default_factory=time.monotonic)
+    t0: float = field(default_factory=time.monotonic)
+    """The soak's start (monotonic): every `at_s` counts from it."""
+    _watchers: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def run(self) -> None:
+        nats_fault = "nats kill" if isinstance(self.nats, EmbeddedNatsCluster) else "nats restart"
         events = [(t, "kill") for t in self.plan.kills]
-        events += [(t, "nats restart") for t in self.plan.nats_restarts]
+        events += [(t, nats_fault) for t in self.plan.nats_restarts]
+        events += [(t, "partition") for t in self.plan.partitions]
+        actions = {
+            "kill": self.kill_one,
+            "nats restart": self.restart_nats,
+            "nats kill": self.kill_server,
+            "partition": self.partition,
+        }
         for at_s, kind in sorted(events):
-            await asyncio.sleep(max(0.0, at_s - (time.monotonic() - self._t0)))
-            if kind == "kill":
-                await self.kill_one()
-            else:
-                await self.restart_nats()
+            await asyncio.sleep(max(0.0, at_s - self._now()))
+            await actions[kind]()
+        if self._watchers:
+            await asyncio.gather(*self._watchers)
 
     async def kill_one(self) -> None:
         running = self.services()
@@ -100,19 +145,85 @@ class FaultDriver:
             await asyncio.sleep(1.0)
             running = self.services()
         if not running:
-            self._record(Fault(self._now(), "kill", "(no service running)"))
+            self._record(self._fault("kill", "(no service running)"))
             return
         name = self.rng.choice(sorted(running))
-        self._record(Fault(self._now(), "kill", name, kill_tree(running[name])))
+        fault = self._fault("kill", name)
+        fault.pids = kill_tree(running[name])
+        self._record(fault)
+        watcher = asyncio.create_task(self._watch_back(fault, name, running[name]))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _watch_back(self, fault: Fault, name: str, old_pid: int) -> None:
+        deadline = self._now() + SERVICE_BACK_TIMEOUT_S
+        while self._now() < deadline:
+            pid = self.services().get(name)
+            if pid is not None and pid != old_pid:
+                fault.ended_s = self._now()
+                return
+            await asyncio.sleep(0.2)
 
     async def restart_nats(self) -> None:
+        assert isinstance(self.nats, EmbeddedNats)
         await asyncio.to_thread(self.nats.stop)
-        self._record(Fault(self._now(), "nats restart", self.nats.url))
+        fault = self._fault("nats restart", self.nats.url)
+        self._record(fault)
         await asyncio.sleep(NATS_DOWN_S)
         await asyncio.to_thread(self.nats.start)
+        fault.ended_s = self._now()
+
+    async def kill_server(self) -> None:
+        """SIGKILL the leader of a stream the pipeline uses, then restart it."""
+        cluster = self.nats
+        assert isinstance(cluster, EmbeddedNatsCluster)
+        server, why = await asyncio.to_thread(self._victim, await self._streams())
+        fault = self._fault("nats kill", f"server {server} ({why})")
+        await asyncio.to_thread(cluster.kill, server)
+        self._record(fault)
+        await asyncio.sleep(NATS_DOWN_S)
+        await asyncio.to_thread(cluster.restart, server)
+        fault.ended_s = self._now()
+
+    def _victim(self, streams: list[str]) -> tuple[int, str]:
+        cluster = self.nats
+        assert isinstance(cluster, EmbeddedNatsCluster)
+        for stream in self.rng.sample(streams, len(streams)):
+            leader = cluster.stream_leader(stream)
+            if leader is not None:
+                return leader, f"leader of {stream}"
+        leader = cluster.meta_leader()
+        if leader is not None:
+            return leader, "meta leader"
+        return self.rng.randrange(len(cluster.servers)), "no leader known"
+
+    async def _streams(self) -> list[str]:
+        if self.leader_streams is None:
+            return []
+        try:
+            return await self.leader_streams()
+        except (OSError, TimeoutError, LookupError):
+            return []
+
+    async def partition(self) -> None:
+        """Cut one server (not the meta leader when it can, so both sides matter: the
+        majority elects, the cut one must catch up) from the others, then heal."""
+        cluster = self.nats
+        assert isinstance(cluster, EmbeddedNatsCluster)
+        meta = await asyncio.to_thread(cluster.meta_leader)
+        choices = [i for i in range(len(cluster.servers)) if i != meta] or [0]
+        server = self.rng.choice(choices)
+        fault = self._fault("partition", f"server {server} for {self.partition_s:.0f}s")
+        with cluster.partition(server):
+            self._record(fault)
+            await asyncio.sleep(self.partition_s)
+        fault.ended_s = self._now()
 
     def _now(self) -> float:
-        return time.monotonic() - self._t0
+        return time.monotonic() - self.t0
+
+    def _fault(self, kind: str, target: str) -> Fault:
+        return Fault(self._now(), kind, target, at_wall=time.time())
 
     def _record(self, fault: Fault) -> None:
         self.faults.append(fault)

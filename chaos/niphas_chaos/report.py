@@ -1,4 +1,6 @@
-"""The soak's summary: faults injected, events seen, builds, and every finding."""
+"""The soak's summary: faults injected, events seen, builds, time to recover after each NATS
+fault, the mounts made throughout and their error rate during faults, what was left mounted or
+leased, and every finding."""
 
 from __future__ import annotations
 
@@ -6,6 +8,8 @@ from collections import Counter
 
 from rich.table import Table
 
+from niphas_chaos.faults import NATS_FAULTS
+from niphas_chaos.recovery import p50_max
 from niphas_chaos.soak import Outcome
 
 
@@ -17,10 +21,36 @@ def summary(outcome: Outcome) -> Table:
     retried = sum(p.attempts - 1 for p in outcome.pushes)
     table.add_row("pushes", str(len(outcome.pushes)), f"{retried} webhook re-deliveries")
     kills = Counter(f.target for f in outcome.faults if f.kind == "kill")
-    restarts = sum(1 for f in outcome.faults if f.kind == "nats restart")
+    by_kind = Counter(f.kind for f in outcome.faults)
     detail = ", ".join(f"{name} {n}" for name, n in sorted(kills.items()))
     table.add_row("faults injected", str(len(outcome.faults)), f"kills: {detail or 'none'}")
-    table.add_row("", "", f"NATS restarts: {restarts}")
+    servers = "1 server" if outcome.nats_servers == 1 else f"{outcome.nats_servers}-server cluster"
+    nats = ", ".join(f"{kind} {by_kind[kind]}" for kind in NATS_FAULTS if by_kind[kind])
+    table.add_row("", "", f"NATS ({servers}): {nats or 'no fault'}")
+    spread = p50_max(r.seconds for r in outcome.recoveries)
+    if spread is not None:
+        each = ", ".join(
+            f"{r.seconds:.1f}s" if r.seconds is not None else "-" for r in outcome.recoveries
+        )
+        table.add_row(
+            "recovery after NATS faults", f"p50 {spread[0]:.1f}s", f"max {spread[1]:.1f}s ({each})"
+        )
+    attempts = outcome.mounts.attempts
+    if attempts:
+        published = sum(1 for a in attempts if a.call == "publish" and not a.error)
+        unpublished = sum(1 for a in attempts if a.call == "unpublish" and not a.error)
+        paths = len(outcome.mounts.store_paths)
+        table.add_row(
+            "mounts", str(published), f"{unpublished} unpublished, {paths} store paths moved to"
+        )
+        for name, rate in outcome.publish_errors.items():
+            table.add_row(f"publish errors {name}", rate, "")
+        errors = Counter(a.error.split(":", 1)[0] for a in attempts if a.error)
+        if errors:
+            table.add_row("", "", ", ".join(f"{c} {n}" for c, n in sorted(errors.items())))
+    if outcome.leaks:
+        left = ", ".join(f"{what} {n}" for what, n in outcome.leaks.items())
+        table.add_row("left after the soak", str(sum(outcome.leaks.values())), left)
     for subject, n in outcome.events.items():
         table.add_row(f"events {subject}", str(n), "")
     table.add_row(
@@ -36,6 +66,8 @@ def summary(outcome: Outcome) -> Table:
         "stuck": "stuck consumers",
         "dead letter": "dead letters",
         "corrupt": "corrupt stores",
+        "mount": "mount problems",
+        "leak": "leaks",
     }
     for kind, label in labels.items():
         found = [f.what for f in outcome.findings if f.kind == kind]

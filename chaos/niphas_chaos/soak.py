@@ -1,5 +1,7 @@
-"""The soak: the demo's stack on NATS we run ourselves (so we can restart it), pushes sent over
-time while the fault driver kills services, then a wait for quiescence and the checks.
+"""The soak: the demo's stack on NATS we run ourselves (so we can restart it: one server, or a
+cluster of `--nats-cluster N` with every stream and bucket replicated N times), pushes sent over
+time while the fault driver kills services and NATS servers and the mount loop keeps moving the
+workload's pod, then a wait for quiescence and the checks.
 
 The stack is the demo's (`niphas_demo`: settings, sample repository, webhook, kubelet); each
 push commits a new version of the sample page, so each push is a distinct commit whose
@@ -27,6 +29,7 @@ import aiohttp
 from nats.js import JetStreamContext
 from rich.console import Console
 
+from niphas_chaos import leaks
 from niphas_chaos.checks import (
     ConsumerState,
     Finding,
@@ -35,11 +38,15 @@ from niphas_chaos.checks import (
     dead_letters,
     stuck_consumers,
 )
+from niphas_chaos.demo import SoakDemo
 from niphas_chaos.faults import Fault, FaultDriver, Plan
+from niphas_chaos.mounting import MountLoop, MountRecord, clear
+from niphas_chaos.recovery import Recovery, publish_errors, recoveries
 from niphas_common.bus.inspect import consumers, streams, view
+from niphas_common.nats_cluster import EmbeddedNatsCluster
 from niphas_common.nats_server import EmbeddedNats
 from niphas_common.nix.runner import NixRunner
-from niphas_demo.flow import Demo, until
+from niphas_demo.flow import until
 from niphas_demo.kubelet import Kubelet
 from niphas_demo.webhook import send_push
 
@@ -52,6 +59,10 @@ SOAK_ENV = {
 WEBHOOK_RETRY_S = 180.0
 """How long a push is re-delivered (same delivery id) while the ingress is down."""
 VERIFY_TIMEOUT_S = 1800.0
+PIPELINE = ("push.received", "eval.done", "build.done")
+PIPELINE_STREAMS = ("PUSH_RECEIVED", "EVAL_DONE", "BUILD_DONE")
+"""Whose leaders a server kill aims at, besides the key-value buckets' streams (`KV_*`)."""
+LEAK_SETTLE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,12 @@ class Options:
     seed: int
     quiesce_timeout_s: float
     verify_host_all: bool = False
+    nats_cluster: int = 1
+    """Servers: 1 is the single server; 3 a JetStream cluster (streams with 3 replicas)."""
+    partitions: int = 0
+    partition_s: float = 10.0
+    mounts: bool = True
+    """Publish and unpublish volumes throughout (else only the final workload check mounts)."""
 
 
 @dataclass
@@ -84,6 +101,12 @@ class Outcome:
     verified: dict[str, str] = field(default_factory=dict)
     """Store -> `clean` or nix's complaint."""
     quiesced_s: float = 0.0
+    nats_servers: int = 1
+    recoveries: list[Recovery] = field(default_factory=list)
+    mounts: MountRecord = field(default_factory=MountRecord)
+    publish_errors: dict[str, str] = field(default_factory=dict)
+    """`during faults`, `during NATS faults`, `outside` -> `failed/total (percent)`."""
+    leaks: dict[str, int] = field(default_factory=dict)
 
     def count(self, kind: str) -> int:
         return sum(1 for f in self.findings if f.kind == kind)
@@ -97,11 +120,15 @@ class Soak:
     def __init__(self, state: Path, console: Console, options: Options) -> None:
         self.options = options
         self.console = console
-        self.demo = Demo(state, console)
+        self.demo = SoakDemo(state, console)
         self.rng = random.Random(options.seed)
         self.run_id = secrets.token_hex(3)
-        self.nats = EmbeddedNats(state / "nats")
-        self.outcome = Outcome()
+        self.nats: EmbeddedNats | EmbeddedNatsCluster = (
+            EmbeddedNatsCluster(state / "nats-cluster", size=options.nats_cluster)
+            if options.nats_cluster > 1
+            else EmbeddedNats(state / "nats")
+        )
+        self.outcome = Outcome(nats_servers=options.nats_cluster)
         self._started = datetime.now(UTC)
         self._log_offset = 0
         self._outputs: dict[str, dict[str, str]] = {}
@@ -123,25 +150,43 @@ class Soak:
     async def _run(self) -> None:
         options, console = self.options, self.console
         env = {**await asyncio.to_thread(self.demo.prepare), **SOAK_ENV}
-        url = await asyncio.to_thread(self.nats.start)
+        env["NIPHAS_NATS_REPLICAS"] = str(options.nats_cluster)
+        await asyncio.to_thread(self.nats.start)
+        url = self.nats.url
         log = self.demo.layout.demo / "niphas-up.log"
         self._log_offset = log.stat().st_size if log.exists() else 0
         await self.demo.start(env, url)
         assert self.demo.stack is not None
         console.print(f"stack up: NATS {url}, services {sorted(self.demo.stack.service_pids())}")
         duration = options.pushes * options.push_interval_s
-        plan = Plan.random(self.rng, options.kills, options.nats_restarts, duration)
+        plan = Plan.random(
+            self.rng, options.kills, options.nats_restarts, duration, options.partitions
+        )
         faults_log = self.demo.layout.demo / "chaos-faults.log"
-        driver = FaultDriver(plan, self.demo.stack.service_pids, self.nats, self.rng, faults_log)
+        driver = FaultDriver(
+            plan, self.demo.stack.service_pids, self.nats, self.rng, faults_log,
+            self._leader_streams, options.partition_s,
+        )  # fmt: skip
         self.outcome.faults = driver.faults
+        mounting = MountLoop(self.demo.layout, driver.t0) if options.mounts else None
+        mounted = asyncio.create_task(mounting.run()) if mounting else None
         await asyncio.gather(self._push_all(), driver.run())
         console.print(f"{len(self.outcome.pushes)} pushes sent, {len(driver.faults)} faults")
         t0 = time.monotonic()
         await self._quiesce()
         self.outcome.quiesced_s = time.monotonic() - t0
+        if mounting is not None and mounted is not None:
+            mounting.stop()
+            self._check_mounts(await mounted)
         await self._check_pipeline()
         await self._check_workload()
+        await self._check_leaks()
         await self._check_stores()
+
+    async def _leader_streams(self) -> list[str]:
+        """The pipeline's streams and the key-value buckets' (`KV_<bucket>`)."""
+        names = [info.config.name or "" for info in await streams(self.js)]
+        return [*PIPELINE_STREAMS, *(n for n in names if n.startswith("KV_"))]
 
     # -- load ---------------------------------------------------------------------------------
 
@@ -240,9 +285,13 @@ class Soak:
         outcome = self.outcome
         commits = [p.commit for p in outcome.pushes]
         ours = set(commits)
-        for subject in ("push.received", "eval.done", "build.done"):
-            bodies = await self._bodies(subject)
+        times: list[float] = []
+        for subject in PIPELINE:
+            stored = await view(self.js, subject, last=1_000_000)
+            bodies = [json.loads(m.data) for m in stored]
             outcome.events[subject] = sum(1 for b in bodies if b.get("commit") in ours)
+            times += [m.time.timestamp() for m in stored if m.time is not None]
+        outcome.recoveries = recoveries(outcome.faults, times)
         evals, builds = await self._bodies("eval.done"), await self._bodies("build.done")
         found, self._outputs = builds_per_push(commits, evals, builds)
         self._closures = {p for b in builds if b.get("commit") in ours for p in b["closure"]}
@@ -300,3 +349,29 @@ class Soak:
                 complaint = result.stderr.strip().splitlines()
                 self.outcome.verified[name] = complaint[-1] if complaint else "failed"
                 self.outcome.findings.append(Finding("corrupt", f"{name}: {complaint[-3:]}"))
+
+    def _check_mounts(self, record: MountRecord) -> None:
+        """Every publish worked with its closure intact, or failed with a clear CSI error that
+        a retry resolved."""
+        self.outcome.mounts = record
+        rates = publish_errors(record.attempts, self.outcome.faults)
+        self.outcome.publish_errors = {name: str(rate) for name, rate in rates.items()}
+        self.outcome.findings += [Finding("mount", problem) for problem in record.problems]
+        if not any(a.call == "publish" and not a.error for a in record.attempts):
+            self.outcome.findings.append(Finding("mount", "no volume was ever published"))
+        unclear = [a.error for a in record.attempts if a.error and not clear(a.error)]
+        self.outcome.findings += [Finding("mount", f"unclear error: {e}") for e in unclear]
+
+    async def _check_leaks(self) -> None:
+        """Once every pod is gone: no mount, lease, view or volume record left (an unmount is
+        synchronous, so only a short settle for the driver's last unpublish to finish)."""
+        layout = self.demo.layout
+        deadline = time.monotonic() + LEAK_SETTLE_S
+        counts = leaks.count(layout)
+        while any(counts.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            counts = leaks.count(layout)
+        self.outcome.leaks = counts
+        self.outcome.findings += [
+            Finding("leak", f"{n} {what} left") for what, n in counts.items() if n
+        ]
