@@ -125,7 +125,17 @@ def main() -> None:
     parser.add_argument("--ci", action="store_true", help="plain output, no live progress")
     parser.add_argument("--keep-running", action="store_true")
     parser.add_argument("--result", type=Path, default=None, help="write the outcome as JSON")
+    parser.add_argument(
+        "--nats-cluster",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the embedded NATS as a JetStream cluster of N servers with N replicas "
+        "(sets NIPHAS_NATS_CLUSTER_SIZE for `niphas up`)",
+    )
     args = parser.parse_args()
+    if args.nats_cluster is not None:
+        os.environ["NIPHAS_NATS_CLUSTER_SIZE"] = str(args.nats_cluster)
     if os.geteuid() != 0:
         sys.exit("the demo mounts closures and runs Nix as root: run it as root")
     state = (args.state_dir or default_state_dir()).resolve()

@@ -129,7 +129,9 @@ class Demo:
         self.stack.start()
         await self.stack.wait_ready()
         self.nc = await nats.connect(
-            self.stack.nats_url, name="niphas-demo", error_cb=_reconnecting
+            self.stack.nats_url.split(","),  # one server, or every server of a cluster
+            name="niphas-demo",
+            error_cb=_reconnecting,
         )
         # A second run starts from a workload that follows builds again (the last run ended
         # pinned by its rollback).

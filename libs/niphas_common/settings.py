@@ -63,6 +63,21 @@ class NatsSettings(BaseSettings):
     replicas: int = Field(
         default=1, ge=1, le=5, description="Stream replicas (3 on a clustered NATS)"
     )
+    publish_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds a publish waits for JetStream's acknowledgement; then it fails "
+        "with an error naming the stream (on a cluster that lost quorum the stream has no "
+        "leader, and a publish would otherwise wait for ever)",
+    )
+    cluster_size: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="Servers of the NATS that `niphas up` embeds when no URL is given: 1 is "
+        "one server; 3 starts a JetStream cluster on loopback (routed servers, one store "
+        "each) and makes streams and buckets 3 replicas, as on a production cluster",
+    )
 
 
 class CommonSettings(BaseSettings):

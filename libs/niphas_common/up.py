@@ -1,8 +1,9 @@
 """`niphas up`: the embedded default in one command.
 
-Starts NATS (embedded unless a URL is given), provisions the streams, then runs every installed
-service as its own process, restarting one that dies, until Ctrl-C or SIGTERM stops them all
-(services first, so they drain, then NATS).
+Starts NATS (embedded unless a URL is given: one server, or a JetStream cluster on loopback with
+NIPHAS_NATS_CLUSTER_SIZE), provisions the streams, then runs every installed service as its own
+process, restarting one that dies, until Ctrl-C or SIGTERM stops them all (services first, so
+they drain, then NATS).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from niphas_common.bus.connection import connect
 from niphas_common.bus.topology import ensure_streams
+from niphas_common.nats_cluster import EmbeddedNatsCluster
 from niphas_common.nats_server import URL_FILE, EmbeddedNats
 from niphas_common.settings import NatsSettings
 
@@ -44,6 +46,22 @@ async def provision(settings: NatsSettings) -> None:
         await ensure_streams(nc.jetstream(), settings)
     finally:
         await nc.drain()
+
+
+def start_embedded(
+    state_dir: Path, env: dict[str, str]
+) -> tuple[EmbeddedNats | EmbeddedNatsCluster, str]:
+    """The embedded NATS of NIPHAS_NATS_CLUSTER_SIZE servers and its URL; a cluster makes
+    streams and buckets as many replicas, up to 3 (unless NIPHAS_NATS_REPLICAS is set)."""
+    size = NatsSettings().cluster_size
+    if size == 1:
+        server = EmbeddedNats(state_dir / "nats")
+        return server, server.start()
+    cluster = EmbeddedNatsCluster(state_dir / "nats-cluster", size=size)
+    cluster.start()
+    env.setdefault("NIPHAS_NATS_REPLICAS", str(min(size, 3)))
+    print(f"NATS cluster of {size} servers (store in {cluster.state_dir})", flush=True)
+    return cluster, cluster.url
 
 
 def supervise(children: list[Child], env: dict[str, str]) -> None:
@@ -75,20 +93,23 @@ def run_up(state_dir: Path, services: list[str], nats_url: str | None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
 
-    server: EmbeddedNats | None = None
+    server: EmbeddedNats | EmbeddedNatsCluster | None = None
     url_file = state_dir / URL_FILE
     children: list[Child] = []
+    env = {**os.environ, "NIPHAS_STATE_DIR": str(state_dir)}
     try:
         if nats_url is None:
-            server = EmbeddedNats(state_dir / "nats")
-            nats_url = server.start()
+            server, nats_url = start_embedded(state_dir, env)
             url_file.parent.mkdir(parents=True, exist_ok=True)
             url_file.write_text(nats_url + "\n")
-        asyncio.run(provision(NatsSettings(url=nats_url)))
+        env["NATS_URL"] = nats_url
+        settings = NatsSettings(url=nats_url)
+        settings.replicas = int(env.get("NIPHAS_NATS_REPLICAS") or settings.replicas)
+        asyncio.run(provision(settings))
+        print(f"streams and buckets with {settings.replicas} replica(s)", flush=True)
         print(f"NATS JetStream at {nats_url}", flush=True)
         if not services:
             print("no services are installed; running NATS only", flush=True)
-        env = {**os.environ, "NATS_URL": nats_url, "NIPHAS_STATE_DIR": str(state_dir)}
         children = [Child(name, [sys.executable, "-m", "niphas_common", name]) for name in services]
         while not stop:
             supervise(children, env)

@@ -11,13 +11,14 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NoStreamResponseError
 from opentelemetry.trace import SpanKind
 
 from niphas_common import tracing
 from niphas_common.bus.codec import encode, headers_for
 from niphas_common.bus.topology import stream_name
 from niphas_common.errors import TransientError
+from niphas_common.settings import NatsSettings
 from niphas_schemas import Event
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,24 @@ class PublishError(TransientError):
     """JetStream did not acknowledge the event (no stream, server down, timeout)."""
 
 
+NO_ANSWER = (TimeoutError, NoRespondersError, NoStreamResponseError, NatsTimeoutError)
+"""What a publish meets when no server stores the stream's messages right now: on a cluster
+that lost quorum the stream has no leader, so nothing answers (at once) or no ack comes."""
+
+
+def no_leader(stream: str, timeout_s: float, exc: BaseException) -> str:
+    return (
+        f"JetStream has no quorum/leader for stream {stream} ({exc.__class__.__name__}: no "
+        f"acknowledgement within {timeout_s:g}s; or the stream does not exist)"
+    )
+
+
 class Publisher:
-    def __init__(self, js: JetStreamContext, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, js: JetStreamContext, *, timeout_s: float | None = None) -> None:
+        """`timeout_s`: how long a publish waits for its ack (default: the setting
+        NIPHAS_NATS_PUBLISH_TIMEOUT_S)."""
         self._js = js
-        self._timeout_s = timeout_s
+        self._timeout_s = timeout_s if timeout_s is not None else NatsSettings().publish_timeout_s
 
     async def publish(self, event: Event) -> PubAck:
         """Store one event; `PubAck.duplicate` is True when its Msg-Id was already stored."""
@@ -40,15 +55,21 @@ class Publisher:
             attributes=_span_attributes(event),
         ):
             headers = tracing.inject(headers_for(event))
+            stream = stream_name(event.subject)
             try:
                 ack = await self._js.publish(
                     event.routed_subject,
                     encode(event),
                     timeout=self._timeout_s,
-                    stream=stream_name(event.subject),
+                    stream=stream,
                     headers=headers,
                 )
-            except (TimeoutError, NoRespondersError, NatsTimeoutError, APIError) as exc:
+            except NO_ANSWER as exc:
+                raise PublishError(
+                    f"{event.subject} {event.msg_id}: not stored: "
+                    + no_leader(stream, self._timeout_s, exc)
+                ) from exc
+            except APIError as exc:
                 raise PublishError(f"{event.subject} {event.msg_id}: not stored ({exc!r})") from exc
         if ack.duplicate:
             log.info("%s %s already stored (duplicate Msg-Id)", event.subject, event.msg_id)
@@ -61,6 +82,7 @@ class Publisher:
         cost as much as the publish itself)."""
         acks: list[PubAck] = []
         pending: list[asyncio.Future[PubAck]] = []
+        streams: set[str] = set()  # of the events in flight, to name in an error
         with tracing.tracer().start_as_current_span("publish batch", kind=SpanKind.PRODUCER):
             trace_headers = tracing.inject({})
             for event in events:
@@ -72,16 +94,24 @@ class Publisher:
                         event.routed_subject, encode(event), headers=headers
                     )
                 )
+                streams.add(stream_name(event.subject))
                 if len(pending) >= window:
-                    acks.extend(await self._gather(pending))
-                    pending = []
-            acks.extend(await self._gather(pending))
+                    acks.extend(await self._gather(pending, streams))
+                    pending, streams = [], set()
+            acks.extend(await self._gather(pending, streams))
         return acks
 
-    async def _gather(self, pending: list[asyncio.Future[PubAck]]) -> list[PubAck]:
+    async def _gather(
+        self, pending: list[asyncio.Future[PubAck]], streams: set[str]
+    ) -> list[PubAck]:
         try:
             return list(await asyncio.wait_for(asyncio.gather(*pending), timeout=self._timeout_s))
-        except (TimeoutError, NoRespondersError, NatsTimeoutError, APIError) as exc:
+        except NO_ANSWER as exc:
+            raise PublishError(
+                f"batch of {len(pending)} events not stored: "
+                + no_leader(", ".join(sorted(streams)), self._timeout_s, exc)
+            ) from exc
+        except APIError as exc:
             raise PublishError(f"batch of {len(pending)} events not stored ({exc!r})") from exc
 
 
