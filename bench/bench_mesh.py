@@ -5,8 +5,11 @@ cache's egress when many nodes want one closure at once. Everything in the same 
 
 1. `nix copy --from` of a ~size-mb, ~files-file closure (10 store paths, random contents)
    from a mesh agent (`niphas mesh` over a chroot store holding it) vs from nginx serving a
-   `nix copy --to file://...?compression=none` cache of the same paths. Target <= 1.2x nginx.
+   `nix copy --to file://...?compression=none` cache of the same paths. Target <= 1.0x nginx.
    Then narinfo lookups of a 500-path closure (`nix path-info --store <url>`), same comparison.
+   Both also against the floor of the agent's HTTP stack: a bare aiohttp server (`serve_floor`)
+   answering from a dict of the cache's narinfos and sending its NAR files by sendfile, so the
+   rows tell the cost of our code (agent vs floor) from the cost of the stack (floor vs nginx).
 2. Fan-out: 8 agents (chroot stores) want a new closure of size-mb/2 at once, with the cache
    (nginx) announced as a holder. Bytes nginx sent must stay <= 2x the closure (8x without the
    mesh) and all nodes must be done within 3x the time one node alone takes (a closure of the
@@ -38,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -52,7 +55,7 @@ from niphas_schemas import PathAvailable, PathWanted
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
 from bench.cpu_shares import CpuShares
-from bench.http_servers import NGINX, Nginx
+from bench.http_servers import NGINX, Nginx, free_port, wait_http
 from bench.mesh_nodes import ROOT, Agents, add, make_paths
 from bench.report import Report, add_json_option
 from bench.scratch_fs import journaled_ext4
@@ -235,32 +238,85 @@ def generate(
     return copy_paths, tiny_paths, rounds
 
 
+def serve_floor(cache: Path, port: int) -> None:
+    """The floor of the agent's HTTP stack: a bare aiohttp server (as the agent's) answering
+    every narinfo from a dict and every NAR with a static file by sendfile, no store, no
+    verification; what aiohttp alone costs against nginx, in the same run."""
+    from aiohttp import web
+
+    infos = {p.name[:32]: p.read_bytes() for p in cache.glob("*.narinfo")}
+    cache_info = (cache / "nix-cache-info").read_bytes()
+
+    async def narinfo(request: web.Request) -> web.Response:
+        body = infos.get(request.match_info["hash"])
+        if body is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=body, content_type="text/x-nix-narinfo")
+
+    async def info(_: web.Request) -> web.Response:
+        return web.Response(body=cache_info, content_type="text/x-nix-cache-info")
+
+    async def nar(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(cache / "nar" / request.match_info["name"])
+
+    app = web.Application()
+    app.router.add_get("/nix-cache-info", info)
+    app.router.add_get("/{hash:[0-9a-z]{32}}.narinfo", narinfo)
+    app.router.add_get("/nar/{name}", nar)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+@contextlib.contextmanager
+def floor_server(cache: Path) -> Iterator[str]:
+    """`serve_floor` in a process of its own; its URL."""
+    port = free_port()
+    argv = [sys.executable, __file__, "--serve-floor", str(cache), str(port)]
+    proc = subprocess.Popen(argv)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/nix-cache-info")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def three_rows(
+    report: Report, measure: str, times: list[float], names: tuple[str, str, str]
+) -> None:
+    """Rows of a measure taken of the agent, nginx and the aiohttp floor (in that order): the
+    agent against nginx (the target), the floor against nginx and the agent against the floor
+    (where the gap lies: in our code or in the HTTP stack)."""
+    t_agent, t_nginx, t_floor = times
+    print(f"{measure}: agent {t_agent:.3f}s, nginx {t_nginx:.3f}s, {names[2]} {t_floor:.3f}s; "
+          f"agent/nginx {t_agent / t_nginx:.2f}x (target <= 1.0x), floor/nginx "
+          f"{t_floor / t_nginx:.2f}x, agent/floor {t_agent / t_floor:.2f}x",
+          flush=True)  # fmt: skip
+    timed_row(report, measure, t_agent, t_nginx, "nginx", 1.0)
+    report.row(f"{measure}: the floor ({names[2]})", round(t_floor, 4), "s",
+               baseline=round(t_nginx, 4), baseline_name="nginx",
+               ratio=round(t_floor / t_nginx, 3))  # fmt: skip
+    report.row(f"{measure}: agent vs the floor", round(t_agent, 4), "s",
+               baseline=round(t_floor, 4), baseline_name=names[2],
+               ratio=round(t_agent / t_floor, 3))  # fmt: skip
+
+
 def copy_rounds(
     report: Report,
     args: argparse.Namespace,
     work: Path,
-    urls: tuple[str, str],
+    urls: tuple[str, str, str],
     paths: tuple[list[StorePath], list[StorePath]],
     public: str,
 ) -> None:
-    """Part 1: `nix copy --from` and narinfo lookups, agent (urls[0]) vs nginx (urls[1])."""
+    """Part 1: `nix copy --from` and narinfo lookups; the agent, nginx and the aiohttp floor
+    (`urls`, in that order), their runs interleaved."""
     copy_paths, tiny_paths = paths
-    t_agent, t_nginx = median_times(
-        args.repeat, [nix_copy(work, u, copy_paths, public) for u in urls]
-    )
-    ratio = t_agent / t_nginx
-    print(f"nix copy {args.size_mb} MB: agent {t_agent:.2f}s, nginx {t_nginx:.2f}s, "
-          f"ratio {ratio:.2f}x (target <= 1.2x)", flush=True)  # fmt: skip
-    timed_row(report, f"nix copy --from, {args.size_mb} MB / {args.files} files",
-              t_agent, t_nginx, "nginx", 1.2)  # fmt: skip
-    p_agent, p_nginx = median_times(
-        args.repeat, [path_info(work, u, tiny_paths, public) for u in urls]
-    )
-    print(f"narinfo lookups ({len(tiny_paths)} paths): agent {p_agent:.2f}s, "
-          f"nginx {p_nginx:.2f}s, ratio {p_agent / p_nginx:.2f}x",
-          flush=True)  # fmt: skip
-    timed_row(report, f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)",
-              p_agent, p_nginx, "nginx", 1.2)  # fmt: skip
+    names = ("agent", "nginx", "bare aiohttp")
+    times = median_times(args.repeat, [nix_copy(work, u, copy_paths, public) for u in urls])
+    three_rows(report, f"nix copy --from, {args.size_mb} MB / {args.files} files", times, names)
+    times = median_times(args.repeat, [path_info(work, u, tiny_paths, public) for u in urls])
+    three_rows(report, f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)", times, names)
 
 
 def fan_out_rounds(
@@ -298,7 +354,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     add_json_option(parser)
     parser.add_argument("--skip-copy", action="store_true", help="only the fan-out part")
+    parser.add_argument("--skip-fan-out", action="store_true", help="only the copy part")
+    parser.add_argument("--serve-floor", nargs=2, metavar=("CACHE", "PORT"),
+                        help="(internal) the aiohttp floor server of a cache dir")  # fmt: skip
     args = parser.parse_args()
+    if args.serve_floor:
+        serve_floor(Path(args.serve_floor[0]), int(args.serve_floor[1]))
+        return 0
     report = Report("mesh", "mesh agent as a binary cache vs nginx; fan-out to many nodes")
     if not (os.path.exists(NGINX) and shutil.which("mkfs.ext4")):
         subprocess.run(["bash", str(ROOT / "scripts" / "setup-bench-tools.sh")], check=True)
@@ -330,9 +392,12 @@ def main() -> int:
             nginx = Nginx(tmp, cache)
             try:
                 if not args.skip_copy:
-                    urls = (agents.start("n0"), nginx.url)
+                    floor = stack.enter_context(floor_server(cache))
+                    urls = (agents.start("n0"), nginx.url, floor)
                     copy_rounds(report, args, work, urls, (copy_paths, tiny_paths), public)
-                fan_out_rounds(report, args, host, (nginx, agents, nats_url, shares), rounds)
+                if not args.skip_fan_out:
+                    servers = (nginx, agents, nats_url, shares)
+                    fan_out_rounds(report, args, host, servers, rounds)
             finally:
                 agents.stop()
                 nginx.stop()
