@@ -33,6 +33,7 @@ import asyncio
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,6 +136,9 @@ class Cluster:
             self.shares.remove()
         self.net.remove()
 
+    def throttled_s(self, name: str) -> float:
+        return 0.0 if self.shares is None else self.shares.throttled_s(name)
+
     async def plain(self, n: int, paths: list[StorePath], where: Path) -> float:
         """N `nix copy --from` the cache at once, each in its node's namespace and CPU share;
         seconds until all are done."""
@@ -186,26 +190,38 @@ def rounds(
     assert cluster.agents is not None
     assert cluster.nats is not None
     nginx, agents = cluster.nginx, cluster.agents
-    measured: Measured = {k: [] for k in ("mesh egress", "plain egress", "mesh time", "plain time")}
+    keys = ("mesh egress", "plain egress", "mesh time", "plain time", "max upload", "cpu", "held")
+    measured: Measured = {k: [] for k in keys}
     measured["idle rss"] = [status_kb(p.pid, "VmRSS") / 1024 for p in agents.procs.values()]
-    print(f"| {'nodes':>5} | {'egress mesh':>11} | {'egress without':>14} | "
-          f"{'time mesh':>9} | {'time without':>12} |")  # fmt: skip
-    print(f"|{'-' * 7}|{'-' * 13}|{'-' * 16}|{'-' * 11}|{'-' * 14}|")
+    heads = ("nodes", "egress mesh", "egress without", "time mesh", "time without",
+             "top upload", "CPU/node", "held back")  # fmt: skip
+    print("| " + " | ".join(heads) + " |")
+    print("|" + "|".join("-" * (len(h) + 2) for h in heads) + "|")
     for n, closure, info in zip(ns, closures, infos, strict=True):
         size = sum(i.nar_size for i in info.values())
+        nodes = cluster.names[:n]
         before = nginx.nar_bytes()
-        t_mesh = asyncio.run(
-            with_mesh(cluster.nats.url, nginx.url, info, cluster.names[:n], agents.urls)
-        )
+        sent = {name: cluster.net.sent(name) for name in nodes}
+        cpu = {name: agents.cpu_seconds(name) for name in nodes}
+        held = {name: cluster.throttled_s(name) for name in nodes}
+        t_mesh = asyncio.run(with_mesh(cluster.nats.url, nginx.url, info, nodes, agents.urls))
         mid = nginx.nar_bytes()
+        # What the busiest node uploaded to its peers, and each node's CPU over the round.
+        top = max(cluster.net.sent(name) - sent[name] for name in nodes)
+        cpu_s = statistics.fmean(agents.cpu_seconds(name) - cpu[name] for name in nodes)
+        held_s = statistics.fmean(cluster.throttled_s(name) - held[name] for name in nodes)
         plain = cluster.tmp / f"plain-{n}"
         t_plain = asyncio.run(cluster.plain(n, closure, plain))
         shutil.rmtree(plain, ignore_errors=True)
         e_mesh, e_plain = mid - before, nginx.nar_bytes() - mid
-        for key, value in zip(measured, (e_mesh, e_plain, t_mesh, t_plain), strict=False):
+        for key, value in zip(keys, (e_mesh, e_plain, t_mesh, t_plain, top, cpu_s, held_s),
+                              strict=True):  # fmt: skip
             measured[key].append(value)
-        print(f"| {n:>5} | {e_mesh / size:>10.2f}x | {e_plain / size:>13.2f}x | "
-              f"{t_mesh:>8.2f}s | {t_plain:>11.2f}s |", flush=True)  # fmt: skip
+        cells = (f"{n}", f"{e_mesh / size:.2f}x", f"{e_plain / size:.2f}x", f"{t_mesh:.2f}s",
+                 f"{t_plain:.2f}s", f"{top / size:.2f}x", f"{cpu_s:.2f}s",
+                 f"{held_s:.2f}s")  # fmt: skip
+        print("| " + " | ".join(c.rjust(len(h)) for c, h in zip(cells, heads, strict=True)) + " |",
+              flush=True)  # fmt: skip
     measured["peak rss"] = [status_kb(p.pid, "VmHWM") / 1024 for p in agents.procs.values()]
     return measured
 

@@ -64,6 +64,19 @@ class CpuShares:
                 quota = "-1" if cores is None else str(int(cores * PERIOD_US))
                 (group / "cpu.cfs_quota_us").write_text(quota)
 
+    def throttled_s(self, node: str) -> float:
+        """Seconds the node's group has been held back by its quota so far (0 if unknown)."""
+        group = self.groups.get(node)
+        if group is None:
+            return 0.0
+        # v2 counts microseconds, v1 nanoseconds.
+        key, scale = ("throttled_usec", 1e-6) if self.v2 else ("throttled_time", 1e-9)
+        for line in _read(group / "cpu.stat").splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value) * scale
+        return 0.0
+
     def remove(self) -> None:
         """Remove the groups (their processes must have exited)."""
         for group in [*self.groups.values(), self.base]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -94,6 +95,14 @@ class Network:
         _tbf(self.hub.netns, port, self.rate_bit)  # its download
         self.hosts[name] = host
         return host
+
+    def sent(self, name: str) -> int:
+        """Bytes host `name` has sent over its link (its upload qdisc's counter)."""
+        argv = ["tc", "-j", "-s", "qdisc", "show", "dev", "eth0"]
+        proc = subprocess.run(self.exec(name, argv), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise NetworkError(f"`{' '.join(argv)}` in {name} failed: {proc.stderr.strip()}")
+        return sum(int(q.get("bytes", 0)) for q in json.loads(proc.stdout) if q.get("root"))
 
     def exec(self, name: str, argv: list[str]) -> list[str]:
         """`argv` run inside host `name`'s namespace (`hub` for the hub's)."""
