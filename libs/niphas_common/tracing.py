@@ -104,6 +104,15 @@ def continued(headers: Mapping[str, str] | None) -> Iterator[None]:
         context.detach(token)
 
 
+def carry(headers: dict[str, str]) -> dict[str, str]:
+    """`inject` without a span of the caller's (tracing off): the current trace context, or a
+    new trace's when there is none (a span nobody records, never made current)."""
+    if trace.get_current_span().get_span_context().is_valid:
+        return inject(headers)
+    propagate.inject(headers, context=trace.set_span_in_context(_tracer.start_span("root")))
+    return headers
+
+
 def inject(headers: dict[str, str]) -> dict[str, str]:
     """Write the current trace context (`traceparent`, `tracestate`) into `headers`."""
     propagate.inject(headers)

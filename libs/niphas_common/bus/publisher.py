@@ -49,28 +49,33 @@ class Publisher:
 
     async def publish(self, event: Event) -> PubAck:
         """Store one event; `PubAck.duplicate` is True when its Msg-Id was already stored."""
+        if not tracing.recording():
+            # Tracing off: the trace context only, no span that nobody records.
+            return await self._store(event, tracing.carry(headers_for(event)))
         with tracing.tracer().start_as_current_span(
             f"publish {event.subject}",
             kind=SpanKind.PRODUCER,
             attributes=_span_attributes(event),
         ):
-            headers = tracing.inject(headers_for(event))
-            stream = stream_name(event.subject)
-            try:
-                ack = await self._js.publish(
-                    event.routed_subject,
-                    encode(event),
-                    timeout=self._timeout_s,
-                    stream=stream,
-                    headers=headers,
-                )
-            except NO_ANSWER as exc:
-                raise PublishError(
-                    f"{event.subject} {event.msg_id}: not stored: "
-                    + no_leader(stream, self._timeout_s, exc)
-                ) from exc
-            except APIError as exc:
-                raise PublishError(f"{event.subject} {event.msg_id}: not stored ({exc!r})") from exc
+            return await self._store(event, tracing.inject(headers_for(event)))
+
+    async def _store(self, event: Event, headers: dict[str, str]) -> PubAck:
+        stream = stream_name(event.subject)
+        try:
+            ack = await self._js.publish(
+                event.routed_subject,
+                encode(event),
+                timeout=self._timeout_s,
+                stream=stream,
+                headers=headers,
+            )
+        except NO_ANSWER as exc:
+            raise PublishError(
+                f"{event.subject} {event.msg_id}: not stored: "
+                + no_leader(stream, self._timeout_s, exc)
+            ) from exc
+        except APIError as exc:
+            raise PublishError(f"{event.subject} {event.msg_id}: not stored ({exc!r})") from exc
         if ack.duplicate:
             log.info("%s %s already stored (duplicate Msg-Id)", event.subject, event.msg_id)
         return ack

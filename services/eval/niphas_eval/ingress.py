@@ -180,7 +180,8 @@ class WebhookIngress:
             # Reconnecting: a publish would sit in the client's buffer until its timeout.
             return 503, unavailable
         try:
-            ack = await asyncio.wait_for(bus.publish(push), self._publish_timeout_s)
+            async with asyncio.timeout(self._publish_timeout_s):  # no task, unlike wait_for
+                ack = await bus.publish(push)
         except (PublishError, TimeoutError) as exc:
             log.warning("push.received %s not stored: %r", push.msg_id, exc)
             return 503, unavailable

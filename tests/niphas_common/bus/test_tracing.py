@@ -112,3 +112,38 @@ async def test_with_tracing_off_the_consumer_continues_the_senders_trace_without
     _, sent_trace, sent_span, _ = traceparent.split("-")
     # The handler runs in the sender's context itself: same trace, and no consumer span between.
     assert (format(trace_id, "032x"), format(span_id, "016x")) == (sent_trace, sent_span)
+
+
+async def test_with_tracing_off_a_publish_carries_the_current_trace_or_starts_one(
+    bus: Bus, push_event: Callable[..., PushReceived], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from niphas_common import tracing
+
+    monkeypatch.setattr(tracing._sampler, "exporting", False)
+    sent: dict[str, str] = {}
+
+    async def handle(ev: PushReceived, delivery: Delivery) -> None:
+        sent[ev.delivery_id] = delivery.headers["traceparent"]
+
+    current = trace.SpanContext(
+        trace_id=0x0AF7651916CD43DD8448EB211C80319C,
+        span_id=0xB7AD6B7169203331,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(1),
+    )
+    with trace.use_span(trace.NonRecordingSpan(current)):
+        await bus.publish(push_event("in-a-trace"))
+    await bus.publish(push_event("first-root"))
+    await bus.publish(push_event("second-root"))
+    spec = ConsumerSpec(durable="carry-test", subject="push.received")
+    async with serving(bus, [Subscription(PushReceived, spec, handle)]):
+        await eventually(lambda: len(sent) == 3)
+
+    # Inside a trace: its context itself, no producer span of ours in between.
+    assert sent["in-a-trace"].split("-")[1:3] == [
+        "0af7651916cd43dd8448eb211c80319c",
+        "b7ad6b7169203331",
+    ]
+    # Outside any: each publish starts its own trace, still carried.
+    roots = [sent["first-root"].split("-")[1], sent["second-root"].split("-")[1]]
+    assert roots[0] != roots[1] and all(int(r, 16) for r in roots)
