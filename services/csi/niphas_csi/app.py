@@ -20,12 +20,11 @@ import typer
 from niphas_common.bus.bus import Bus
 from niphas_common.http import Readiness
 from niphas_common.leases import Leases
-from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.store_path import StoreDir
 from niphas_common.service import ServiceRuntime, ServiceSpec, run_until_signalled
 from niphas_common.settings import NatsSettings
 
-from .closure import Closures
+from .closure import Closures, StoreDb
 from .identity import IdentityService
 from .node import NodeService
 from .registrar import Registrar
@@ -65,14 +64,11 @@ def _start_wants(volumes: Volumes, node_id: str) -> Callable[[Bus], Awaitable[No
 def _volumes(settings: CsiSettings) -> Volumes:
     root = settings.state_dir / "csi"
     store_root = settings.store_root
-    runner = NixRunner(
-        store=str(store_root) if store_root else None, timeout=settings.nix_timeout_s
-    )
     return Volumes(
         state=VolumeState(root / "volumes"),
         leases=Leases(store_root),
         views=Views(root / "staging", StoreDir(root=store_root)),
-        closures=Closures(runner, settings.concurrency),
+        closures=Closures(StoreDb(store_root, settings.store_db_timeout_s), settings.concurrency),
         wants=None,
         fetch=FetchPolicy(settings.fetch_timeout_s, settings.presence_recheck_s),
     )

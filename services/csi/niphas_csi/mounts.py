@@ -65,6 +65,17 @@ def umount(target: str | os.PathLike[str], lazy: bool = False) -> None:
     raise OSError(err, f"umount: {os.strerror(err)}", os.fspath(target))
 
 
+def umount_if_mounted(target: str | os.PathLike[str]) -> bool:
+    """Unmount the top mount at `target`; False when nothing is mounted there (or it is gone)."""
+    try:
+        umount(target)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOENT):  # not a mount point; no such path
+            return False
+        raise
+    return True
+
+
 def bind_read_only(source: Path, target: Path) -> None:
     """Bind `source` at `target`, then make that mount read-only, nosuid, nodev (a bind
     ignores flags; they need the remount)."""

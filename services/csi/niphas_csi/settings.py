@@ -76,6 +76,10 @@ class CsiSettings(ServiceSettings):
         description="gRPC calls served at once; beyond it calls fail with RESOURCE_EXHAUSTED "
         "and kubelet retries (thousands of unbounded calls get CANCELLED)",
     )
-    nix_timeout_s: float = Field(
-        default=30.0, gt=0, description="Seconds a `nix path-info` of a closure may take"
+    store_db_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a read of the store's Nix database (which paths are valid, their "
+        "closure) may wait for a lock Nix holds (SQLite's busy timeout); in WAL mode, Nix's "
+        "default, readers wait only while the database recovers from a crash",
     )

@@ -18,6 +18,7 @@ refcounted; a pod's target is a bind of its view.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -26,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from niphas_common.nix.store_path import StoreDir
+from niphas_schemas.types import STORE_DIR, STORE_PATH_RE
 
 from . import mounts
 
@@ -46,6 +48,7 @@ class Views:
         self.view_root = staging / "views"
         self.store = store
         real_store = store.real_path(f"{store.path}/{'0' * 32}-x").parent
+        self.real_store = real_store
         self.lower = real_store.parent
         self.redirect_prefix = f"/{real_store.name}/"
         for path in (self.meta_root, self.lower):
@@ -53,6 +56,7 @@ class Views:
                 raise ValueError(f"{path} cannot be an overlayfs layer (':' or ',' in it)")
         self.refs: dict[str, int] = {}
         self.mounted: set[str] = set()
+        self._umask = _process_umask()
 
     def prepare(self) -> None:
         """Make the staging area private and give it a tmpfs for the meta layers; then find
@@ -103,11 +107,11 @@ class Views:
         self.mounted.discard(key)
         if view.exists():
             view.rmdir()
-        shutil.rmtree(self.meta_root / key, ignore_errors=True)
+        _remove_meta(self.meta_root / key)
 
     def _build(self, key: str, closure: Sequence[str]) -> None:
         meta = self.meta_root / key
-        shutil.rmtree(meta, ignore_errors=True)  # a half-built one from a crash
+        _remove_meta(meta)  # a half-built one from a crash
         meta.mkdir()
         files = self._write_meta(meta, closure)
         view = self.path(key)
@@ -122,28 +126,80 @@ class Views:
             raise
 
     def _write_meta(self, meta: Path, closure: Sequence[str]) -> list[str]:
-        """The meta layer; returns the closure's regular-file paths (they need a bind)."""
+        """The meta layer; returns the closure's regular-file paths (they need a bind).
+
+        Every call works relative to open directories and with plain strings: this loop is
+        most of a first publish (a few syscalls per closure path), and resolving both long
+        paths for each of them cost as much again."""
         files = []
         names = set()
-        for path in closure:
-            base = os.path.basename(path)
-            names.add(base)
-            real = self.store.real_path(path)
-            st = os.lstat(real)
-            entry = meta / base
-            if stat.S_ISDIR(st.st_mode):
-                entry.mkdir()
-                os.setxattr(entry, REDIRECT_XATTR, (self.redirect_prefix + base).encode())
-                # The merged directory shows the top layer's metadata: make it the store's.
-                os.chmod(entry, stat.S_IMODE(st.st_mode))
-                os.utime(entry, ns=(st.st_atime_ns, st.st_mtime_ns))
-            elif stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(real), entry)
-            else:
-                entry.touch(mode=stat.S_IMODE(st.st_mode))
-                files.append(path)
-        for name in os.listdir(self.lower):
-            if name not in names:  # hide `store`, `var`...: only the closure shows
-                os.mknod(meta / name, stat.S_IFCHR, os.makedev(0, 0))
+        prefix = f"{meta}/"
+        redirect = self.redirect_prefix
+        store_fd = os.open(self.real_store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        meta_fd = os.open(meta, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for path in closure:
+                base = self._base_name(path)
+                names.add(base)
+                st = os.stat(base, dir_fd=store_fd, follow_symlinks=False)
+                mode = stat.S_IMODE(st.st_mode)
+                if stat.S_ISDIR(st.st_mode):
+                    os.mkdir(base, mode, dir_fd=meta_fd)
+                    os.setxattr(prefix + base, REDIRECT_XATTR, (redirect + base).encode())
+                    # The merged directory shows the top layer's metadata: make it the store's.
+                    if mode & self._umask:
+                        os.chmod(base, mode, dir_fd=meta_fd)
+                    os.utime(base, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=meta_fd)
+                elif stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(base, dir_fd=store_fd), base, dir_fd=meta_fd)
+                else:
+                    os.close(os.open(base, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
+                                     mode, dir_fd=meta_fd))  # fmt: skip
+                    if mode & self._umask:
+                        os.chmod(base, mode, dir_fd=meta_fd)
+                    files.append(path)
+            for name in os.listdir(self.lower):
+                if name not in names:  # hide `store`, `var`...: only the closure shows
+                    os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=meta_fd)
+        finally:
+            os.close(meta_fd)
+            os.close(store_fd)
         os.chmod(meta, 0o555)
         return files
+
+    def _base_name(self, path: str) -> str:
+        """`<hash>-<name>` of a closure path; anything but a path of this store is refused."""
+        if self.store.path == STORE_DIR and STORE_PATH_RE.match(path):
+            return path[len(STORE_DIR) + 1 :]  # the common case, without parsing twice
+        return self.store.parse(path).base_name
+
+
+def _process_umask() -> int:
+    """The umask, read without changing it (os.umask would, for every thread at once)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o777  # unknown: always set the mode explicitly
+
+
+def _remove_meta(meta: Path) -> None:
+    """Remove a meta layer: its entries are empty dirs, whiteouts, symlinks and empty files, so
+    one rmdir or unlink each does (shutil.rmtree opens every directory first)."""
+    try:
+        fd = os.open(meta, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    os.rmdir(entry.name, dir_fd=fd)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+    except OSError:
+        shutil.rmtree(meta, ignore_errors=True)  # something else in there: the slow way
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(meta)

@@ -22,7 +22,7 @@ from niphas_common.leases import Leases
 
 from . import mounts
 from .closure import Closures
-from .errors import Conflict, MountFailed, VolumeError
+from .errors import Conflict, FetchDeadline, MountFailed, VolumeError
 from .request import PublishRequest
 from .state import VolumeRecord, VolumeState
 from .views import OVERLAY_SOURCE, Views, view_key
@@ -59,11 +59,38 @@ class Volumes:
         self.leases = leases
         self.views = views
         self.closures = closures
+        self._mesh_ready = asyncio.Event()
         self.wants = wants
         self.fetch = fetch
         self.records: dict[str, VolumeRecord] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._view_lock = asyncio.Lock()
+
+    @property
+    def wants(self) -> PathWants | None:
+        """How missing paths are asked of the mesh; None until the bus is connected."""
+        return self._wants
+
+    @wants.setter
+    def wants(self, wants: PathWants | None) -> None:
+        self._wants = wants
+        if wants is None:
+            self._mesh_ready.clear()
+        else:
+            self._mesh_ready.set()
+
+    async def _mesh(self, missing: tuple[str, ...], timeout_s: float) -> PathWants:
+        """The mesh to ask for `missing`, waiting (within the fetch deadline) for a bus that is
+        still connecting: a driver that just started must not fail a pod it can serve."""
+        if self.wants is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._mesh_ready.wait(), timeout_s)
+        if self.wants is None:
+            raise FetchDeadline(
+                f"not on this node, and the bus to ask the mesh did not connect within "
+                f"{timeout_s:g} s: {', '.join(missing)}"
+            )
+        return self.wants
 
     @contextlib.asynccontextmanager
     async def _locked(self, volume_id: str) -> AsyncIterator[None]:
@@ -141,23 +168,24 @@ class Volumes:
     ) -> tuple[str, ...]:
         for other in self.records.values():
             # Another volume of the same paths is mounted: its lease keeps that closure valid,
-            # and a closure never changes, so there is nothing to ask nix.
+            # and a closure never changes, so there is nothing to ask the store.
             if other.store_paths == request.store_paths and other.view in self.views.mounted:
                 return other.closure
         presence = await self.closures.presence(request.store_paths)
         if not presence.missing:
             return presence.closure
-        if self.wants is None:
-            raise VolumeError(f"not on this node and no mesh to ask: {', '.join(presence.missing)}")
 
         async def still_missing(paths: list[str] | tuple[str, ...]) -> tuple[str, ...]:
             return (await self.closures.presence(list(paths))).missing
 
         limit = self.fetch.timeout_s if timeout_s is None else min(timeout_s, self.fetch.timeout_s)
-        await self.wants.fetch(
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        wants = await self._mesh(presence.missing, limit)
+        await wants.fetch(
             presence.missing,
             requester=f"csi:{request.volume_id}",
-            timeout_s=limit,
+            timeout_s=max(deadline - loop.time(), 0.1),
             binary_cache=request.binary_cache,
             binary_cache_public_key=request.binary_cache_public_key,
             still_missing=still_missing,  # type: ignore[arg-type]
@@ -170,12 +198,15 @@ class Volumes:
 
     async def _mount(self, record: VolumeRecord) -> None:
         async with self._view_lock:
-            view = await asyncio.to_thread(self.views.acquire, record.view, record.closure)
+            await asyncio.to_thread(self._acquire_and_bind, record)
+
+    def _acquire_and_bind(self, record: VolumeRecord) -> None:
+        """In one thread (one hop off the loop per publish): the view, then the target."""
+        view = self.views.acquire(record.view, record.closure)
         try:
-            await asyncio.to_thread(_bind_target, view, Path(record.target))
+            _bind_target(view, Path(record.target))
         except BaseException:
-            async with self._view_lock:
-                await asyncio.to_thread(self.views.release, record.view)
+            self.views.release(record.view)
             raise
 
     async def _ensure_mounted(self, record: VolumeRecord) -> None:
@@ -236,9 +267,11 @@ def _bind_target(view: Path, target: Path) -> None:
     """Bind the view at the target: recursive (a view may hold file binds), then read-only,
     nosuid, nodev on this mount too. The view is already all of that in the private staging
     area, so the copies a shared kubelet dir propagates are read-only from birth."""
-    target.mkdir(exist_ok=True)
-    if mounts.is_mountpoint(target):
-        return
+    try:
+        target.mkdir()  # kubelet leaves it to us: a directory just made holds no mount
+    except FileExistsError:
+        if mounts.is_mountpoint(target):
+            return
     try:
         mounts.mount(view, target, None, mounts.MS_BIND | mounts.MS_REC)
         mounts.mount("none", target, None, mounts.MS_REMOUNT | mounts.MS_BIND | mounts.READ_ONLY)
@@ -253,10 +286,16 @@ def _unmount_target(target: Path, only_views: bool) -> None:
     """Unmount everything stacked at `target` (with `only_views`: only mounts of our views,
     for a volume we hold no record of) and remove the directory we created."""
     try:
-        while stacked := mounts.mounted_at(target):
-            if only_views and stacked[-1].source != OVERLAY_SOURCE:
-                return
-            mounts.umount(target)
+        if only_views:
+            while stacked := mounts.mounted_at(target):
+                if stacked[-1].source != OVERLAY_SOURCE:
+                    return
+                mounts.umount(target)
+        else:
+            # Our own volume: unmount until the kernel says nothing is mounted there, without
+            # reading the node's whole mount table.
+            while mounts.umount_if_mounted(target):
+                pass
     except OSError as exc:
         raise MountFailed(f"cannot unmount {target}: {exc.strerror}") from exc
     try:
