@@ -7,9 +7,10 @@ cache's egress when many nodes want one closure at once. Everything in the same 
    from a mesh agent (`niphas mesh` over a chroot store holding it) vs from nginx serving a
    `nix copy --to file://...?compression=none` cache of the same paths. Target <= 1.0x nginx.
    Then narinfo lookups of a 500-path closure (`nix path-info --store <url>`), same comparison.
-   Both also against the floor of the agent's HTTP stack: a bare aiohttp server (`serve_floor`)
-   answering from a dict of the cache's narinfos and sending its NAR files by sendfile, so the
-   rows tell the cost of our code (agent vs floor) from the cost of the stack (floor vs nginx).
+   Both also against the floor of HTTP stacks (`serve_floor`): a bare server answering from a
+   dict of the cache's narinfos and sending its NAR files, with the agent's stack (aiohttp) and
+   with granian (Rust, RSGI), so the rows tell the cost of our code (agent vs its stack's
+   floor) from the cost of the stack (floor vs nginx).
 2. Fan-out: 8 agents (chroot stores) want a new closure of size-mb/2 at once, with the cache
    (nginx) announced as a holder. Bytes nginx sent must stay <= 2x the closure (8x without the
    mesh) and all nodes must be done within 3x the time one node alone takes (a closure of the
@@ -238,14 +239,21 @@ def generate(
     return copy_paths, tiny_paths, rounds
 
 
-def serve_floor(cache: Path, port: int) -> None:
-    """The floor of the agent's HTTP stack: a bare aiohttp server (as the agent's) answering
-    every narinfo from a dict and every NAR with a static file by sendfile, no store, no
-    verification; what aiohttp alone costs against nginx, in the same run."""
-    from aiohttp import web
+FLOORS = ("aiohttp", "granian")
+"""The HTTP stacks whose floor is measured: the agent's own and a server written in Rust that
+calls Python handlers (RSGI), the fastest maintained one measured on PyPI."""
 
+
+def serve_floor(stack: str, cache: Path, port: int) -> None:
+    """The floor of an HTTP stack: a bare server answering every narinfo from a dict and every
+    NAR with a static file (sendfile for aiohttp), no store, no verification; what the stack
+    alone costs against nginx, in the same run."""
     infos = {p.name[:32]: p.read_bytes() for p in cache.glob("*.narinfo")}
     cache_info = (cache / "nix-cache-info").read_bytes()
+    if stack == "granian":
+        _serve_granian_floor(infos, cache_info, cache, port)
+        return
+    from aiohttp import web
 
     async def narinfo(request: web.Request) -> web.Response:
         body = infos.get(request.match_info["hash"])
@@ -266,11 +274,37 @@ def serve_floor(cache: Path, port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
+def _serve_granian_floor(
+    infos: dict[str, bytes], cache_info: bytes, cache: Path, port: int
+) -> None:
+    from granian._granian import RSGIHTTPProtocol as HTTPProtocol
+    from granian.constants import Interfaces
+    from granian.rsgi import Scope
+    from granian.server.embed import Server
+
+    async def app(scope: Scope, proto: HTTPProtocol) -> None:
+        path = scope.path
+        if path.endswith(".narinfo") and (body := infos.get(path[1:33])) is not None:
+            proto.response_bytes(200, [("content-type", "text/x-nix-narinfo")], body)
+        elif path == "/nix-cache-info":
+            proto.response_bytes(200, [("content-type", "text/x-nix-cache-info")], cache_info)
+        elif path.startswith("/nar/") and (cache / path[1:]).is_file():
+            proto.response_file(
+                200, [("content-type", "application/x-nix-nar")], str(cache / path[1:])
+            )
+        else:
+            proto.response_bytes(404, [], b"not found\n")
+
+    server = Server(app, address="127.0.0.1", port=port, interface=Interfaces.RSGI,
+                    log_enabled=False)  # fmt: skip
+    asyncio.run(server.serve())
+
+
 @contextlib.contextmanager
-def floor_server(cache: Path) -> Iterator[str]:
+def floor_server(stack: str, cache: Path) -> Iterator[str]:
     """`serve_floor` in a process of its own; its URL."""
     port = free_port()
-    argv = [sys.executable, __file__, "--serve-floor", str(cache), str(port)]
+    argv = [sys.executable, __file__, "--serve-floor", stack, str(cache), str(port)]
     proc = subprocess.Popen(argv)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -281,42 +315,41 @@ def floor_server(cache: Path) -> Iterator[str]:
         proc.wait(30)
 
 
-def three_rows(
-    report: Report, measure: str, times: list[float], names: tuple[str, str, str]
-) -> None:
-    """Rows of a measure taken of the agent, nginx and the aiohttp floor (in that order): the
-    agent against nginx (the target), the floor against nginx and the agent against the floor
-    (where the gap lies: in our code or in the HTTP stack)."""
-    t_agent, t_nginx, t_floor = times
-    print(f"{measure}: agent {t_agent:.3f}s, nginx {t_nginx:.3f}s, {names[2]} {t_floor:.3f}s; "
-          f"agent/nginx {t_agent / t_nginx:.2f}x (target <= 1.0x), floor/nginx "
-          f"{t_floor / t_nginx:.2f}x, agent/floor {t_agent / t_floor:.2f}x",
-          flush=True)  # fmt: skip
+def floor_rows(report: Report, measure: str, times: list[float]) -> None:
+    """Rows of a measure taken of the agent, nginx and each of FLOORS (in that order): the agent
+    against nginx (the target), each floor against nginx, and the agent against its own stack's
+    floor (where the gap lies: in our code or in the HTTP stack)."""
+    t_agent, t_nginx, *t_floors = times
+    floors = dict(zip(FLOORS, t_floors, strict=True))
+    shown = ", ".join(f"bare {k} {t:.3f}s ({t / t_nginx:.2f}x)" for k, t in floors.items())
+    print(f"{measure}: agent {t_agent:.3f}s, nginx {t_nginx:.3f}s, agent/nginx "
+          f"{t_agent / t_nginx:.2f}x (target <= 1.0x); {shown}; agent/bare aiohttp "
+          f"{t_agent / floors['aiohttp']:.2f}x", flush=True)  # fmt: skip
     timed_row(report, measure, t_agent, t_nginx, "nginx", 1.0)
-    report.row(f"{measure}: the floor ({names[2]})", round(t_floor, 4), "s",
-               baseline=round(t_nginx, 4), baseline_name="nginx",
-               ratio=round(t_floor / t_nginx, 3))  # fmt: skip
-    report.row(f"{measure}: agent vs the floor", round(t_agent, 4), "s",
-               baseline=round(t_floor, 4), baseline_name=names[2],
-               ratio=round(t_agent / t_floor, 3))  # fmt: skip
+    for stack, t in floors.items():
+        report.row(f"{measure}: floor of {stack} (bare server)", round(t, 4), "s",
+                   baseline=round(t_nginx, 4), baseline_name="nginx",
+                   ratio=round(t / t_nginx, 3))  # fmt: skip
+    report.row(f"{measure}: agent vs its stack's floor", round(t_agent, 4), "s",
+               baseline=round(floors["aiohttp"], 4), baseline_name="bare aiohttp",
+               ratio=round(t_agent / floors["aiohttp"], 3))  # fmt: skip
 
 
 def copy_rounds(
     report: Report,
     args: argparse.Namespace,
     work: Path,
-    urls: tuple[str, str, str],
+    urls: list[str],
     paths: tuple[list[StorePath], list[StorePath]],
     public: str,
 ) -> None:
-    """Part 1: `nix copy --from` and narinfo lookups; the agent, nginx and the aiohttp floor
-    (`urls`, in that order), their runs interleaved."""
+    """Part 1: `nix copy --from` and narinfo lookups; the agent, nginx and the FLOORS (`urls`,
+    in that order), their runs interleaved."""
     copy_paths, tiny_paths = paths
-    names = ("agent", "nginx", "bare aiohttp")
     times = median_times(args.repeat, [nix_copy(work, u, copy_paths, public) for u in urls])
-    three_rows(report, f"nix copy --from, {args.size_mb} MB / {args.files} files", times, names)
+    floor_rows(report, f"nix copy --from, {args.size_mb} MB / {args.files} files", times)
     times = median_times(args.repeat, [path_info(work, u, tiny_paths, public) for u in urls])
-    three_rows(report, f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)", times, names)
+    floor_rows(report, f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)", times)
 
 
 def fan_out_rounds(
@@ -355,11 +388,12 @@ def main() -> int:
     add_json_option(parser)
     parser.add_argument("--skip-copy", action="store_true", help="only the fan-out part")
     parser.add_argument("--skip-fan-out", action="store_true", help="only the copy part")
-    parser.add_argument("--serve-floor", nargs=2, metavar=("CACHE", "PORT"),
+    parser.add_argument("--serve-floor", nargs=3, metavar=("STACK", "CACHE", "PORT"),
                         help="(internal) the aiohttp floor server of a cache dir")  # fmt: skip
     args = parser.parse_args()
     if args.serve_floor:
-        serve_floor(Path(args.serve_floor[0]), int(args.serve_floor[1]))
+        stack_name, cache_dir, port = args.serve_floor
+        serve_floor(stack_name, Path(cache_dir), int(port))
         return 0
     report = Report("mesh", "mesh agent as a binary cache vs nginx; fan-out to many nodes")
     if not (os.path.exists(NGINX) and shutil.which("mkfs.ext4")):
@@ -392,8 +426,8 @@ def main() -> int:
             nginx = Nginx(tmp, cache)
             try:
                 if not args.skip_copy:
-                    floor = stack.enter_context(floor_server(cache))
-                    urls = (agents.start("n0"), nginx.url, floor)
+                    floors = [stack.enter_context(floor_server(f, cache)) for f in FLOORS]
+                    urls = [agents.start("n0"), nginx.url, *floors]
                     copy_rounds(report, args, work, urls, (copy_paths, tiny_paths), public)
                 if not args.skip_fan_out:
                     servers = (nginx, agents, nats_url, shares)
