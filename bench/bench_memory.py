@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from rich.console import Console
@@ -40,6 +42,19 @@ def status_kb(pid: int, field: str) -> int:
     return 0
 
 
+def import_floor_mb(service: str) -> float:
+    """RSS in MB of a bare interpreter that imported the service's app module (its
+    `niphas.services` entry point) and nothing else: what its code costs before it runs."""
+    (entry,) = entry_points(group="niphas.services", name=service.split()[0])
+    module = entry.value.split(":", 1)[0]
+    probe = (
+        f"import {module}, re; print(re.search(r'VmRSS:\\s+(\\d+)', "
+        "open('/proc/self/status').read()).group(1))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return int(out.stdout) / 1024
+
+
 def tree(pid: int) -> list[int]:
     """`pid` and every process below it."""
     found, todo = [], [pid]
@@ -50,11 +65,30 @@ def tree(pid: int) -> list[int]:
     return found
 
 
+def service_pids(stack: Stack) -> dict[str, int]:
+    """The processes `niphas up` started, by service (`python -m niphas_common <service>
+    [--role <role> ...]`: named `<service> <role>` when it has a role)."""
+    if stack.process is None:
+        return {}
+    found = {}
+    for pid in child_pids(stack.process.pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue  # gone meanwhile
+        if "niphas_common" in argv[:-2]:
+            name = argv[argv.index("niphas_common") + 1]
+            if "--role" in argv[:-2]:
+                name += " " + argv[argv.index("--role") + 1]
+            found[name] = pid
+    return dict(sorted(found.items()))
+
+
 def service_mb(stack: Stack, field: str) -> dict[str, float]:
     """Per service, `field` summed over its process tree, in MB (2^20 bytes)."""
     return {
         name: sum(status_kb(p, field) for p in tree(pid)) / 1024
-        for name, pid in sorted(stack.service_pids().items())
+        for name, pid in service_pids(stack).items()
     }
 
 
@@ -73,7 +107,7 @@ async def measure(state: Path, pushes: int, settle_s: float) -> tuple[dict[str, 
             await demo.rendered(result.store_path)
         print(f"{pushes} pushes built and rendered in {time.perf_counter() - started:.1f} s")
         peak = service_mb(demo.stack, "VmHWM")
-        procs = {n: float(len(tree(p))) for n, p in demo.stack.service_pids().items()}
+        procs = {n: float(len(tree(p))) for n, p in service_pids(demo.stack).items()}
         return idle, peak, procs
     finally:
         await demo.close()
@@ -92,12 +126,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         idle, peak, procs = asyncio.run(measure(Path(tmp), args.pushes, args.settle_s))
     report = Report("memory", "Resident memory per service, idle and under the demo's load")
-    print(f"| {'service':<10} | {'processes':>9} | {'idle RSS':>9} | {'peak RSS':>9} |")
-    print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
+    floors = {name: import_floor_mb(name) for name in idle}
+    print(f"| {'service':<10} | {'processes':>9} | {'imports':>9} | {'idle RSS':>9} | "
+          f"{'peak RSS':>9} |")  # fmt: skip
+    print(f"|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
     for name in idle:
-        print(f"| {name:<10} | {procs.get(name, 0):>9.0f} | {idle[name]:>6.1f} MB | "
-              f"{peak.get(name, 0):>6.1f} MB |")  # fmt: skip
-        report.row(f"{name}: RSS idle", idle[name], "MB")
+        print(f"| {name:<10} | {procs.get(name, 0):>9.0f} | {floors[name]:>6.1f} MB | "
+              f"{idle[name]:>6.1f} MB | {peak.get(name, 0):>6.1f} MB |")  # fmt: skip
+        report.row(f"{name}: RSS idle", idle[name], "MB", baseline=floors[name],
+                   baseline_name="its app module imported, nothing running")  # fmt: skip
         report.row(f"{name}: peak RSS, {args.pushes} demo pushes", peak.get(name, 0.0), "MB",
                    baseline=idle[name], baseline_name="idle")  # fmt: skip
     report.note(

@@ -241,20 +241,21 @@ def netmodel_report(
     for i, n in enumerate(ns):
         size = sum(x.nar_size for x in infos[i].values())
         egress, alone = m["mesh egress"][i], m["plain egress"][i]
-        report.row(f"cache egress, {n} nodes", egress / 1e6, "MB", baseline=alone / 1e6,
+        report.row(f"cache egress, {nodes(n)}", egress / 1e6, "MB", baseline=alone / 1e6,
                    baseline_name=plain_name, target=f"<= {EGRESS_FACTOR:g}x the closure",
                    met=egress <= EGRESS_FACTOR * size)  # fmt: skip
     for i, n in enumerate(ns):
-        report.row(f"completion time, {n} nodes", m["mesh time"][i], "s",
+        report.row(f"completion time, {nodes(n)}", m["mesh time"][i], "s",
                    baseline=m["plain time"][i], baseline_name=plain_name)  # fmt: skip
     big = len(ns) - 1
     report.row(f"mesh: {ns[big]} nodes vs 1 node", m["mesh time"][big], "s", baseline=one_mesh,
                baseline_name="the mesh with 1 node", target=f"<= {MESH_TIME_FACTOR:g}x",
                met=m["mesh time"][big] <= MESH_TIME_FACTOR * one_mesh)  # fmt: skip
+    # Without the mesh the cache's link carries N closures: at least half of linear growth.
     report.row(f"nix copy: {ns[big]} nodes vs 1 node", m["plain time"][big], "s",
                baseline=one_plain, baseline_name="nix copy with 1 node",
-               target=f"> {MESH_TIME_FACTOR:g}x (grows with N)",
-               met=m["plain time"][big] > MESH_TIME_FACTOR * one_plain)  # fmt: skip
+               target=f">= {ns[big] / 2:g}x (grows with N)",
+               met=m["plain time"][big] >= ns[big] / 2 * one_plain)  # fmt: skip
     peak = max(m["peak rss"])
     report.row("mesh agent peak RSS (VmHWM) over the fan-out, worst agent", peak, "MB",
                baseline=max(m["idle rss"]), baseline_name="the same agent set idle (VmRSS)",
@@ -279,7 +280,20 @@ def netmodel_report(
         f"{min(m['idle rss']):.0f}-{max(m['idle rss']):.0f} MB, peak over the fan-out "
         f"{min(m['peak rss']):.0f}-{peak:.0f} MB."
     )
+    per_n = "; ".join(
+        f"N = {n}: {m['max upload'][i] / closure:.2f}x, {m['cpu'][i]:.2f} s, {m['held'][i]:.2f} s"
+        for i, n in enumerate(ns)
+    )
+    report.note(
+        "Where the mesh's time goes, per N with the mesh: the most one node uploaded to its "
+        "peers (x the closure, from its link's counter), the CPU time per node (its agent and "
+        f"the nix processes it ran) and how long its quota held it back, on average: {per_n}."
+    )
     return report
+
+
+def nodes(n: int) -> str:
+    return "1 node" if n == 1 else f"{n} nodes"
 
 
 class Stopped(Exception):
