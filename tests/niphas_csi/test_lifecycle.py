@@ -1,6 +1,6 @@
 """Leases against the real garbage collector (also across a driver restart), reconciling at
-start, the shared-kubelet-dir propagation pitfall, and the node store left intact (`nix store
-verify`) after many publish/unpublish cycles."""
+start (a record a crash left torn is dropped), the shared-kubelet-dir propagation pitfall, and
+the node store left intact (`nix store verify`) after many publish/unpublish cycles."""
 
 from __future__ import annotations
 
@@ -67,6 +67,26 @@ async def test_restart_drops_orphaned_leases_and_remounts_lost_targets(
     assert node.lease_dir("csi-keep").exists()
     assert mounts.is_mountpoint(target)
     assert built_closure.app.base_name in os.listdir(target)
+
+
+async def test_a_torn_record_is_dropped_at_start_with_its_lease(
+    driver: Driver, node: Node, built_closure: BuiltClosure
+) -> None:
+    target = node.target()
+    await driver.publish("csi-keep", target, str(built_closure.app))
+    await driver.stop()
+    # Records are not fsynced: after a power loss one may be empty (its mount is gone too).
+    records = node.state_dir / "csi" / "volumes"
+    (records / "csi-torn.json").write_text("")
+    (records / "csi-cut.json").write_text('{"volume_id": "csi-cut", "tar')
+    torn_lease = node.lease_dir("csi-torn")
+    torn_lease.mkdir(parents=True)
+    os.symlink(str(built_closure.app), torn_lease / built_closure.app.base_name)
+    await driver.start()
+    assert sorted(p.name for p in records.iterdir()) == ["csi-keep.json"]
+    assert not torn_lease.exists()
+    assert mounts.is_mountpoint(target)
+    await driver.unpublish("csi-keep", target)
 
 
 async def test_peer_copies_in_a_shared_kubelet_dir_are_read_only(

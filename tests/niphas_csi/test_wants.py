@@ -2,9 +2,10 @@
 records of the asked paths (and only those). With the real mesh agent on the node the publish
 completes; with a stand-in that reports a failure the publish fails with the mesh's reason
 (another volume's failure does not fail it); with nobody answering it fails at the deadline,
-leaving nothing mounted, leased or recorded. The workload's binary cache attributes ride in the
-want; the real agent fetches from a cache it allows, and a cache it does not allow fails the
-mount with the reason."""
+leaving nothing mounted, leased or recorded; a driver whose bus is still connecting waits for
+it within the same deadline, and names it when it never connects. The workload's binary cache
+attributes ride in the want; the real agent fetches from a cache it allows, and a cache it does
+not allow fails the mount with the reason."""
 
 from __future__ import annotations
 
@@ -64,6 +65,23 @@ def assert_nothing_left(node: Node, volume_id: str, target: Path) -> None:
     assert not (node.state_dir / "csi" / "volumes" / f"{volume_id}.json").exists()
     assert not [m for m in mounts.mounts() if m.mount_point.startswith(str(node.state_dir))
                 and m.source == "niphas-csi"]  # fmt: skip
+
+
+async def test_a_bus_that_never_connects_is_a_deadline_naming_it(
+    bare_node: Node, built_closure: BuiltClosure
+) -> None:
+    nowhere = NatsSettings(url="nats://127.0.0.1:1", connect_timeout_s=0.2)
+    driver = await start_driver(bare_node, nowhere, fetch_timeout_s=1.0)
+    try:
+        target = bare_node.target()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await driver.publish("csi-nobus", target, str(built_closure.app))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "the bus to ask the mesh did not connect" in (err.value.details() or "")
+        assert str(built_closure.app) in (err.value.details() or "")
+        assert_nothing_left(bare_node, "csi-nobus", target)
+    finally:
+        await driver.stop()
 
 
 async def test_nobody_answers_deadline_exceeded_and_nothing_left(
