@@ -20,7 +20,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +34,8 @@ SERVICE_BACK_TIMEOUT_S = 60.0
 """How long a killed service's restart is watched for (its fault's end)."""
 NATS_FAULTS = ("nats restart", "nats kill", "partition")
 
-Leaders = Callable[[], Awaitable[list[str]]]
-"""The streams whose leaders a kill aims at (the pipeline's and the KV buckets')."""
+LEADER_WAIT_S = 10.0
+"""How long a server kill waits for a stream to have a leader to aim at."""
 
 
 @dataclass
@@ -115,7 +115,8 @@ class FaultDriver:
     nats: EmbeddedNats | EmbeddedNatsCluster
     rng: random.Random
     log: Path
-    leader_streams: Leaders | None = None
+    leader_streams: list[str] = field(default_factory=list)
+    """The streams whose leaders a server kill aims at (the pipeline's, the buckets')."""
     partition_s: float = 10.0
     faults: list[Fault] = field(default_factory=list)
     t0: float = field(default_factory=time.monotonic)
@@ -177,7 +178,7 @@ class FaultDriver:
         """SIGKILL the leader of a stream the pipeline uses, then restart it."""
         cluster = self.nats
         assert isinstance(cluster, EmbeddedNatsCluster)
-        server, why = await asyncio.to_thread(self._victim, await self._streams())
+        server, why = await self._victim()
         fault = self._fault("nats kill", f"server {server} ({why})")
         await asyncio.to_thread(cluster.kill, server)
         self._record(fault)
@@ -185,25 +186,25 @@ class FaultDriver:
         await asyncio.to_thread(cluster.restart, server)
         fault.ended_s = self._now()
 
-    def _victim(self, streams: list[str]) -> tuple[int, str]:
+    async def _victim(self) -> tuple[int, str]:
+        """The leader of one of `leader_streams` (picked at random); while none has a leader
+        (an election after the previous fault), asked again for `LEADER_WAIT_S`; then the
+        meta leader."""
         cluster = self.nats
         assert isinstance(cluster, EmbeddedNatsCluster)
-        for stream in self.rng.sample(streams, len(streams)):
-            leader = cluster.stream_leader(stream)
-            if leader is not None:
-                return leader, f"leader of {stream}"
-        leader = cluster.meta_leader()
+        deadline = self._now() + LEADER_WAIT_S
+        while True:
+            for stream in self.rng.sample(self.leader_streams, len(self.leader_streams)):
+                leader = await asyncio.to_thread(cluster.stream_leader, stream)
+                if leader is not None:
+                    return leader, f"leader of {stream}"
+            if self._now() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        leader = await asyncio.to_thread(cluster.meta_leader)
         if leader is not None:
             return leader, "meta leader"
         return self.rng.randrange(len(cluster.servers)), "no leader known"
-
-    async def _streams(self) -> list[str]:
-        if self.leader_streams is None:
-            return []
-        try:
-            return await self.leader_streams()
-        except (OSError, TimeoutError, LookupError):
-            return []
 
     async def partition(self) -> None:
         """Cut one server (not the meta leader when it can, so both sides matter: the

@@ -165,19 +165,22 @@ class Soak:
         faults_log = self.demo.layout.demo / "chaos-faults.log"
         driver = FaultDriver(
             plan, self.demo.stack.service_pids, self.nats, self.rng, faults_log,
-            self._leader_streams, options.partition_s,
+            await self._leader_streams(), options.partition_s,
         )  # fmt: skip
         self.outcome.faults = driver.faults
-        mounting = MountLoop(self.demo.layout, driver.t0) if options.mounts else None
-        mounted = asyncio.create_task(mounting.run()) if mounting else None
-        await asyncio.gather(self._push_all(), driver.run())
-        console.print(f"{len(self.outcome.pushes)} pushes sent, {len(driver.faults)} faults")
-        t0 = time.monotonic()
-        await self._quiesce()
-        self.outcome.quiesced_s = time.monotonic() - t0
-        if mounting is not None and mounted is not None:
-            mounting.stop()
-            self._check_mounts(await mounted)
+        mounting = MountLoop(self.demo.layout, driver.t0)
+        mounted = asyncio.create_task(mounting.run()) if options.mounts else None
+        try:
+            await asyncio.gather(self._push_all(), driver.run())
+            console.print(f"{len(self.outcome.pushes)} pushes sent, {len(driver.faults)} faults")
+            t0 = time.monotonic()
+            await self._quiesce()
+            self.outcome.quiesced_s = time.monotonic() - t0
+        finally:
+            mounting.stop()  # its last pod unpublished, also when the soak failed
+            record = await mounted if mounted is not None else None
+        if record is not None:
+            self._check_mounts(record)
         await self._check_pipeline()
         await self._check_workload()
         await self._check_leaks()
