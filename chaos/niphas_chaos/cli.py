@@ -29,13 +29,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from niphas_chaos.report import summary
+from niphas_chaos.report import markdown, summary
 from niphas_chaos.soak import Options, Soak
 from niphas_demo.stack import unmount_below
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="niphas-chaos", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="niphas-chaos",
+        description=__doc__.split("\n\n", 2)[2],  # what it does and the cluster, not the usage
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--pushes", type=int, default=50)
     parser.add_argument("--kills", type=int, default=None, help="default: a third of --pushes")
     parser.add_argument(
@@ -72,6 +76,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--state-dir", type=Path, default=None)
     parser.add_argument("--ci", action="store_true", help="plain output")
     parser.add_argument("--result", type=Path, default=None, help="write the outcome as JSON")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="write the summary as Markdown (e.g. chaos/RESULTS.md)",
+    )
     return parser.parse_args(argv)  # fmt: skip
 
 
@@ -106,4 +116,6 @@ def main() -> None:
     console.print(summary(outcome))
     if args.result is not None:
         args.result.write_text(json.dumps(asdict(outcome), indent=1))
+    if args.report is not None:
+        args.report.write_text(markdown(options, outcome))
     sys.exit(1 if outcome.failed else 0)

@@ -4,13 +4,15 @@ leased, and every finding."""
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 
+from rich.console import Console
 from rich.table import Table
 
 from niphas_chaos.faults import NATS_FAULTS
 from niphas_chaos.recovery import p50_max
-from niphas_chaos.soak import Outcome
+from niphas_chaos.soak import Options, Outcome
 
 
 def summary(outcome: Outcome) -> Table:
@@ -75,3 +77,44 @@ def summary(outcome: Outcome) -> Table:
         shown = "\n".join(found[:10]) + (f"\n(+{len(found) - 10})" if len(found) > 10 else "")
         table.add_row(f"[{style}]{label}[/{style}]", f"[{style}]{len(found)}[/{style}]", shown)
     return table
+
+
+def markdown(options: Options, outcome: Outcome) -> str:
+    """The summary as a Markdown page: how the soak was run, its table, every NATS fault's
+    recovery and every mount error."""
+    buffer = io.StringIO()
+    Console(file=buffer, width=130, no_color=True, force_terminal=False).print(summary(outcome))
+    table = buffer.getvalue()
+    servers = (
+        "one NATS server"
+        if options.nats_cluster == 1
+        else (f"a {options.nats_cluster}-server JetStream cluster")
+    )
+    args = f"--pushes {options.pushes} --kills {options.kills}"
+    args += f" --nats-restarts {options.nats_restarts} --interval-s {options.push_interval_s:g}"
+    if options.nats_cluster > 1:
+        args += f" --nats-cluster {options.nats_cluster} --partitions {options.partitions}"
+        args += f" --partition-s {options.partition_s:g}"
+    lines = [
+        "# Chaos soak",
+        "",
+        f'`make chaos CHAOS_ARGS="{args} --seed {options.seed}"` on {servers}:',
+        f"{'FAILED' if outcome.failed else 'passed'}.",
+        "",
+        "```",
+        table.rstrip(),
+        "```",
+        "",
+        "Recovery after each NATS fault (to the next pipeline event stored):",
+        "",
+        *(
+            f"- {r.fault}: {f'{r.seconds:.1f}s' if r.seconds is not None else 'no event after'}"
+            for r in outcome.recoveries
+        ),
+        "",
+        "Mount errors (each resolved by a retry unless listed under mount problems):",
+        "",
+        *(f"- +{a.at_s:.0f}s {a.call}: {a.error}" for a in outcome.mounts.attempts if a.error),
+        "",
+    ]
+    return "\n".join(lines)
