@@ -12,22 +12,27 @@ file system (ext4 without a journal) each directory `cp -al` creates can cost ~0
 made the baseline 2-3x slower than on a journaled node disk.
 
 - "first pod": every publish builds the closure's view (nothing else uses the closure), so it
-  pays `nix path-info` of the closure plus the view; unpublished before the next.
+  pays reading the closure from the store's Nix database plus the view; unpublished before
+  the next.
 - "more pods": further volumes of a closure some pod already mounts reuse its view.
-Targets: first-pod publish p50 <= 100 ms and >= 10x faster than the hardlink farm; unpublish
-p50 <= 50 ms. Needs root (mounts). Everything is removed at the end.
+Processes started while the publishes and unpublishes run are counted (an audit hook: the
+driver runs in this process). Targets: first-pod publish p50 <= 15 ms and >= 10x faster than
+the hardlink farm, no process started per publish; unpublish p50 <= 50 ms. Needs root
+(mounts). Everything is removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,6 +102,27 @@ class Samples:
     more_pub: list[float] = field(default_factory=list)
     baseline: list[float] = field(default_factory=list)
     mount_count: int = 0
+    processes: list[str] = field(default_factory=list)
+    """Processes started (audit events) while the volume calls ran."""
+
+
+_recording: list[str] | None = None
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if _recording is not None and event in ("subprocess.Popen", "os.posix_spawn", "os.fork"):
+        _recording.append(f"{event} {args[:2]!r}")
+
+
+@contextlib.contextmanager
+def processes_started(into: list[str]) -> Iterator[None]:
+    """Record the processes this process starts meanwhile (the driver runs in it) into `into`."""
+    global _recording
+    _recording = into
+    try:
+        yield
+    finally:
+        _recording = None
 
 
 async def time_volumes(
@@ -109,26 +135,27 @@ async def time_volumes(
         return pods / name / "mount"
 
     samples = Samples()
-    for i in range(repeat):
-        t = target(f"first-{i}")
-        t0 = time.perf_counter()
-        await node.NodePublishVolume(publish_request(f"first-{i}", t, app), timeout=60)
-        samples.first_pub.append(time.perf_counter() - t0)
-        assert len(os.listdir(t)) == len(closure)
-        t0 = time.perf_counter()
-        await node.NodeUnpublishVolume(
-            csi_pb2.NodeUnpublishVolumeRequest(volume_id=f"first-{i}", target_path=str(t)),
-            timeout=60,
-        )
-        samples.unpub.append(time.perf_counter() - t0)
+    with processes_started(samples.processes):
+        for i in range(repeat):
+            t = target(f"first-{i}")
+            t0 = time.perf_counter()
+            await node.NodePublishVolume(publish_request(f"first-{i}", t, app), timeout=60)
+            samples.first_pub.append(time.perf_counter() - t0)
+            assert len(os.listdir(t)) == len(closure)
+            t0 = time.perf_counter()
+            await node.NodeUnpublishVolume(
+                csi_pb2.NodeUnpublishVolumeRequest(volume_id=f"first-{i}", target_path=str(t)),
+                timeout=60,
+            )
+            samples.unpub.append(time.perf_counter() - t0)
 
-    anchor = target("anchor")
-    await node.NodePublishVolume(publish_request("anchor", anchor, app), timeout=60)
-    for i in range(repeat):
-        t = target(f"more-{i}")
-        t0 = time.perf_counter()
-        await node.NodePublishVolume(publish_request(f"more-{i}", t, app), timeout=60)
-        samples.more_pub.append(time.perf_counter() - t0)
+        anchor = target("anchor")
+        await node.NodePublishVolume(publish_request("anchor", anchor, app), timeout=60)
+        for i in range(repeat):
+            t = target(f"more-{i}")
+            t0 = time.perf_counter()
+            await node.NodePublishVolume(publish_request(f"more-{i}", t, app), timeout=60)
+            samples.more_pub.append(time.perf_counter() - t0)
     samples.mount_count = len(mounts.mounts())
     return samples
 
@@ -201,16 +228,21 @@ def show(args: argparse.Namespace, samples: Samples, what: str, where: str) -> i
     ratio = percentile(baseline, 0.5) / percentile(first_pub, 0.5)
     print(f"first-pod publish is {ratio:.1f}x faster than the hardlink farm; {args.repeat + 1} "
           f"pods of the closure: {mount_count} mounts on the whole machine")  # fmt: skip
-    ok = percentile(first_pub, 0.5) <= 0.100 and ratio >= 10 and percentile(unpub, 0.5) <= 0.050
-    print("targets (p50 <= 100 ms, >= 10x, unpublish p50 <= 50 ms):", "met" if ok else "MISSED")
+    calls = 3 * args.repeat + 1
+    print(f"processes started during {calls} publish/unpublish calls: {len(samples.processes)}"
+          + "".join(f"\n    {p}" for p in samples.processes[:5]))  # fmt: skip
+    first = percentile(first_pub, 0.5) * 1000
+    first_ok = first <= 15 and ratio >= 10 and not samples.processes
+    ok = first_ok and percentile(unpub, 0.5) <= 0.050
+    print("targets (first pod p50 <= 15 ms and >= 10x, no process; unpublish p50 <= 50 ms):",
+          "met" if ok else "MISSED")  # fmt: skip
     report = Report("csi", f"CSI: publish/unpublish of {what}")
     farm_ms = {
         "baseline": percentile(baseline, 0.5) * 1000,
         "baseline_name": "hardlink farm of the closure (cp -al), p50",
     }
-    first = percentile(first_pub, 0.5) * 1000
     report.row("NodePublishVolume p50, first pod (builds the view)", first, "ms", **farm_ms,
-               target="<= 100 ms and <= 0.1x", met=first <= 100 and ratio >= 10)  # fmt: skip
+               target="<= 15 ms and <= 0.1x, no process started", met=first_ok)  # fmt: skip
     more = percentile(more_pub, 0.5) * 1000
     report.row("NodePublishVolume p50, more pods (shared view)", more, "ms", **farm_ms)
     gone = percentile(unpub, 0.5) * 1000
@@ -218,7 +250,8 @@ def show(args: argparse.Namespace, samples: Samples, what: str, where: str) -> i
                met=gone <= 50)  # fmt: skip
     report.note(where)
     report.note(f"{args.repeat} publishes per row through the real unix socket; "
-                f"{mount_count} mounts on the machine for {args.repeat + 1} pods")  # fmt: skip
+                f"{mount_count} mounts on the machine for {args.repeat + 1} pods; "
+                f"{len(samples.processes)} processes started by {calls} calls")  # fmt: skip
     report.write(args.json)
     return 0 if ok else 1
 
@@ -232,6 +265,7 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_csi needs root (it mounts)")
+    sys.addaudithook(_audit)
     with (
         tempfile.TemporaryDirectory(prefix="niphas-bench-csi-") as tmp,
         journaled_ext4(Path(tmp) / "fs", 4) as (work, where),
