@@ -147,6 +147,23 @@ async def test_unpublish_removes_mounts_stacked_on_the_target(
     assert not target.exists()
 
 
+async def test_unpublish_never_unmounts_through_a_symlink(
+    driver: Driver, node: Node, built_closure: BuiltClosure
+) -> None:
+    target = node.target()
+    await driver.publish("csi-swap", target, str(built_closure.app))
+    # The target lost its mount and was swapped for a symlink to someone else's mount.
+    mounts.umount(target)
+    target.rmdir()
+    elsewhere = node.pods.parent / "elsewhere"
+    elsewhere.mkdir()
+    mounts.mount("tmpfs", elsewhere, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV)
+    target.symlink_to(elsewhere)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await driver.unpublish("csi-swap", target)  # it cannot remove a symlink as its dir
+    assert mounts.is_mountpoint(elsewhere)
+
+
 async def test_conflicting_publish_is_already_exists(
     driver: Driver, node: Node, built_closure: BuiltClosure
 ) -> None:

@@ -18,6 +18,7 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
 
 READ_ONLY = MS_RDONLY | MS_NOSUID | MS_NODEV
 """Every mount this driver makes carries these flags."""
@@ -54,13 +55,14 @@ def mount(
 
 
 def umount(target: str | os.PathLike[str], lazy: bool = False) -> None:
-    """Unmount; a busy mount is detached lazily (it goes once the last user leaves)."""
+    """Unmount; a busy mount is detached lazily (it goes once the last user leaves). Never
+    through a symlink: a target swapped for one must not unmount what it points at."""
     path = os.fsencode(target)
-    if _libc.umount2(path, MNT_DETACH if lazy else 0) == 0:
+    if _libc.umount2(path, UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0)) == 0:
         return
     err = ctypes.get_errno()
     if err == errno.EBUSY and not lazy:
-        _check(_libc.umount2(path, MNT_DETACH), "umount (lazy)", target)
+        _check(_libc.umount2(path, UMOUNT_NOFOLLOW | MNT_DETACH), "umount (lazy)", target)
         return
     raise OSError(err, f"umount: {os.strerror(err)}", os.fspath(target))
 

@@ -169,7 +169,7 @@ class Views:
 
     def _base_name(self, path: str) -> str:
         """`<hash>-<name>` of a closure path; anything but a path of this store is refused."""
-        if self.store.path == STORE_DIR and STORE_PATH_RE.match(path):
+        if self.store.path == STORE_DIR and STORE_PATH_RE.fullmatch(path):
             return path[len(STORE_DIR) + 1 :]  # the common case, without parsing twice
         return self.store.parse(path).base_name
 
