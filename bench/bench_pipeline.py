@@ -51,6 +51,7 @@ from niphas_demo.sample import SampleRepo, nix_system
 from niphas_demo.stack import unmount_below
 from niphas_demo.webhook import send_push
 from niphas_eval.evaluator import Evaluator
+from niphas_eval.flakeref import Allowlist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
 from bench.report import Report, add_json_option, verdict
@@ -99,7 +100,7 @@ def touch(repo: SampleRepo, text: str) -> tuple[str, str]:
 
 
 class Pipeline:
-    def __init__(self, demo: Demo, kubelet: Kubelet) -> None:
+    def __init__(self, demo: Demo, kubelet: Kubelet, allowed_refs: tuple[str, ...]) -> None:
         self.demo = demo
         self.kubelet = kubelet
         assert demo.repo is not None
@@ -111,6 +112,7 @@ class Pipeline:
             timeout_s=300,
             memory_limit_mb=0,
             stderr_tail_bytes=4000,
+            allowlist=Allowlist(allowed_refs),  # the worker's, from the demo's settings
         )
 
     async def bare_eval(self, label: str) -> float:
@@ -191,7 +193,8 @@ async def measure(args: argparse.Namespace, state: Path) -> list[Sample]:
         demo.repo.commit_version("bench")
         await demo.start(env)
         async with Kubelet(demo.layout.csi_socket, demo.layout.pods) as kubelet:
-            pipeline = Pipeline(demo, kubelet)
+            allowed = tuple(json.loads(env["NIPHAS_EVAL_ALLOWED_REFS"]))
+            pipeline = Pipeline(demo, kubelet, allowed)
             # Warm-up: the first push builds; its publish brings the closure to the node.
             stages, _, status = await pipeline.push("warm-up")
             print(f"warm-up push: build.done {status}")

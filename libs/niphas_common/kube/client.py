@@ -131,11 +131,20 @@ class Kube:
     """A thin client over one ApiClient, which it owns (`close`, or `async with`)."""
 
     def __init__(
-        self, api: ApiClient, field_manager: str, *, count: RequestCounter | None = None
+        self,
+        api: ApiClient,
+        field_manager: str,
+        *,
+        count: RequestCounter | None = None,
+        compressed: bool = True,
     ) -> None:
+        """`compressed=False` asks for uncompressed responses (`Accept-Encoding: identity`,
+        client-go's DisableCompression): gzip of a large object (a CA bundle of a few hundred
+        kilobytes) costs the API server more CPU than the bytes cost a cluster's network."""
         self.api = api
         self.field_manager = field_manager
         self._count = count or (lambda verb: None)
+        self._encoding = {} if compressed else {"Accept-Encoding": "identity"}
 
     async def __aenter__(self) -> Kube:
         return self
@@ -157,13 +166,14 @@ class Kube:
         body: Any = None,
         content_type: str = _JSON,
     ) -> dict[str, Any]:
-        headers = {"Accept": _JSON, "Content-Type": content_type}
+        headers = {"Accept": _JSON, "Content-Type": content_type, **self._encoding}
         result = await self._call(method, path, query, body, headers, _OBJECT_RESPONSE)
         return result if isinstance(result, dict) else {}
 
     async def text(self, path: str, *, query: dict[str, str] | None = None) -> str:
         """A plain-text resource, such as a pod's log."""
-        return str(await self._call("GET", path, query, None, {"Accept": "*/*"}, _TEXT_RESPONSE))
+        headers = {"Accept": "*/*", **self._encoding}
+        return str(await self._call("GET", path, query, None, headers, _TEXT_RESPONSE))
 
     async def _call(
         self,
@@ -266,7 +276,7 @@ class Kube:
                 path,
                 "GET",
                 query_params=list(query.items()),
-                header_params={"Accept": _JSON},
+                header_params={"Accept": _JSON, **self._encoding},
                 auth_settings=["BearerToken"],
                 _preload_content=False,
                 _request_timeout=timeout_s + 30,

@@ -52,11 +52,17 @@ async def api_client(kubeconfig: Path | None) -> ApiClient | None:
 
 
 async def connect(
-    kubeconfig: Path | None, field_manager: str, *, count: RequestCounter | None = None
+    kubeconfig: Path | None,
+    field_manager: str,
+    *,
+    count: RequestCounter | None = None,
+    compressed: bool = True,
 ) -> Kube | None:
     """A `Kube` for the configured cluster (the caller closes it), or None without one."""
     api = await api_client(kubeconfig)
-    return None if api is None else Kube(api, field_manager, count=count)
+    if api is None:
+        return None
+    return Kube(api, field_manager, count=count, compressed=compressed)
 
 
 async def require(

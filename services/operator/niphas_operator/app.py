@@ -33,7 +33,12 @@ async def run(settings: OperatorSettings, nats: NatsSettings, stop: asyncio.Even
     async with running(
         "operator", settings, nats, instance=settings.identity, stop=stop
     ) as runtime:
-        kube = await connect(settings.kubeconfig, settings.field_manager, count=count_request)
+        kube = await connect(
+            settings.kubeconfig,
+            settings.field_manager,
+            count=count_request,
+            compressed=settings.api_compression,
+        )
         if kube is None:
             log.info("no cluster configured: rendering to %s", settings.resolved_render_dir())
             await _run_on_files(settings, runtime.bus, stop)

@@ -141,6 +141,7 @@ class Controller:
 
     async def _watch_deployments(self) -> None:
         async for event in self._store.child_events():
+            self._reconciler.deployments.observe(event)
             key = None if event.kind == SYNCED else _owner_key(event.obj)
             self._follow(event, key, self._own_apply)
 

@@ -264,9 +264,10 @@ class FileStore:
             await asyncio.sleep(self._poll_s)
 
     async def child_events(self) -> AsyncGenerator[WatchEvent]:
-        """The (empty) list of Deployments, then nothing: no cluster runs them."""
-        yield WatchEvent(SYNCED)
+        """Nothing, not even a list: no cluster runs the Deployments, and the reconciler reads
+        a rendered one (`child`) whenever it needs to know what it runs."""
         await asyncio.Event().wait()
+        yield WatchEvent(SYNCED)  # never reached: makes this an async generator
 
 
 def _changes(

@@ -33,6 +33,7 @@ from niphas_common.flakeref import repository_of
 from niphas_common.kube.client import Forbidden
 from niphas_operator import children
 from niphas_operator.children import PodSettings
+from niphas_operator.deployment_cache import UNKNOWN, DeploymentCache
 from niphas_operator.lifecycle import lifecycle
 from niphas_operator.status import StatusBuilder, history_entry, moved_to
 from niphas_operator.store import WorkloadStore
@@ -185,6 +186,8 @@ class Reconciler:
         nothing to do)."""
         self.own_deployments = OwnWrites()
         """The same for each workload's Deployment (its later status changes are not ours)."""
+        self.deployments = DeploymentCache()
+        """The store path each Deployment runs, fed by the controller's Deployment watch."""
         self._etc_applied: dict[tuple[str, str], tuple[str, str]] = {}
         """(uid, content digest) of the /etc ConfigMap this process applied per workload."""
         self._announced: dict[tuple[str, str], tuple[str, str, str]] = {}
@@ -194,9 +197,10 @@ class Reconciler:
     async def reconcile(
         self, namespace: str, name: str, known: dict[str, Any] | None = None
     ) -> None:
-        """`known`: the object as the watch last delivered it, saving a read. Every write
-        carries its resourceVersion, so a stale copy costs a 409 and a retry, never a
-        lost update; retries read afresh."""
+        """`known`: the object as the watch last delivered it, saving a read (and the
+        Deployments are then taken from the watch's cache too). Every write carries its
+        resourceVersion, so a stale copy costs a 409 and a retry, never a lost update;
+        retries read afresh."""
         obj = known or await self._store.get((namespace, name))
         if obj is None:
             RECONCILES.labels("gone").inc()
@@ -224,7 +228,7 @@ class Reconciler:
             RECONCILES.labels("pending").inc()
             return
         try:
-            deployments = await self._apply_children(workload, wanted)
+            deployments = await self._apply_children(workload, wanted, cached=known is not None)
         except Forbidden as exc:
             await self._forbidden(workload, status, exc)
             raise  # the controller retries with backoff: the permission may be granted
@@ -388,7 +392,7 @@ class Reconciler:
         )
 
     async def _apply_children(
-        self, workload: Workload, wanted: list[Target]
+        self, workload: Workload, wanted: list[Target], *, cached: bool
     ) -> dict[str | None, dict[str, Any]]:
         """Apply every child; the Deployments as stored, by architecture."""
         # Optional children can only have been dropped by a spec change after an earlier
@@ -400,11 +404,12 @@ class Reconciler:
         for architecture, desired in wanted:
             if desired is not None:
                 applied[architecture] = await self._apply_deployment(
-                    workload, architecture, desired
+                    workload, architecture, desired, cached=cached
                 )
         if spec_changed:
             for name in _stale_deployments(workload):
                 await self._store.delete("apps/v1", "Deployment", (workload.namespace, name))
+                self.deployments.forget((workload.namespace, name))
         pdb_version = self._store.pdb_api_version
         optional = (
             (children.service(workload), ("v1", "Service")),
@@ -435,7 +440,7 @@ class Reconciler:
         self._etc_applied[workload.key] = (workload.uid, digest)
 
     async def _apply_deployment(
-        self, workload: Workload, architecture: str | None, desired: Desired
+        self, workload: Workload, architecture: str | None, desired: Desired, *, cached: bool
     ) -> dict[str, Any]:
         name = children.deployment_name(workload, architecture)
         command = children.resolved_command(workload, desired.store_path, desired.main_program)
@@ -446,14 +451,19 @@ class Reconciler:
         manifest = children.deployment(
             workload, desired.store_path, command, self._pod, traceparent, architecture
         )
-        current = await self._store.child("apps/v1", "Deployment", (workload.namespace, name))
-        moving = current is None or children.store_path_of(current) != desired.store_path
+        key = (workload.namespace, name)
+        current = self.deployments.store_path(key) if cached else UNKNOWN
+        if current is UNKNOWN:
+            found = await self._store.child("apps/v1", "Deployment", key)
+            current = None if found is None else children.store_path_of(found)
+        moving = current != desired.store_path
         if moving and not desired.pinned:
             # Rollbacks (pinned paths) skip preheating: they must be instant, and the CSI
             # driver still asks for a missing closure when a pod mounts it.
             await self._preheat(workload, desired.store_path)
         applied = await self._store.apply(manifest)
         self.own_deployments.add(workload.key, applied["metadata"]["resourceVersion"])
+        self.deployments.applied(applied)
         if moving:
             await self._announce_move(workload, name, desired)
         return applied
@@ -521,6 +531,9 @@ class Reconciler:
         for arch in workload.spec.architectures:
             name = children.deployment_name(workload, arch)
             await self._store.delete("apps/v1", "Deployment", (workload.namespace, name))
+        self.deployments.forget(workload.key)
+        for arch in workload.spec.architectures:
+            self.deployments.forget((workload.namespace, children.deployment_name(workload, arch)))
         self._etc_applied.pop(workload.key, None)
         self._announced.pop(workload.key, None)
         self.own_writes.forget(workload.key)

@@ -95,6 +95,12 @@ class OperatorSettings(ServiceSettings):
         description="Seconds between Lease renewals (and standby attempts); well below the "
         "duration so one slow request does not lose leadership",
     )
+    api_compression: bool = Field(
+        default=False,
+        description="Ask the API server for gzip-compressed responses. Off: in a cluster the "
+        "gzip of each large object (the pods' CA bundle ConfigMap) costs the API server more "
+        "CPU than the bytes cost the network (client-go's DisableCompression)",
+    )
     workers: int = Field(
         default=4, ge=1, le=256, description="Workloads reconciled at once (never one twice)"
     )
