@@ -18,6 +18,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
@@ -50,6 +51,7 @@ class _WhileExporting(Sampler):
 
 _sampler = _WhileExporting()
 _installed: TracerProvider | None = None
+_ids = RandomIdGenerator()  # new traces' ids before a provider is installed
 
 
 def setup_tracing(service_name: str, exporter: SpanExporter | None = None) -> TracerProvider:
@@ -109,7 +111,9 @@ def carry(headers: dict[str, str]) -> dict[str, str]:
     new trace's when there is none (a span nobody records, never made current)."""
     if trace.get_current_span().get_span_context().is_valid:
         return inject(headers)
-    propagate.inject(headers, context=trace.set_span_in_context(_tracer.start_span("root")))
+    ids = _installed.id_generator if _installed is not None else _ids
+    root = trace.SpanContext(ids.generate_trace_id(), ids.generate_span_id(), is_remote=False)
+    propagate.inject(headers, context=trace.set_span_in_context(trace.NonRecordingSpan(root)))
     return headers
 
 

@@ -144,7 +144,8 @@ class WebhookIngress:
     async def _read(self, request: web.Request) -> bytes:
         """The body, within the cap and READ_TIMEOUT_S (a stalled client is cut off)."""
         try:
-            return await asyncio.wait_for(request.read(), self._read_timeout_s)
+            async with asyncio.timeout(self._read_timeout_s):  # no task, unlike wait_for
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise self._too_large() from None
         except TimeoutError:
