@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.*
-from bench.report import Report, add_json_option
+from bench.report import Report, Series, add_json_option
 from niphas_demo.flow import Demo
 from niphas_demo.stack import Stack, child_pids
 
@@ -137,6 +137,12 @@ def main() -> int:
                    baseline_name="its app module imported, nothing running")  # fmt: skip
         report.row(f"{name}: peak RSS, {args.pushes} demo pushes", peak.get(name, 0.0), "MB",
                    baseline=idle[name], baseline_name="idle")  # fmt: skip
+    names = list(idle)
+    xs = [float(i) for i in range(len(names))]
+    for label, values in (("idle", idle), (f"peak, {args.pushes} pushes", peak),
+                          ("app module imported", floors)):  # fmt: skip
+        ys = [values.get(n, 0.0) for n in names]
+        report.series.append(Series("resident memory", label, xs, ys, "service", "RSS (MB)", names))
     report.note(
         f"Idle: VmRSS {args.settle_s:g} s after every service was ready, summed over each "
         f"service's processes; under load: VmHWM after {args.pushes} pushes of the demo's app "

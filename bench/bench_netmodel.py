@@ -332,8 +332,19 @@ def main() -> int:
         parser.error("network namespaces need root")
     if not Path(NGINX).exists():
         subprocess.run(["bash", str(ROOT / "scripts" / "setup-bench-tools.sh")], check=True)
+    # Both stop the run through the cleanup below, even where a shell started it with SIGINT
+    # ignored (a background job).
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return run(args, ns)
+    except (Stopped, KeyboardInterrupt) as stop:
+        print(f"stopped ({str(stop) or 'SIGINT'}); everything made was removed", file=sys.stderr)
+        return 130
 
+
+def run(args: argparse.Namespace, ns: list[int]) -> int:
+    """Build the network, measure every N, remove everything; the exit status."""
     host = NixRunner()
     closures: list[list[StorePath]] = []
     with tempfile.TemporaryDirectory(prefix="bench-netmodel-") as tmp_name:
@@ -350,6 +361,9 @@ def main() -> int:
                 cluster.start()
                 measured = rounds(cluster, ns, closures, infos)
         finally:
+            # A second Ctrl-C or SIGTERM must not cut the cleanup short.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             cluster.close()
             if added := [path for closure in closures for path in closure]:
                 host.run("nix-store", "--delete", *map(str, added), check=False)

@@ -37,7 +37,8 @@ class Row:
 
 @dataclass
 class Series:
-    """One curve of a plot: `plot` names the PNG it belongs to."""
+    """One curve of a plot: `plot` names the PNG it belongs to. With `categories` (one name
+    per x) the plot is a bar chart of those categories, the series side by side."""
 
     plot: str
     label: str
@@ -45,6 +46,7 @@ class Series:
     y: list[float]
     x_label: str
     y_label: str
+    categories: list[str] | None = None
 
 
 @dataclass

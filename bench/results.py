@@ -7,7 +7,8 @@ goes; a benchmark without `--json` has its printed table kept verbatim as a note
 Then (with or without `--run`) RESULTS.md is written from what is in `<out>`: per benchmark,
 what was measured, our figure, the baseline measured in the same run, the ratio, the target
 and whether it was met, plus the machine and the date, and a PNG per plot the benchmarks
-recorded (e.g. the fan-out's egress and completion time against the number of nodes).
+recorded (e.g. the fan-out's egress and completion time against the number of nodes, as lines;
+the memory per service, as bars).
 Exits non-zero when a benchmark finished without results.
 """
 
@@ -145,10 +146,18 @@ def plot(reports: list[Report], where: Path) -> list[Path]:
     written = []
     for (bench, name), curves in sorted(groups.items()):
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-        for series in curves:
-            ax.plot(series.x, series.y, marker="o", label=series.label)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(curves[0].x, [f"{x:g}" for x in curves[0].x])
+        categories = curves[0].categories
+        if categories is not None:
+            width = 0.8 / len(curves)
+            for i, series in enumerate(curves):
+                ax.bar([x + (i - (len(curves) - 1) / 2) * width for x in series.x], series.y,
+                       width, label=series.label)  # fmt: skip
+            ax.set_xticks(curves[0].x, categories)
+        else:
+            for series in curves:
+                ax.plot(series.x, series.y, marker="o", label=series.label)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(curves[0].x, [f"{x:g}" for x in curves[0].x])
         ax.set_xlabel(curves[0].x_label)
         ax.set_ylabel(curves[0].y_label)
         ax.set_title(f"{bench}: {name} vs {curves[0].x_label}")
