@@ -64,16 +64,39 @@ from bench.scratch_fs import journaled_ext4
 
 def median_times(repeat: int, fns: list[Callable[[], None]]) -> list[float]:
     """The median time of each of `fns`, their runs interleaved (order alternating)."""
+    return times_and_cpu(repeat, fns, [os.getpid()] * len(fns))[0]
+
+
+def times_and_cpu(
+    repeat: int, fns: list[Callable[[], None]], pids: list[int]
+) -> tuple[list[float], list[float]]:
+    """The median time of each of `fns`, their runs interleaved (order alternating), and the
+    mean CPU time per run of the server process `pids[i]` serving `fns[i]` (its threads and
+    live children: nginx's workers), which load on the shared machine disturbs far less."""
     times: list[list[float]] = [[] for _ in fns]
+    cpu = [0.0 for _ in fns]
     for r in range(repeat):
         order = list(range(len(fns)))
         if r % 2:
             order.reverse()
         for i in order:
+            cpu_before = tree_cpu_seconds(pids[i])
             start = time.perf_counter()
             fns[i]()
             times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+            cpu[i] += tree_cpu_seconds(pids[i]) - cpu_before
+    return [statistics.median(t) for t in times], [c / repeat for c in cpu]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time a process (all its threads) and its live descendants have used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):  # it ended meanwhile
+                total += tree_cpu_seconds(int(child))
+    return total
 
 
 def timed_row(
@@ -301,15 +324,15 @@ def _serve_granian_floor(
 
 
 @contextlib.contextmanager
-def floor_server(stack: str, cache: Path) -> Iterator[str]:
-    """`serve_floor` in a process of its own; its URL."""
+def floor_server(stack: str, cache: Path) -> Iterator[tuple[str, int]]:
+    """`serve_floor` in a process of its own; its URL and process id."""
     port = free_port()
     argv = [sys.executable, __file__, "--serve-floor", stack, str(cache), str(port)]
     proc = subprocess.Popen(argv)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/nix-cache-info")
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -331,25 +354,46 @@ def floor_rows(report: Report, measure: str, times: list[float]) -> None:
                    baseline=round(t_nginx, 4), baseline_name="nginx",
                    ratio=round(t / t_nginx, 3))  # fmt: skip
     report.row(f"{measure}: agent vs its stack's floor", round(t_agent, 4), "s",
-               baseline=round(floors["aiohttp"], 4), baseline_name="bare aiohttp",
-               ratio=round(t_agent / floors["aiohttp"], 3))  # fmt: skip
+               baseline=round(t_floor := floors["aiohttp"], 4), baseline_name="bare aiohttp",
+               ratio=round(t_agent / t_floor, 3))  # fmt: skip
+
+
+def cpu_rows(report: Report, measure: str, cpu: list[float], per: int, unit: str) -> None:
+    """Rows of the servers' CPU time per `unit` (agent, nginx, FLOORS in that order), each
+    against nginx's."""
+    names = ["agent", "nginx", *(f"bare {f}" for f in FLOORS)]
+    each = [c / per * 1e6 for c in cpu]
+    shown = ", ".join(f"{n} {c:.0f}" for n, c in zip(names, each, strict=True))
+    print(f"{measure}: server CPU-us per {unit}: {shown}", flush=True)
+    for name, c in zip(names, each, strict=True):
+        if name != "nginx":
+            report.row(f"{measure}: {name} CPU per {unit}", round(c, 1), "CPU-us",
+                       baseline=round(each[1], 1), baseline_name="nginx",
+                       ratio=round(c / each[1], 3) if each[1] else None)  # fmt: skip
 
 
 def copy_rounds(
     report: Report,
     args: argparse.Namespace,
     work: Path,
-    urls: list[str],
+    servers: list[tuple[str, int]],
     paths: tuple[list[StorePath], list[StorePath]],
     public: str,
 ) -> None:
-    """Part 1: `nix copy --from` and narinfo lookups; the agent, nginx and the FLOORS (`urls`,
-    in that order), their runs interleaved."""
+    """Part 1: `nix copy --from` and narinfo lookups; the agent, nginx and the FLOORS
+    (`servers`: URL and process id, in that order), their runs interleaved."""
     copy_paths, tiny_paths = paths
-    times = median_times(args.repeat, [nix_copy(work, u, copy_paths, public) for u in urls])
-    floor_rows(report, f"nix copy --from, {args.size_mb} MB / {args.files} files", times)
-    times = median_times(args.repeat, [path_info(work, u, tiny_paths, public) for u in urls])
-    floor_rows(report, f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)", times)
+    urls, pids = [u for u, _ in servers], [p for _, p in servers]
+    fns = [nix_copy(work, u, copy_paths, public) for u in urls]
+    times, cpu = times_and_cpu(args.repeat, fns, pids)
+    measure = f"nix copy --from, {args.size_mb} MB / {args.files} files"
+    floor_rows(report, measure, times)
+    cpu_rows(report, measure, cpu, args.size_mb, "MB")
+    fns = [path_info(work, u, tiny_paths, public) for u in urls]
+    times, cpu = times_and_cpu(args.repeat, fns, pids)
+    measure = f"narinfo lookups, {len(tiny_paths)} paths (nix path-info)"
+    floor_rows(report, measure, times)
+    cpu_rows(report, measure, cpu, len(tiny_paths), "path")
 
 
 def fan_out_rounds(
@@ -427,8 +471,9 @@ def main() -> int:
             try:
                 if not args.skip_copy:
                     floors = [stack.enter_context(floor_server(f, cache)) for f in FLOORS]
-                    urls = [agents.start("n0"), nginx.url, *floors]
-                    copy_rounds(report, args, work, urls, (copy_paths, tiny_paths), public)
+                    agent = (agents.start("n0"), agents.procs["n0"].pid)
+                    served = [agent, (nginx.url, nginx.proc.pid), *floors]
+                    copy_rounds(report, args, work, served, (copy_paths, tiny_paths), public)
                 if not args.skip_fan_out:
                     servers = (nginx, agents, nats_url, shares)
                     fan_out_rounds(report, args, host, servers, rounds)

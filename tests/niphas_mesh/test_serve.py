@@ -1,7 +1,9 @@
 """The agent as a standard Nix binary cache: a stock `nix copy --from http://<node>` and
 `nix-store -r` with the node as substituter (signatures checked: a wrong key is refused),
-nix-cache-info, 404 for what the node lacks, HEAD and byte ranges, zstd, the cache directory
-served beside the store, and `niphas mesh` started from the command line."""
+nix-cache-info, 404 for what the node lacks or for a path no endpoint answers, 405 for a
+method other than GET/HEAD, HEAD and byte ranges, zstd, the cache directory served beside the
+store, the ops endpoints on the cache's port, and `niphas mesh` started from the command
+line."""
 
 from __future__ import annotations
 
@@ -92,12 +94,32 @@ async def test_http_surface(
             assert await resp.read() == expected[8:100]
         async with http.get(f"{agent.url}/{url}", headers={"Range": "bytes=-5"}) as resp:
             assert await resp.read() == expected[-5:]
+        async with http.head(f"{agent.url}/{app.hash_part}.narinfo") as resp:
+            assert resp.status == 200
+            assert int(resp.headers["Content-Length"]) == len(narinfo.encode())
         missing = "0" * 32
-        for path in (f"{missing}.narinfo", f"nar/{missing}.nar", "nar/..%2Fsecret"):
+        for path in (
+            f"{missing}.narinfo",
+            f"nar/{missing}.nar",
+            "nar/..%2Fsecret",
+            f"nar/x/{app.hash_part}.nar",
+            f"x/{app.hash_part}.narinfo",
+            f"{app.hash_part}.narinfo.x",
+            "nar/",
+            "elsewhere",
+        ):
             async with http.get(f"{agent.url}/{path}") as resp:
                 assert resp.status == 404, path
+        # Only GET and HEAD: the cache is read-only (uploads go to the cache role).
+        async with http.post(f"{agent.url}/{app.hash_part}.narinfo", data=b"x") as resp:
+            assert resp.status == 405
+            assert resp.headers["Allow"] == "GET,HEAD"
         async with http.get(f"{agent.url}/metrics") as resp:
             assert "niphas_mesh_served_bytes_total" in await resp.text()
+        async with http.get(f"{agent.url}/healthz") as resp:
+            assert (resp.status, await resp.text()) == (200, "ok\n")
+        async with http.get(f"{agent.url}/readyz") as resp:
+            assert (resp.status, await resp.text()) == (200, "ready\n")
 
 
 async def test_cache_dir_files_and_compressed_own_paths(

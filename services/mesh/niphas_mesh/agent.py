@@ -38,7 +38,7 @@ from .last_use import LastUse
 from .leftovers import after_crash
 from .metrics import INDEX_PATHS
 from .router import BusRouter, Router
-from .server import build_app
+from .server import build_server
 from .settings import MeshSettings
 from .state_lock import StateLock
 from .store import NodeStore
@@ -69,7 +69,7 @@ class Agent:
     collector: Collector
     last_use: LastUse
     runtime: ServiceRuntime
-    http: web.AppRunner
+    http: web.BaseRunner
     session: aiohttp.ClientSession
     state_lock: StateLock
     _reconciled: bool = field(default=False, init=False)
@@ -207,7 +207,7 @@ async def _open_local(settings: MeshSettings) -> _Local:
 
 async def _serve_cache(
     settings: MeshSettings, local: _Local, runtime: ServiceRuntime
-) -> tuple[web.AppRunner, str]:
+) -> tuple[web.BaseRunner, str]:
     """The node's binary cache (with the ops endpoints) started; its runner and public URL."""
     view = CacheView(
         node=settings.node,
@@ -219,7 +219,7 @@ async def _serve_cache(
         inflight=local.inflight,
         partial_wait_s=settings.stall_timeout_s / 2,
     )
-    http = web.AppRunner(build_app(view, runtime.readiness), access_log=None)
+    http = web.ServerRunner(build_server(view, runtime.readiness))
     await http.setup()
     host, _, port = settings.listen.rpartition(":")
     await web.TCPSite(http, host or "0.0.0.0", int(port)).start()

@@ -1,11 +1,9 @@
-"""What the binary cache endpoints serve from, shared through the aiohttp application."""
+"""What the binary cache endpoints serve from."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from aiohttp import web
 
 from .inflight import Inflight
 from .last_use import LastUse
@@ -28,5 +26,4 @@ class CacheView:
     """Seconds a narinfo request for a path being fetched waits for its verified narinfo."""
 
 
-VIEW = web.AppKey("view", CacheView)
 HASH_RE = "[0123456789abcdfghijklmnpqrsvwxyz]{32}"

@@ -30,7 +30,7 @@ _SENDERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nar-send")
 """Threads writing NARs to sockets (one per download in flight; apart from the default pool)."""
 
 
-async def send_whole_nar(request: web.Request, path: Path, size: int) -> int | None:
+async def send_whole_nar(request: web.BaseRequest, path: Path, size: int) -> int | None:
     """Write the NAR of `path` (`size` bytes, as announced in Content-Length) to the connection
     after the prepared response's headers; return the bytes sent, or None when the connection
     cannot take it (then the caller streams instead)."""

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .cache_view import VIEW
+from .cache_view import CacheView
 
 
-async def handle(request: web.Request) -> web.Response:
-    view = request.app[VIEW]
+def handle(view: CacheView) -> web.Response:
     text = f"StoreDir: {view.store.store_dir.path}\nWantMassQuery: 1\nPriority: {view.priority}\n"
     return web.Response(text=text, content_type="text/x-nix-cache-info")

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from niphas_common.nix.nar import iter_nar
 
-from .cache_view import HASH_RE, VIEW
+from .cache_view import HASH_RE, CacheView
 from .inflight import Partial
 from .metrics import SERVED_BYTES
 from .send_nar import send_whole_nar
@@ -35,22 +35,21 @@ PARTIAL_IDLE_S = 60.0
 """Seconds a stream of a download in progress waits for new bytes before giving up."""
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    view = request.app[VIEW]
-    name = request.match_info["name"]
+async def handle(request: web.BaseRequest, view: CacheView, name: str) -> web.StreamResponse:
     own = _OWN_RE.match(name)
     if own is not None:
         hash_part, zst = own.group(1), own.group(2) is not None
         partial = view.inflight.get(hash_part)
         if partial is not None and not zst:
-            resp = await _stream_partial(request, partial)
+            resp = await _stream_partial(request, view, partial)
             if resp is not None:
                 return resp
         # (Checked after the partial: a flight ends once its path is valid in the store.)
         info = view.store.lookup(hash_part)
         if info is not None and view.store.is_signed(info) and zst == (view.compression == "zstd"):
             view.last_use.touch(info.path.hash_part)
-            return await _stream(request, view.store.real_path(info.path), info.nar_size, zst)
+            path = view.store.real_path(info.path)
+            return await _stream(request, view, path, info.nar_size, zst)
     elif view.cache_dir is not None and _CACHE_FILE_RE.match(name):
         file = view.cache_dir / "nar" / name
         if file.is_file():
@@ -59,7 +58,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound(text="no such NAR\n")
 
 
-def _ranged(request: web.Request, resp: web.StreamResponse, size: int) -> tuple[int, int]:
+def _ranged(request: web.BaseRequest, resp: web.StreamResponse, size: int) -> tuple[int, int]:
     """Honour a single byte range of an uncompressed NAR: set status and headers."""
     start, stop = 0, size
     resp.headers["Accept-Ranges"] = "bytes"
@@ -77,8 +76,9 @@ def _ranged(request: web.Request, resp: web.StreamResponse, size: int) -> tuple[
     return start, stop
 
 
-async def _stream(request: web.Request, path: Path, size: int, zst: bool) -> web.StreamResponse:
-    view = request.app[VIEW]
+async def _stream(
+    request: web.BaseRequest, view: CacheView, path: Path, size: int, zst: bool
+) -> web.StreamResponse:
     start, stop = 0, size
     resp = web.StreamResponse(headers={"Content-Type": "application/x-nix-nar"})
     if not zst:
@@ -108,11 +108,12 @@ class UpstreamFailed(Exception):
     """The download being streamed failed here: the peer's connection is cut short."""
 
 
-async def _stream_partial(request: web.Request, partial: Partial) -> web.StreamResponse | None:
+async def _stream_partial(
+    request: web.BaseRequest, view: CacheView, partial: Partial
+) -> web.StreamResponse | None:
     """Stream a NAR this node is still downloading: bytes so far, then the rest as it lands.
 
     The peer verifies NarHash/NarSize itself; if our download fails, its stream is cut."""
-    view = request.app[VIEW]
     attempt, info = partial.attempt, partial.info
     f = None
     for _ in range(2):  # the file may be renamed from .partial to its final name meanwhile

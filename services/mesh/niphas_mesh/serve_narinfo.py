@@ -15,14 +15,12 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from .cache_view import VIEW
+from .cache_view import CacheView
 
 NARINFO_TYPE = "text/x-nix-narinfo"
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    view = request.app[VIEW]
-    hash_part = request.match_info["hash"]
+async def handle(view: CacheView, hash_part: str) -> web.Response:
     info = await view.store.find(hash_part)
     if info is not None and view.store.is_signed(info):
         body = view.store.narinfo_text(info, view.compression)
