@@ -1,14 +1,17 @@
 """What a view shows of each kind of store path, through the socket: a directory with the
 store's own mode and mtime (also when the driver runs under a umask that would mask them), a
 regular-file store path (bound read-only inside the view) and a symlink store path recreated
-as the same symlink; a torn-down view leaves no meta layer behind."""
+as the same symlink; a torn-down view leaves no meta layer behind; a path the database holds
+but the disk does not fails the publish naming it."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from niphas_common.settings import NatsSettings
@@ -70,3 +73,21 @@ async def test_each_kind_of_store_path_shows_as_in_the_store(
                     and m.source == "niphas-csi"]  # fmt: skip
     finally:
         await driver.stop()
+
+
+async def test_a_path_valid_in_the_database_but_gone_from_disk_is_named(
+    driver: Driver, node: Node
+) -> None:
+    src = node.store_root.parent / "gone"
+    src.mkdir()
+    (src / "file").write_text("soon gone\n")
+    path = node.runner.add_to_store(src)
+    shutil.rmtree(node.real(path))  # by hand, behind Nix's back
+    target = node.target()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await driver.publish("csi-gone-path", target, str(path))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "not on disk" in (err.value.details() or "")
+    assert str(node.real(path)) in (err.value.details() or "")
+    assert not node.lease_dir("csi-gone-path").exists()
+    assert not mounts.is_mountpoint(target)

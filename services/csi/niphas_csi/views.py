@@ -19,6 +19,7 @@ refcounted; a pod's target is a bind of its view.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -141,7 +142,13 @@ class Views:
             for path in closure:
                 base = self._base_name(path)
                 names.add(base)
-                st = os.stat(base, dir_fd=store_fd, follow_symlinks=False)
+                try:
+                    st = os.stat(base, dir_fd=store_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    raise FileNotFoundError(
+                        errno.ENOENT, "valid in the store's database but not on disk",
+                        str(self.real_store / base),
+                    ) from None  # fmt: skip
                 mode = stat.S_IMODE(st.st_mode)
                 if stat.S_ISDIR(st.st_mode):
                     os.mkdir(base, mode, dir_fd=meta_fd)
