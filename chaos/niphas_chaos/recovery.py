@@ -5,7 +5,9 @@ crafted input).
 Recovery after a NATS fault = from the fault's start to the next pipeline event JetStream
 stored (`push.received`, `eval.done` or `build.done`, whichever comes first): a service got
 its input and published its answer. Pushes arrive every few seconds, so it is an upper bound:
-an idle pipeline would look slow to recover."""
+an idle pipeline would look slow to recover. So the same wait is measured from quiet moments
+(every second of the pushing phase at least `QUIET_AFTER_S` past any fault's end) as the
+baseline of the same run: the recovery's excess over it is the stall the fault caused."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 
 from niphas_chaos.faults import NATS_FAULTS, Fault
 from niphas_chaos.mounting import Attempt
+
+QUIET_AFTER_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,34 @@ def recoveries(faults: Iterable[Fault], event_times: Sequence[float]) -> list[Re
     for fault in faults:
         if fault.kind not in NATS_FAULTS:
             continue
-        after = next((t for t in times if t > fault.at_wall), None)
         label = f"{fault.kind} {fault.target} at +{fault.at_s:.0f}s"
-        out.append(Recovery(label, None if after is None else after - fault.at_wall))
+        out.append(Recovery(label, next_event(times, fault.at_wall)))
     return out
+
+
+def next_event(times: Sequence[float], moment: float) -> float | None:
+    """Seconds from `moment` to the first of the sorted `times` after it."""
+    return next((t - moment for t in times if t > moment), None)
+
+
+def quiet_waits(
+    faults: Sequence[Fault], event_times: Sequence[float], start: float, end: float
+) -> list[float]:
+    """The wait for the next event from each quiet second between `start` and `end` (Unix
+    times): the baseline for `recoveries`."""
+    times = sorted(event_times)
+    windows = [
+        (f.at_wall, f.at_wall + ((f.ended_s or f.at_s) - f.at_s) + QUIET_AFTER_S) for f in faults
+    ]
+    waits = []
+    moment = start
+    while moment < end:
+        if not any(lo - 1.0 <= moment <= hi for lo, hi in windows):
+            wait = next_event(times, moment)
+            if wait is not None:
+                waits.append(wait)
+        moment += 1.0
+    return waits
 
 
 def p50_max(values: Iterable[float | None]) -> tuple[float, float] | None:

@@ -37,6 +37,12 @@ def summary(outcome: Outcome) -> Table:
         table.add_row(
             "recovery after NATS faults", f"p50 {spread[0]:.1f}s", f"max {spread[1]:.1f}s ({each})"
         )
+    quiet = p50_max(outcome.quiet_waits)
+    if quiet is not None and spread is not None:
+        ratio = f"; recovery p50 {spread[0] / quiet[0]:.1f}x" if quiet[0] else ""
+        table.add_row(
+            "baseline: quiet moments", f"p50 {quiet[0]:.1f}s", f"max {quiet[1]:.1f}s{ratio}"
+        )
     attempts = outcome.mounts.attempts
     if attempts:
         published = sum(1 for a in attempts if a.call == "publish" and not a.error)

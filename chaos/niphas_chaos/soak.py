@@ -41,7 +41,7 @@ from niphas_chaos.checks import (
 from niphas_chaos.demo import SoakDemo
 from niphas_chaos.faults import Fault, FaultDriver, Plan
 from niphas_chaos.mounting import MountLoop, MountRecord, clear
-from niphas_chaos.recovery import Recovery, publish_errors, recoveries
+from niphas_chaos.recovery import Recovery, publish_errors, quiet_waits, recoveries
 from niphas_common.bus.inspect import consumers, streams, view
 from niphas_common.nats_cluster import EmbeddedNatsCluster
 from niphas_common.nats_server import EmbeddedNats
@@ -103,6 +103,10 @@ class Outcome:
     quiesced_s: float = 0.0
     nats_servers: int = 1
     recoveries: list[Recovery] = field(default_factory=list)
+    quiet_waits: list[float] = field(default_factory=list)
+    """The same wait from quiet moments of the pushing phase: the recoveries' baseline."""
+    pushing: tuple[float, float] = (0.0, 0.0)
+    """The pushing phase, as Unix times."""
     mounts: MountRecord = field(default_factory=MountRecord)
     publish_errors: dict[str, str] = field(default_factory=dict)
     """`during faults`, `during NATS faults`, `outside` -> `failed/total (percent)`."""
@@ -171,7 +175,9 @@ class Soak:
         mounting = MountLoop(self.demo.layout, driver.t0)
         mounted = asyncio.create_task(mounting.run()) if options.mounts else None
         try:
+            started = time.time()
             await asyncio.gather(self._push_all(), driver.run())
+            self.outcome.pushing = (started, time.time())
             console.print(f"{len(self.outcome.pushes)} pushes sent, {len(driver.faults)} faults")
             t0 = time.monotonic()
             await self._quiesce()
@@ -295,6 +301,7 @@ class Soak:
             outcome.events[subject] = sum(1 for b in bodies if b.get("commit") in ours)
             times += [m.time.timestamp() for m in stored if m.time is not None]
         outcome.recoveries = recoveries(outcome.faults, times)
+        outcome.quiet_waits = quiet_waits(outcome.faults, times, *outcome.pushing)
         evals, builds = await self._bodies("eval.done"), await self._bodies("build.done")
         found, self._outputs = builds_per_push(commits, evals, builds)
         self._closures = {p for b in builds if b.get("commit") in ours for p in b["closure"]}
