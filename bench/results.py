@@ -153,7 +153,8 @@ def plot(reports: list[Report], where: Path) -> list[Path]:
                 ax.bar([x + (i - (len(curves) - 1) / 2) * width for x in series.x], series.y,
                        width, label=series.label)  # fmt: skip
             ax.set_xticks(curves[0].x, categories)
-            ax.margins(y=0.3)  # room for the legend above the bars
+            top = max(y for series in curves for y in series.y)
+            ax.set_ylim(0, top * 1.45)  # room for the legend above the bars
         else:
             for series in curves:
                 ax.plot(series.x, series.y, marker="o", label=series.label)
