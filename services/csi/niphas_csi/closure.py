@@ -48,6 +48,8 @@ class Presence:
 
 
 class StoreDb:
+    """The database of the store at `store_root` (None: the host store), opened per query."""
+
     def __init__(self, store_root: str | os.PathLike[str] | None, busy_timeout_s: float) -> None:
         self.path = Path(os.fspath(store_root or "/")) / DB_FILE
         self.busy_timeout_s = busy_timeout_s
