@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from niphas_chaos.faults import NATS_FAULTS, Fault
 from niphas_chaos.mounting import Attempt
 
-QUIET_AFTER_S = 20.0
+QUIET_AFTER_S = 10.0
 
 
 @dataclass(frozen=True)
