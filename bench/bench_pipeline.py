@@ -24,7 +24,11 @@ Then, per round:
 
 "Not Nix's own work" = end to end - the bare `nix eval` of the same round: the only nix
 process a cached push runs is the eval worker's `nix eval` (the builder's cache check reads
-narinfos itself; the closure is already on the node). Target: p50 <= 200 ms.
+narinfos itself; the closure is already on the node). Target: p50 <= 25 ms. A bare `nix eval`
+of another commit varies by several milliseconds from run to run (far more on a busy
+machine), so the same is also shown minus the worker's own nix time for that very push (the
+eval service's `niphas_eval_seconds`), and the eval stage is split into that nix time and
+everything else (delivery of push.received, the result claim, publishing eval.done).
 
     .venv/bin/python bench/bench_pipeline.py [--pushes 20] [--json PATH]   (as root)
 """
@@ -41,6 +45,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 from rich.console import Console
 
 from niphas_common.nix.runner import NixRunner
@@ -58,7 +63,7 @@ from bench.report import Report, add_json_option, verdict
 
 REF = "refs/heads/main"
 TOUCHED = "bench-touch.txt"
-TARGET_MS = 200.0
+TARGET_MS = 25.0
 POLL_S = 0.002
 LEASE_TTL_S = 5.0
 """The builder shares a finished build's result (`built`) for the lease TTL (default 60 s);
@@ -71,6 +76,8 @@ STAGES = (
     "build.done -> Deployment rendered",
     "NodePublishVolume",
 )
+EVAL_SECONDS = "niphas_eval_seconds_sum"
+"""The eval service's total seconds of `nix eval` (the worker's evaluate: its nix processes)."""
 
 
 @dataclass
@@ -79,6 +86,8 @@ class Sample:
     """Seconds, in the order of STAGES."""
     end_to_end: float
     bare_eval: float
+    worker_nix: float
+    """Seconds the eval worker's own nix processes took for this push (its metric)."""
 
     @property
     def not_nix(self) -> float:
@@ -114,6 +123,8 @@ class Pipeline:
             stderr_tail_bytes=4000,
             allowlist=Allowlist(allowed_refs),  # the worker's, from the demo's settings
         )
+        self.nix_seconds = 0.0
+        """The eval worker's nix time for the last push."""
 
     async def bare_eval(self, label: str) -> float:
         """The worker's `nix eval` command line on a fresh commit, run bare."""
@@ -130,6 +141,7 @@ class Pipeline:
         - sent, build.done status), and the Deployment's spec in self.spec."""
         assert self.demo.nc is not None
         before, after = touch(self.repo, label)
+        nix_before = await self._eval_seconds()
         url = f"http://127.0.0.1:{self.demo.ports.eval}/hooks/github"
         sent = time.time()
         started = time.perf_counter()
@@ -143,6 +155,7 @@ class Pipeline:
         if trace is None:
             raise RuntimeError("push.received carries no traceparent")
         rendered, self.spec = await self._rendered(trace, after)
+        self.nix_seconds = await self._eval_seconds() - nix_before
         entries = {e.subject: e for e in await timeline.collect(js, trace)}
         times = {s: entries[s].time.timestamp() for s in ("push.received", "eval.done")}
         build = entries["build.done"]
@@ -153,6 +166,16 @@ class Pipeline:
             rendered - build.time.timestamp(),
         ]
         return stages, rendered - sent, build.summary.split(":", 1)[0]
+
+    async def _eval_seconds(self) -> float:
+        """The eval service's seconds of nix evaluation so far, from its /metrics."""
+        url = f"http://127.0.0.1:{self.demo.ports.eval}/metrics"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            text = await response.text()
+        for line in text.splitlines():
+            if line.startswith(EVAL_SECONDS + " "):
+                return float(line.split()[1])
+        raise RuntimeError(f"{url} has no {EVAL_SECONDS}")
 
     async def _rendered(self, trace: str, commit: str) -> tuple[float, PodSpec]:
         """Wait for the Deployment rendered for this push: the workload's status names the
@@ -207,7 +230,7 @@ async def measure(args: argparse.Namespace, state: Path) -> list[Sample]:
                 if status != "cached":
                     raise RuntimeError(f"push {n}: build.done {status}, expected cached")
                 stages.append(await pipeline.publish())
-                samples.append(Sample(stages, rendered + stages[-1], bare))
+                samples.append(Sample(stages, rendered + stages[-1], bare, pipeline.nix_seconds))
                 print(
                     f"push {n + 1:>3}/{args.pushes}: end to end {samples[-1].end_to_end * 1e3:7.1f}"
                     f" ms, bare nix eval {bare * 1e3:7.1f} ms"
@@ -228,6 +251,14 @@ def report(samples: list[Sample], args: argparse.Namespace) -> Report:
         print(f"{stage:<48} {pct(values, 0.5):>9.1f} {pct(values, 0.99):>9.1f}")
         for q in (0.5, 0.99):
             rep.row(f"{stage} p{int(q * 100)}", pct(values, q), "ms")
+        if i == 1:
+            for name, part in (
+                ("  of which the worker's nix eval", [s.worker_nix * 1e3 for s in samples]),
+                ("  of which all else (delivery, claim, publish)",
+                 [(s.stages[1] - s.worker_nix) * 1e3 for s in samples]),
+            ):  # fmt: skip
+                print(f"{name:<48} {pct(part, 0.5):>9.1f} {pct(part, 0.99):>9.1f}")
+                rep.row(f"{name.strip()} p50", pct(part, 0.5), "ms")
     e2e = [s.end_to_end * 1e3 for s in samples]
     print(f"{'end to end':<48} {pct(e2e, 0.5):>9.1f} {pct(e2e, 0.99):>9.1f}")
     name = "  of which bare nix eval (baseline)"
@@ -243,6 +274,11 @@ def report(samples: list[Sample], args: argparse.Namespace) -> Report:
     rep.row("not Nix's own work p50 (end to end - bare nix eval)", pct(not_nix, 0.5), "ms",
             baseline=pct(bare, 0.5), baseline_name=bare_name, target=target, met=met)  # fmt: skip
     rep.row("not Nix's own work p99", pct(not_nix, 0.99), "ms")
+    own = [(s.end_to_end - s.worker_nix) * 1e3 for s in samples]
+    name = "not Nix (end to end - the worker's own nix)"
+    print(f"{name:<48} {pct(own, 0.5):>9.1f} {pct(own, 0.99):>9.1f}")
+    rep.row(f"{name} p50", pct(own, 0.5), "ms", target=target, met=pct(own, 0.5) <= TARGET_MS)
+    rep.row(f"{name} p99", pct(own, 0.99), "ms")
     rep.note(
         f"{args.pushes} pushes, each a commit touching only an unrelated file: the same "
         "derivation, build.done `cached` every time; one warm-up push built it first"
