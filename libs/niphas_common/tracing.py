@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
@@ -124,5 +126,21 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
 
 
 def extract(headers: Mapping[str, str] | None) -> Context:
-    """The trace context a message's headers carry (empty context when none)."""
-    return propagate.extract(dict(headers or {}))
+    """The trace context a message's headers carry (empty context when none).
+
+    Read once per distinct value of the propagator's headers (a batch of events shares one
+    `traceparent`): parsing it costs more than decoding the event."""
+    textmap = propagate.get_global_textmap()
+    carrier = headers or {}
+    carried = tuple((name, carrier[name]) for name in _fields(textmap) if name in carrier)
+    return _extract(textmap, carried)
+
+
+@lru_cache(maxsize=8)
+def _fields(textmap: TextMapPropagator) -> tuple[str, ...]:
+    return tuple(sorted(textmap.fields))
+
+
+@lru_cache(maxsize=1024)
+def _extract(textmap: TextMapPropagator, carried: tuple[tuple[str, str], ...]) -> Context:
+    return textmap.extract(dict(carried))  # a Context is immutable: one may serve many

@@ -26,6 +26,7 @@ from typing import Generic, TypeVar
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from niphas_common import tracing
@@ -112,6 +113,12 @@ class EventConsumer(Generic[E]):
                 try:
                     msgs = await psub.fetch(free, timeout=self._fetch_timeout_s)
                 except (TimeoutError, NatsTimeoutError):
+                    continue
+                except ServiceUnavailableError as exc:
+                    # 503: the consumer is electing its leader (a server of a cluster left);
+                    # it answers again once one is elected.
+                    log.info("%s: consumer unavailable (%s), fetching again", spec.durable, exc)
+                    await asyncio.sleep(self._fetch_timeout_s)
                     continue
                 for msg in msgs:
                     task = asyncio.create_task(self._handle_logged(msg))

@@ -147,3 +147,22 @@ async def test_with_tracing_off_a_publish_carries_the_current_trace_or_starts_on
     # Outside any: each publish starts its own trace, still carried.
     roots = [sent["first-root"].split("-")[1], sent["second-root"].split("-")[1]]
     assert roots[0] != roots[1] and all(int(r, 16) for r in roots)
+
+
+def test_extract_reads_each_distinct_trace_context_once() -> None:
+    from niphas_common.tracing import extract
+
+    first = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    second = "00-1bf7651916cd43dd8448eb211c80319d-c7ad6b7169203332-01"
+    a = extract({"traceparent": first, "Nats-Msg-Id": "push.received:a"})
+    b = extract({"traceparent": second, "Nats-Msg-Id": "push.received:b"})
+    again = extract({"traceparent": first, "Nats-Msg-Id": "push.received:c"})
+
+    def ids(ctx: object) -> tuple[str, str]:
+        span = trace.get_current_span(ctx).get_span_context()  # type: ignore[arg-type]
+        return format(span.trace_id, "032x"), format(span.span_id, "016x")
+
+    assert ids(a) == ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")
+    assert ids(b) == ("1bf7651916cd43dd8448eb211c80319d", "c7ad6b7169203332")
+    assert again is a  # read once: other headers (Msg-Id) do not matter
+    assert not trace.get_current_span(extract({})).get_span_context().is_valid
