@@ -5,7 +5,11 @@
    load generator is an aiohttp client in this process with `--concurrency` requests in flight.
    Reported: deliveries/s and p50/p99 latency (request sent -> 202 received), beside a bare
    aiohttp server in the same setup that reads the body and answers 202 (no signature, no
-   JSON, no NATS): the HTTP floor. Every accepted delivery is checked to be in the stream.
+   JSON, no NATS): the HTTP floor; and beside a bare aiohttp server that publishes each body
+   to JetStream with a Msg-Id and answers 202 once it is acknowledged: the floor of this
+   stack (aiohttp + nats-py), which no ingress doing the same JetStream publish can pass.
+   Targets: ingress >= 0.6x the HTTP floor's deliveries/s, p99 <= 3x. Every accepted
+   delivery is checked to be in the stream.
 2. Evaluation overhead: a generated flake in a local git repository, one commit per round:
    `--packages` derivations that each do some mkDerivation-like work (`--work` generated
    variables and flags each), then, as a worst case, `--wide` trivial ones. Per commit: the
