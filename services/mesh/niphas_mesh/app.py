@@ -7,6 +7,7 @@ import os
 from typing import Annotated
 
 import typer
+import uvloop
 
 from niphas_common.service import ServiceSpec, run_until_signalled
 from niphas_common.settings import NatsSettings
@@ -48,8 +49,10 @@ def command(
     os.environ.update({f"NIPHAS_MESH_{k}": v for k, v in flags.items() if v is not None})
     settings = MeshSettings()
     nats = NatsSettings() if nats_url is None else NatsSettings(url=nats_url)
+    loop_factory = uvloop.new_event_loop if settings.event_loop == "uvloop" else None
     try:
-        asyncio.run(run_until_signalled(lambda stop: run(settings, nats, stop)))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(run_until_signalled(lambda stop: run(settings, nats, stop)))
     except StateInUse as exc:
         typer.echo(f"niphas mesh: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 from aiohttp import web
@@ -131,7 +133,7 @@ async def _stream_partial(
         if request.method == "HEAD":
             return resp
         pos = start
-        loop, transport = asyncio.get_running_loop(), request.transport
+        transport = request.transport
         if transport is None:
             raise ConnectionResetError("the client went away")
         partial.readers += 1
@@ -141,9 +143,8 @@ async def _stream_partial(
                 if partial.attempt != attempt or (partial.failed and pos >= partial.written):
                     raise UpstreamFailed(f"{info.store_path}: the download from upstream failed")
                 if pos < partial.written:
-                    # What has landed goes out by sendfile, straight from the page cache.
                     n = min(partial.written, stop) - pos
-                    pos += await loop.sendfile(transport, f, pos, n)
+                    pos += await _send_landed(resp, transport, f, pos, n)
                     idle = 0.0
                 elif idle >= PARTIAL_IDLE_S:
                     raise UpstreamFailed(f"{info.store_path}: no progress upstream")
@@ -155,6 +156,23 @@ async def _stream_partial(
             SERVED_BYTES.labels(view.node, "fetching").inc(pos - start)
         await resp.write_eof()
         return resp
+
+
+async def _send_landed(
+    resp: web.StreamResponse, transport: asyncio.Transport, f: BinaryIO, pos: int, n: int
+) -> int:
+    """Send up to `n` bytes of `f` from `pos` (bytes that have landed); how many went out.
+
+    By sendfile, straight from the page cache, where the event loop has it (asyncio's);
+    uvloop has no `loop.sendfile`: there the bytes are read in a thread and written."""
+    try:
+        return await asyncio.get_running_loop().sendfile(transport, f, pos, n)
+    except NotImplementedError:
+        chunk = await asyncio.to_thread(os.pread, f.fileno(), min(n, CHUNK), pos)
+        if not chunk:
+            raise UpstreamFailed(f"{f.name}: shorter than the bytes counted as landed") from None
+        await resp.write(chunk)
+        return len(chunk)
 
 
 def _bounds(wanted: slice, size: int) -> tuple[int, int]:
