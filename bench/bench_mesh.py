@@ -8,9 +8,11 @@ cache's egress when many nodes want one closure at once. Everything in the same 
    `nix copy --to file://...?compression=none` cache of the same paths. Target <= 1.0x nginx.
    Then narinfo lookups of a 500-path closure (`nix path-info --store <url>`), same comparison.
    Both also against the floor of HTTP stacks (`serve_floor`): a bare server answering from a
-   dict of the cache's narinfos and sending its NAR files, with the agent's stack (aiohttp) and
-   with granian (Rust, RSGI), so the rows tell the cost of our code (agent vs its stack's
-   floor) from the cost of the stack (floor vs nginx).
+   dict of the cache's narinfos and sending its NAR files, with the agent's stack (aiohttp,
+   NARs by sendfile) and with granian (Rust, RSGI; NARs streamed through Python, as an agent
+   on it would have to), so the rows tell the cost of our code (agent vs its stack's floor)
+   from the cost of the stack (floor vs nginx); and each server's CPU time per path looked up
+   and per MB copied, which the load of a shared machine disturbs far less than wall time.
 2. Fan-out: 8 agents (chroot stores) want a new closure of size-mb/2 at once, with the cache
    (nginx) announced as a holder. Bytes nginx sent must stay <= 2x the closure (8x without the
    mesh) and all nodes must be done within 3x the time one node alone takes (a closure of the
@@ -262,6 +264,8 @@ def generate(
     return copy_paths, tiny_paths, rounds
 
 
+CHUNK = 4 << 20
+"""Bytes per read of a NAR streamed through Python (the agent's `serve_nar.CHUNK`)."""
 FLOORS = ("aiohttp", "granian")
 """The HTTP stacks whose floor is measured: the agent's own and a server written in Rust that
 calls Python handlers (RSGI), the fastest maintained one measured on PyPI."""
@@ -300,6 +304,10 @@ def serve_floor(stack: str, cache: Path, port: int) -> None:
 def _serve_granian_floor(
     infos: dict[str, bytes], cache_info: bytes, cache: Path, port: int
 ) -> None:
+    """granian's floor. Its NARs are streamed through Python in CHUNK-byte reads, as an agent on
+    granian would have to: the agent serialises NARs from the store tree, and RSGI has no way
+    to hand a file's bytes to sendfile after framing of its own (aiohttp's floor and the agent
+    use sendfile)."""
     from granian._granian import RSGIHTTPProtocol as HTTPProtocol
     from granian.constants import Interfaces
     from granian.rsgi import Scope
@@ -311,10 +319,13 @@ def _serve_granian_floor(
             proto.response_bytes(200, [("content-type", "text/x-nix-narinfo")], body)
         elif path == "/nix-cache-info":
             proto.response_bytes(200, [("content-type", "text/x-nix-cache-info")], cache_info)
-        elif path.startswith("/nar/") and (cache / path[1:]).is_file():
-            proto.response_file(
-                200, [("content-type", "application/x-nix-nar")], str(cache / path[1:])
-            )
+        elif path.startswith("/nar/") and (nar := cache / path[1:]).is_file():
+            size = str(nar.stat().st_size)
+            headers = [("content-type", "application/x-nix-nar"), ("content-length", size)]
+            stream = proto.response_stream(200, headers)
+            with nar.open("rb") as f:
+                while chunk := await asyncio.to_thread(f.read, CHUNK):
+                    await stream.send_bytes(chunk)
         else:
             proto.response_bytes(404, [], b"not found\n")
 
