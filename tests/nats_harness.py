@@ -11,17 +11,20 @@ it with every server's URL and 3 replicas.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from niphas_common.bus.bus import Bus
+from niphas_common.bus.consumer import Subscription
 from niphas_common.bus.topology import ensure_streams, stream_configs
 from niphas_common.nats_cluster import EmbeddedNatsCluster
 from niphas_common.nats_server import EmbeddedNats, NatsServerError
@@ -132,3 +135,28 @@ async def cluster_bus(cluster_settings: NatsSettings) -> AsyncIterator[Bus]:
         yield bus
     finally:
         await bus.close()
+
+
+@contextlib.asynccontextmanager
+async def serving_restarted(
+    bus: Bus, subscriptions: Sequence[Subscription[Any]], restarts: list[str]
+) -> AsyncIterator[None]:
+    """Consumers for the block, started again when they die of a JetStream API error (the
+    reasons appended to `restarts`), as `niphas up` or Kubernetes restarts a service: a fetch
+    while a consumer elects its leader fails with 503 and ends the consumer."""
+    stop = asyncio.Event()
+
+    async def supervise() -> None:
+        while not stop.is_set():
+            try:
+                await bus.serve(subscriptions, stop, fetch_timeout_s=0.1)
+            except* APIError as group:
+                restarts.extend(repr(exc) for exc in group.exceptions)
+                await asyncio.sleep(0.2)
+
+    task = asyncio.create_task(supervise())
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

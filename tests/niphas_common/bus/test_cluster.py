@@ -8,15 +8,12 @@ and catches up when healed."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import pytest
-from nats.js.errors import APIError
 
 from niphas_common.bus.bus import Bus
 from niphas_common.bus.connection import connect
@@ -27,6 +24,7 @@ from niphas_common.nats_cluster import EmbeddedNatsCluster, get_json
 from niphas_common.settings import NatsSettings
 from niphas_schemas import PushReceived
 from tests.helpers import eventually
+from tests.nats_harness import serving_restarted
 
 STREAM = "PUSH_RECEIVED"
 
@@ -41,30 +39,6 @@ def stored_on(cluster: EmbeddedNatsCluster, i: int, stream: str) -> int | None:
                 messages: int = detail["state"]["messages"]
                 return messages
     return None
-
-
-@contextlib.asynccontextmanager
-async def serving_supervised(
-    bus: Bus, subscriptions: Sequence[Subscription[Any]], restarts: list[str]
-) -> AsyncIterator[None]:
-    """Consumers for the block, started again when they die, as `niphas up` restarts a
-    service process (a fetch while the consumer elects its leader fails with 503)."""
-    stop = asyncio.Event()
-
-    async def supervise() -> None:
-        while not stop.is_set():
-            try:
-                await bus.serve(subscriptions, stop, fetch_timeout_s=0.1)
-            except* APIError as group:
-                restarts.extend(repr(exc) for exc in group.exceptions)
-                await asyncio.sleep(0.2)
-
-    task = asyncio.create_task(supervise())
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def publish_until_stored(bus: Bus, event: PushReceived) -> None:
@@ -119,9 +93,7 @@ async def test_a_publish_survives_killing_the_stream_leader_and_each_event_is_co
     before = [push_event(f"before-{i}") for i in range(20)]
     after = [push_event(f"after-{i}") for i in range(20)]
     spec = ConsumerSpec(durable="test-cluster", subject="push.received", ack_wait_s=5)
-    async with serving_supervised(
-        cluster_bus, [Subscription(PushReceived, spec, handle)], restarts
-    ):
+    async with serving_restarted(cluster_bus, [Subscription(PushReceived, spec, handle)], restarts):
         for event in before:
             await cluster_bus.publish(event)
         await eventually(lambda: len(seen) == len(before))
