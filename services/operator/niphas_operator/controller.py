@@ -140,6 +140,7 @@ class Controller:
             self._follow(event, key, self._own_write)
 
     async def _watch_deployments(self) -> None:
+        self._reconciler.deployments.reset()  # a new term: nothing was watched meanwhile
         async for event in self._store.child_events():
             self._reconciler.deployments.observe(event)
             key = None if event.kind == SYNCED else _owner_key(event.obj)

@@ -48,13 +48,20 @@ class DeploymentCache:
         key, entry = _entry(event.obj)
         if event.kind == LISTED:
             if self._listing is None:
-                self._listing = {}
+                # A relist: the watch broke, and what it missed is only known once the list
+                # is complete.
+                self._listing, self._synced = {}, False
             self._listing[key] = entry
         elif event.kind == "DELETED":
             if self._entries.get(key, entry)[0] == entry[0]:
                 self._entries.pop(key, None)
         else:
             self._put(key, entry)
+
+    def reset(self) -> None:
+        """Know nothing until the next complete list (a new watch, as when leadership
+        returns: what happened meanwhile was not watched)."""
+        self._entries, self._listing, self._synced = {}, None, False
 
     def applied(self, obj: dict[str, Any]) -> None:
         """A Deployment as an apply answered: newer than anything the watch delivered yet."""
