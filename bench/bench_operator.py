@@ -47,9 +47,11 @@ from niphas_common.bus.bus import Bus  # noqa: E402
 from niphas_common.kube.client import Kube  # noqa: E402
 from niphas_common.nats_server import EmbeddedNats  # noqa: E402
 from niphas_common.settings import NatsSettings  # noqa: E402
+from niphas_operator import children  # noqa: E402
 from niphas_operator.app import run  # noqa: E402
-from niphas_operator.children import etc_data  # noqa: E402
+from niphas_operator.children import PodSettings  # noqa: E402
 from niphas_operator.settings import OperatorSettings  # noqa: E402
+from niphas_operator.workload import Workload, program_of  # noqa: E402
 from tests.kube_harness import running_apiserver  # noqa: E402
 from tests.niphas_operator.conftest import (  # noqa: E402
     CRD_DIR,
@@ -123,12 +125,13 @@ async def _bounded(n: int, concurrency: int, make: Any) -> None:
 
 
 async def direct_apply(
-    client: ApiClient, namespace: str, n: int, etc: dict[str, str] | None = None
+    client: ApiClient, namespace: str, n: int, pod: PodSettings | None = None
 ) -> float:
     """Seconds for a client to create `n` workloads and apply a Deployment for each. With
-    `etc` (the pods' /etc content), every write the operator makes for a new workload too,
-    and nothing else (no reads, no watches): the finalizer, the /etc ConfigMap, the
-    Deployment, an Event and the status, each after the one before as the operator does."""
+    `pod` (the operator's pod settings), every write the operator makes for a new workload
+    instead, with the operator's own manifests, and nothing else (no reads, no watches): the
+    finalizer, the /etc ConfigMap, the Deployment, an Event and the status, each after the
+    one before as the operator does."""
     kube = Kube(client, "bench-direct", compressed=False)
     start = time.perf_counter()
 
@@ -136,15 +139,17 @@ async def direct_apply(
         body = workload(f"w{i}", storePath=store_path(f"w{i}-1.0"))
         path = f"/apis/niphas.io/v1alpha1/namespaces/{namespace}/niphasworkloads"
         created = await kube.request("POST", path, body=body)
-        if etc is not None:
+        if pod is None:
+            await kube.apply(_deployment(namespace, f"d{i}"))
+        else:
             version = created["metadata"]["resourceVersion"]
             patch = {"metadata": {"finalizers": ["niphas.io/bench"], "resourceVersion": version}}
             patched = await kube.merge_patch(f"{path}/w{i}", patch)
-            meta = {"name": f"d{i}-etc", "namespace": namespace}
-            await kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
-                              "data": etc})  # fmt: skip
-        await kube.apply(_deployment(namespace, f"d{i}"))
-        if etc is not None:
+            ours = Workload(patched)
+            await kube.apply(children.etc_config_map(ours, pod))
+            running = store_path(f"w{i}-1.0")
+            command = children.resolved_command(ours, running, program_of(running))
+            await kube.apply(children.deployment(ours, running, command, pod))
             await kube.create(f"/api/v1/namespaces/{namespace}/events", _event(created))
             message = f"0 of 1 replicas updated, running {store_path(f'w{i}-1.0')}"
             status = {"phase": "Provisioning", "reason": "RollingOut", "message": message,
@@ -249,7 +254,7 @@ async def _create_round(
     baseline_s = await direct_apply(client, direct, n)
     baseline_cpu = _cpu_since(cpu)
     cpu = _cpu_seconds()
-    same_s = await direct_apply(client, same, n, etc_data(_settings().pod()))
+    same_s = await direct_apply(client, same, n, _settings().pod())
     same_cpu = _cpu_since(cpu)
     settings = OperatorSettings(
         kubeconfig=server.kubeconfig,
@@ -301,7 +306,7 @@ async def _run(server: Any, nats_url: str, tmp: Path, n: int, builds: int, round
         # A fresh API server is still settling (its caches, the CRD's first writes): warm it
         # up so the first round's baseline does not pay for that.
         await _create_namespace(client, "bench-warm-up")
-        await direct_apply(client, "bench-warm-up", min(n, 50), etc_data(_settings().pod()))
+        await direct_apply(client, "bench-warm-up", min(n, 50), _settings().pod())
         results = [await _create_round(server, client, nats, tmp, n, r) for r in range(rounds)]
         await _create_namespace(client, "bench-builds")
         latencies, floor = await _build_latency(
