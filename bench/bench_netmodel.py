@@ -251,11 +251,11 @@ def netmodel_report(
     report.row(f"mesh: {ns[big]} nodes vs 1 node", m["mesh time"][big], "s", baseline=one_mesh,
                baseline_name="the mesh with 1 node", target=f"<= {MESH_TIME_FACTOR:g}x",
                met=m["mesh time"][big] <= MESH_TIME_FACTOR * one_mesh)  # fmt: skip
-    # Without the mesh the cache's link carries N closures: at least half of linear growth.
+    # Without the mesh the cache's link carries N closures: each N slower than the one before.
+    grows = all(a < b for a, b in zip(m["plain time"], m["plain time"][1:], strict=False))
     report.row(f"nix copy: {ns[big]} nodes vs 1 node", m["plain time"][big], "s",
                baseline=one_plain, baseline_name="nix copy with 1 node",
-               target=f">= {ns[big] / 2:g}x (grows with N)",
-               met=m["plain time"][big] >= ns[big] / 2 * one_plain)  # fmt: skip
+               target="grows with N (each N slower than the one before)", met=grows)  # fmt: skip
     peak = max(m["peak rss"])
     report.row("mesh agent peak RSS (VmHWM) over the fan-out, worst agent", peak, "MB",
                baseline=max(m["idle rss"]), baseline_name="the same agent set idle (VmRSS)",
