@@ -230,7 +230,6 @@ def netmodel_report(
     args: argparse.Namespace, ns: list[int], infos: list[dict[str, PathInfo]], m: Measured
 ) -> Report:
     closure = sorted(sum(i.nar_size for i in info.values()) for info in infos)[len(infos) // 2]
-    link_s = closure * 8 / (args.rate_mbit * 1e6)
     report = Report(
         "netmodel",
         f"Fan-out of a {closure / 1e6:.0f} MB closure to N nodes behind "
@@ -266,6 +265,15 @@ def netmodel_report(
         for mode, label in (("mesh", "with the mesh"), ("plain", "without (nix copy)")):
             ys = [v * scale for v in m[f"{mode} {key}"]]
             report.series.append(Series(plot, label, xs, ys, "nodes", f"{plot} ({unit})"))
+    explain(report, args, ns, closure, m)
+    return report
+
+
+def explain(
+    report: Report, args: argparse.Namespace, ns: list[int], closure: int, m: Measured
+) -> None:
+    """The notes: the set-up, memory, and where the mesh's time went per N."""
+    link_s = closure * 8 / (args.rate_mbit * 1e6)
     cores = "no CPU share (no writable cgroup)" if args.node_cores is None else (
         f"{args.node_cores:.3g} of a core per node (a cgroup quota on its agent and its nix "
         "processes)")  # fmt: skip
@@ -278,7 +286,7 @@ def netmodel_report(
         f"network. nginx serves the cache, nats-server runs on the hub, the agents run with "
         f"default settings; all {max(ns)} agents run during every round. Idle agent RSS "
         f"{min(m['idle rss']):.0f}-{max(m['idle rss']):.0f} MB, peak over the fan-out "
-        f"{min(m['peak rss']):.0f}-{peak:.0f} MB."
+        f"{min(m['peak rss']):.0f}-{max(m['peak rss']):.0f} MB."
     )
     per_n = "; ".join(
         f"N = {n}: {m['max upload'][i] / closure:.2f}x, {m['cpu'][i]:.2f} s, {m['held'][i]:.2f} s"
@@ -289,7 +297,6 @@ def netmodel_report(
         "peers (x the closure, from its link's counter), the CPU time per node (its agent and "
         f"the nix processes it ran) and how long its quota held it back, on average: {per_n}."
     )
-    return report
 
 
 def nodes(n: int) -> str:
