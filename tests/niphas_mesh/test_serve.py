@@ -20,9 +20,12 @@ from niphas_common.nix.errors import CommandError
 from niphas_common.nix.nar import nar_bytes
 from niphas_common.nix.runner import NixRunner
 from tests.niphas_mesh.conftest import StartNode, ready, seed
+from tests.niphas_mesh.test_cache_role import NO_DISK_CACHE
 from tests.nix_harness import BuiltClosure, CacheKey, FileCache
 
 pytestmark = [pytest.mark.nix, pytest.mark.root]
+# Clients keep no narinfo cache: ports come round again, and a narinfo another test's node
+# served on the same URL (signed by that test's key) must not stand in for this node's.
 
 
 async def test_stock_nix_copy_and_substitute_from_a_node(
@@ -35,7 +38,7 @@ async def test_stock_nix_copy_and_substitute_from_a_node(
     seed(tmp_path / "nodes" / "n1", signed_cache, cache_key, [built_closure.app])
     agent = await start_node("n1")
     await ready(agent)
-    trusted = {"trusted-public-keys": str(cache_key.public)}
+    trusted = {"trusted-public-keys": str(cache_key.public), **NO_DISK_CACHE}
 
     dest = tmp_path / "client1"
     client = NixRunner(store=str(dest), options=trusted)
@@ -54,7 +57,7 @@ async def test_stock_nix_copy_and_substitute_from_a_node(
     # A client trusting another key refuses the node's (the builder's) signatures.
     other = NixRunner(
         store=str(tmp_path / "client3"),
-        options={"trusted-public-keys": "other-1:" + "A" * 43 + "="},
+        options={"trusted-public-keys": "other-1:" + "A" * 43 + "=", **NO_DISK_CACHE},
     )
     with pytest.raises(CommandError, match="signature"):
         await other.acopy([built_closure.app], src=agent.url, to=str(tmp_path / "client3"))
@@ -148,7 +151,8 @@ async def test_cache_dir_files_and_compressed_own_paths(
     seed(tmp_path / "nodes" / "n2", signed_cache, cache_key, [app])
     await zst.reconcile()
     dest = tmp_path / "client-zstd"
-    client = NixRunner(store=str(dest), options={"trusted-public-keys": str(cache_key.public)})
+    options = {"trusted-public-keys": str(cache_key.public), **NO_DISK_CACHE}
+    client = NixRunner(store=str(dest), options=options)
     async with (
         aiohttp.ClientSession() as http,
         http.get(f"{zst.url}/{app.hash_part}.narinfo") as resp,
