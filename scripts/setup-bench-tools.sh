@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Tools the benchmarks use (idempotent): nginx serving a static binary cache as a baseline;
-# mkfs.ext4 for the scratch file system node stores live on (bench/scratch_fs.py).
+# mkfs.ext4 for the scratch file system node stores live on (bench/scratch_fs.py); ip and tc
+# for the network model's namespaces and rate-limited links (bench/netns.py).
 set -euo pipefail
+if ! command -v tc >/dev/null 2>&1 && [ ! -x /usr/sbin/tc ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
+fi
 if ! command -v mkfs.ext4 >/dev/null 2>&1 && [ ! -x /usr/sbin/mkfs.ext4 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
