@@ -6,6 +6,7 @@ the lock shared with `niphas rollback`, and the rollback command's own reconcile
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import yaml
 
 from niphas_common.kube.client import KubeConflict
 from niphas_common.kube.watch import LISTED, SYNCED
-from niphas_operator.file_store import FileStore, merge_patch
+from niphas_operator.file_store import RACY_NS, FileStore, merge_patch
 from niphas_operator.rollback import rollback, unpin
 from niphas_operator.workload import Workload
 from tests.niphas_operator.conftest import store_path, workload
@@ -60,6 +61,29 @@ async def test_generation_follows_the_spec_and_stale_writes_are_refused(
     after_edit = await store.get(KEY)
     assert after_edit is not None and after_edit["metadata"]["generation"] == 3
     assert after_edit["status"] == {"phase": "Pending"}
+
+
+async def test_workload_files_are_parsed_again_only_when_changed(store: FileStore) -> None:
+    first = await store.get(KEY)
+    assert first is not None
+    first["spec"]["attribute"] = "changed by the caller"  # a copy: the next read is clean
+    again = await store.get(KEY)
+    assert again is not None and again["spec"]["attribute"] == "web"
+    path = store.workloads_dir / "web.yaml"
+    # Parsed once while unchanged: an unparsable file of the same signature is not read.
+    old = path.stat()
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns - 5 * RACY_NS))
+    await store.get(KEY)
+    stat = path.stat()
+    path.write_text(path.read_text().replace("attribute: web", "attribute: {[x"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (await store.get(KEY)) == again
+    # Two edits of the same size within one clock tick: the second is still seen (a file
+    # changed within the last second is parsed again).
+    path.write_text(yaml.safe_dump(workload("web")))
+    assert (await store.get(KEY) or {})["spec"]["attribute"] == "web"
+    path.write_text(yaml.safe_dump(workload("web", attribute="bew")))
+    assert (await store.get(KEY) or {})["spec"]["attribute"] == "bew"
 
 
 async def test_children_are_rendered_once_without_owner_references(store: FileStore) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 # times per build.done, and half a second for a ConfigMap holding a CA bundle.
 _LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+RACY_NS = 1_000_000_000
+"""A workload file modified this recently (ns) is never taken from the parse cache."""
 
 FILENAMES = {
     "Deployment": "deployment.yaml",
@@ -105,6 +109,9 @@ class FileStore:
         self.status_dir = status_dir
         self._poll_s = poll_s
         self._resync_s = resync_s
+        self._parsed: dict[Path, tuple[tuple[int, int, int], tuple[Any, ...]]] = {}
+        """Each workload file's documents, by (inode, mtime, size) when parsed: every read
+        of a workload lists the directory, and most files have not changed since."""
 
     @classmethod
     def from_settings(cls, settings: OperatorSettings) -> FileStore:
@@ -137,7 +144,7 @@ class FileStore:
         found: dict[Key, dict[str, Any]] = {}
         for path in sorted(self.workloads_dir.glob("*.y*ml")):
             try:
-                docs = list(yaml.load_all(path.read_text(), Loader=_LOADER))
+                docs = self._documents(path)
             except (OSError, yaml.YAMLError) as exc:
                 log.warning("skipping %s: %s", path, exc)
                 continue
@@ -147,6 +154,19 @@ class FileStore:
                     meta.setdefault("namespace", "default")
                     found[(meta["namespace"], meta["name"])] = doc
         return found
+
+    def _documents(self, path: Path) -> tuple[Any, ...]:
+        """The YAML documents of `path`, a copy the caller may change."""
+        stat = path.stat()
+        signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        cached = self._parsed.get(path)
+        # A file changed within the last second is parsed again, as git treats a racily
+        # clean file: a second edit of the same size can keep the coarse mtime of the first.
+        racy = time.time_ns() - stat.st_mtime_ns < RACY_NS
+        if cached is None or cached[0] != signature or racy:
+            cached = signature, tuple(yaml.load_all(path.read_text(), Loader=_LOADER))
+            self._parsed[path] = cached
+        return copy.deepcopy(cached[1])
 
     def _record_path(self, key: Key) -> Path:
         namespace, name = key
