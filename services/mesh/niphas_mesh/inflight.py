@@ -17,6 +17,8 @@ from pathlib import Path
 
 from niphas_common.nix.narinfo import NarInfo
 
+from .upload_slots import UploadSlots
+
 
 @dataclass(eq=False)
 class Partial:
@@ -66,10 +68,13 @@ class Partial:
 
 
 class Inflight:
-    """hash part -> Partial, for every flight of this node that has not been imported yet."""
+    """hash part -> Partial, for every flight of this node that has not been imported yet;
+    and the node's slots for NAR uploads to peers (`upload_slots`: the serving side reaches
+    both through the cache view)."""
 
-    def __init__(self) -> None:
+    def __init__(self, uploads: UploadSlots | None = None) -> None:
         self._partials: dict[str, Partial] = {}
+        self.uploads = uploads or UploadSlots()
 
     def begin(self, hash_part: str) -> Partial:
         partial = self._partials.get(hash_part)

@@ -44,7 +44,8 @@ class CacheServer:
         if (narinfo := _NARINFO_RE.fullmatch(path)) is not None:
             return await serve_narinfo.handle(self.view, narinfo.group(1))
         if path.startswith(_NAR_PREFIX) and "/" not in (name := path[len(_NAR_PREFIX) :]):
-            return await serve_nar.handle(request, self.view, name)
+            with self.view.inflight.uploads.slot(request):  # 503 to peers when full
+                return await serve_nar.handle(request, self.view, name)
         if path == "/nix-cache-info":
             return serve_cache_info.handle(self.view)
         return await self._ops(path)
