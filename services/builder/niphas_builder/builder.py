@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 
 from niphas_common.bus.build_logs import BuildLogs
 from niphas_common.bus.bus import Bus
@@ -90,12 +90,18 @@ class Builder:
                 "evaluation of %s at %s failed; nothing to build", event.repository, event.commit
             )
             return
-        if self.heads is not None:
-            await self.heads.record(event)
+        # The ref's head is recorded while the attributes are looked up: a cached answer
+        # does not wait for it, a build does (its supersede checks read the heads).
+        recorded = asyncio.ensure_future(self._record_head(event))
         attrs = [a for a in event.attributes if a.drv_path is not None and a.error is None]
-        outcomes = await asyncio.gather(
-            *(self._attribute(event, attr) for attr in attrs), return_exceptions=True
-        )
+        try:
+            outcomes = await asyncio.gather(
+                *(self._attribute(event, attr, recorded) for attr in attrs),
+                return_exceptions=True,
+            )
+            await recorded
+        finally:
+            recorded.cancel()  # only if this handler is itself cancelled before it is done
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         if errors:
             # Retried as a whole; attributes already answered publish the same build.done
@@ -103,7 +109,13 @@ class Builder:
             transient = [e for e in errors if isinstance(e, TransientError)]
             raise (transient or errors)[0]
 
-    async def _attribute(self, event: EvalDone, attr: EvaluatedAttribute) -> None:
+    async def _record_head(self, event: EvalDone) -> None:
+        if self.heads is not None:
+            await self.heads.record(event)
+
+    async def _attribute(
+        self, event: EvalDone, attr: EvaluatedAttribute, recorded: Awaitable[None]
+    ) -> None:
         assert attr.drv_path is not None
         job = BuildJob(
             drv_path=attr.drv_path,
@@ -119,6 +131,7 @@ class Builder:
         if result is None:
             result, source = await self.cache.lookup(job.outputs), "cache"
         if result is None:
+            await recorded
             result, source = await self._queued(event, job)
         RESULTS.labels(result.status, source).inc()
         await self.bus.publish(result.to_event(event, attr, self.cache.read_url))
