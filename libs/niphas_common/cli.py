@@ -1,28 +1,64 @@
-"""The `niphas` command: `up`, one command per installed service, `events`, `schemas`."""
+"""The `niphas` command: `up`, one command per installed service, `events`, `schemas`.
+
+A command is built only when it is named: `niphas mesh` (a pod's whole command line) imports
+the mesh and none of the other services, nor the NATS client and tables of `events` and
+`logs`. Help, completion and an unknown name build them all (the list names every command,
+an unknown one gets "did you mean").
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydantic_settings import BaseSettings
+from typer.core import TyperGroup
 
-from niphas_common import cli_events, cli_logs, schema_export
 from niphas_common.logs import configure_logging
-from niphas_common.service import SERVICE_ORDER, ServiceSpec, discover, run_until_signalled
+from niphas_common.service import (
+    ENTRY_POINT_GROUP,
+    SERVICE_ORDER,
+    ServiceSpec,
+    discover,
+    run_until_signalled,
+)
 from niphas_common.settings import CommonSettings, LogSettings
 
+if TYPE_CHECKING:
+    from pydantic_settings import BaseSettings
+    from typer._click import Command, Context  # typer's own click (it vendors one)
+
+
+class LazyCommands(TyperGroup):
+    """The top-level group: `up`, `settings` and `schemas` are built with it (they import
+    what they need when run); the others by `build_commands` when first named."""
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        if cmd_name not in self.commands:
+            for name, command in build_commands(cmd_name).items():
+                self.commands.setdefault(name, command)
+        return self.commands.get(cmd_name)
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        for name, command in build_commands(None).items():
+            self.commands.setdefault(name, command)
+        # The order of the help: logs, up, settings, the services in start order each with its
+        # own extra commands, then the groups.
+        head = [name for name in ("logs", "up", "settings") if name in self.commands]
+        tail = [name for name in ("events", "schemas") if name in self.commands]
+        return head + [n for n in self.commands if n not in head + tail] + tail
+
+
 app = typer.Typer(
+    cls=LazyCommands,
     help="Niphas: run Nix closures, not container images, on Kubernetes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-app.add_typer(cli_events.app, name="events")
-app.command("logs")(cli_logs.logs)
 schemas_app = typer.Typer(help="The event contract files under schemas/.")
 app.add_typer(schemas_app, name="schemas")
 
@@ -91,6 +127,8 @@ def schemas_export(
     directory: Annotated[Path, typer.Argument(help="Where the files live")] = Path("schemas"),
 ) -> None:
     """Regenerate the JSON Schema files and the AsyncAPI document from the models."""
+    from niphas_common import schema_export  # every subject's model: only for this command
+
     for path in schema_export.write_all(directory):
         typer.echo(f"wrote {path}")
 
@@ -100,6 +138,8 @@ def schemas_check(
     directory: Annotated[Path, typer.Argument(help="Where the files live")] = Path("schemas"),
 ) -> None:
     """Fail when the files differ from what the models generate."""
+    from niphas_common import schema_export
+
     stale = schema_export.drift(directory)
     if stale:
         typer.echo(f"out of date: {', '.join(stale)}; run `niphas schemas export`", err=True)
@@ -124,23 +164,77 @@ def _missing_command(name: str) -> Callable[[], None]:
     return missing
 
 
-def build_app() -> typer.Typer:
+def _commands_of(register: Callable[[typer.Typer], object]) -> dict[str, Command]:
+    """The click commands `register` adds to a Typer, built as the top-level app builds its own."""
+    part = typer.Typer(rich_markup_mode=app.rich_markup_mode)
+    register(part)
+    return dict(typer.main.get_group(part).commands)
+
+
+def _bus_commands(name: str) -> dict[str, Command]:
+    """`events` or `logs`: both bring the NATS client and rich's tables."""
+    if name == "events":
+        from niphas_common.cli_events import app as events
+
+        return _commands_of(lambda part: part.add_typer(events, name="events"))
+    from niphas_common.cli_logs import logs
+
+    return _commands_of(lambda part: part.command("logs")(logs))
+
+
+def _installed(name: str) -> ServiceSpec | None:
+    """The one service `name` as `discover` finds it (None when not installed), importing no
+    other service."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+        try:
+            spec = ep.load()
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and ep.module.startswith(exc.name):
+                return None  # declared, not built into this tree (as `discover` skips it)
+            raise
+        if not isinstance(spec, ServiceSpec):
+            raise TypeError(f"entry point {ep.name} = {ep.value} is not a ServiceSpec")
+        return spec
+    return None
+
+
+def _service_commands(
+    specs: dict[str, ServiceSpec], missing: list[str]
+) -> Callable[[typer.Typer], None]:
+    def register(part: typer.Typer) -> None:
+        for name, spec in specs.items():
+            part.command(name, help=spec.summary)(spec.command or _service_command(spec))
+            for command_name, command in spec.extra_commands:
+                part.command(command_name)(command)
+        for name in missing:
+            part.command(name, hidden=True)(_missing_command(name))
+
+    return register
+
+
+def build_commands(name: str | None) -> dict[str, Command]:
+    """The lazily built commands: the one called `name` (with a service's extra commands),
+    or, for None or a name no service declares (an extra command such as `rollback`, or a
+    typo), every one of them."""
+    if name in ("events", "logs"):
+        return _bus_commands(name)
+    declared = set(entry_points(group=ENTRY_POINT_GROUP).names) | set(SERVICE_ORDER)
+    if name in declared:
+        spec = _installed(name)
+        specs = {name: spec} if spec is not None else {}
+        return _commands_of(_service_commands(specs, [] if specs else [name]))
     services = discover()
-    for name, spec in services.items():
-        app.command(name, help=spec.summary)(spec.command or _service_command(spec))
-        for command_name, command in spec.extra_commands:
-            app.command(command_name)(command)
-    for name in SERVICE_ORDER:
-        if name not in services:
-            app.command(name, hidden=True)(_missing_command(name))
-    return app
+    missing = [n for n in SERVICE_ORDER if n not in services]
+    commands = _bus_commands("logs")
+    commands |= _commands_of(_service_commands(services, missing))
+    return commands | _bus_commands("events")
 
 
 def main() -> None:
     """The command, with the errors a user can cause (a missing file, no cluster) as one
     line and exit status 1 instead of a traceback."""
     try:
-        build_app()(prog_name="niphas")
+        app(prog_name="niphas")
     except Exception as exc:
         from niphas_common.kube.config import NoCluster  # not imported by every command
 
