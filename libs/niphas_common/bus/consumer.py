@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Event)
 
+BATCH_WAIT_S = 0.05
+"""While every handler slot is busy, how long a consumer waits for a batch of them to free
+before it fetches for fewer (see `EventConsumer._room`)."""
+
 PENDING_REPORT_S = 5.0
 """Seconds between reads of the consumer's pending counts (one `consumer_info` request each):
 queue depth on /metrics, so a wedged queue shows without anyone asking the server."""
@@ -93,6 +97,7 @@ class EventConsumer(Generic[E]):
         self._acked = EVENTS_HANDLED.labels(spec.subject, spec.durable, "acked")
         self._handler_seconds = HANDLER_SECONDS.labels(spec.subject, spec.durable)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._freed = asyncio.Event()  # set when a handler finishes
 
     @property
     def name(self) -> str:
@@ -106,10 +111,9 @@ class EventConsumer(Generic[E]):
         pending = asyncio.create_task(self._report_pending(), name=f"{spec.durable}-pending")
         try:
             while not stop.is_set():
-                free = self._sub.concurrency - len(self._tasks)
-                if free <= 0:
-                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-                    continue
+                free = await self._room()
+                if stop.is_set():
+                    break
                 try:
                     msgs = await psub.fetch(free, timeout=self._fetch_timeout_s)
                 except (TimeoutError, NatsTimeoutError):
@@ -123,7 +127,7 @@ class EventConsumer(Generic[E]):
                 for msg in msgs:
                     task = asyncio.create_task(self._handle_logged(msg))
                     self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    task.add_done_callback(self._finished)
         finally:
             if self._tasks:
                 log.info("%s: draining %d in-flight events", spec.durable, len(self._tasks))
@@ -131,6 +135,29 @@ class EventConsumer(Generic[E]):
             heartbeat.cancel()
             pending.cancel()
             await psub.unsubscribe()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._freed.set()
+
+    async def _room(self) -> int:
+        """Free handler slots to fetch for: a batch (a quarter of them), or fewer but not
+        none once BATCH_WAIT_S passed. Each fetch is a round trip to the server: fetching
+        one message per finished handler cost more than handling it, under a backlog."""
+        loop = asyncio.get_running_loop()
+        concurrency = self._sub.concurrency
+        batch = max(1, concurrency // 4)
+        deadline = loop.time() + BATCH_WAIT_S
+        while True:
+            free = concurrency - len(self._tasks)
+            if free >= batch or (free > 0 and loop.time() >= deadline):
+                return free
+            self._freed.clear()
+            try:
+                async with asyncio.timeout(deadline - loop.time() if free > 0 else None):
+                    await self._freed.wait()
+            except TimeoutError:
+                pass
 
     async def _report_pending(self) -> None:
         spec = self._sub.spec

@@ -14,6 +14,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from niphas_common.bus import inspect
 from niphas_common.bus.bus import Bus
@@ -274,3 +277,34 @@ async def test_provisioning_is_idempotent_and_applies_changed_settings(bus: Bus)
         bus.js, ConsumerSpec(durable="idem", subject="push.received", ack_wait_s=20)
     )
     assert (await bus.js.consumer_info("PUSH_RECEIVED", "idem")).config.ack_wait == 20.0
+
+
+async def test_a_busy_consumer_fetches_in_batches_and_handles_each_event_once(
+    bus: Bus, push_event: Callable[..., PushReceived], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nats.js.client import JetStreamContext
+
+    asked: list[int] = []
+    fetch = JetStreamContext.PullSubscription.fetch
+
+    async def counting(self: Any, batch: int = 1, *args: Any, **kwargs: Any) -> Any:
+        asked.append(batch)
+        return await fetch(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", counting)
+    n = 300
+    await bus.publisher.publish_many(push_event(f"backlog-{i}") for i in range(n))
+    handled: list[str] = []
+
+    async def handle(ev: PushReceived, delivery: Delivery) -> None:
+        # Handlers that finish at different times: slots free one by one.
+        await asyncio.sleep(0.001 * (int(ev.delivery_id.rsplit("-", 1)[1]) % 5))
+        handled.append(ev.delivery_id)
+
+    spec = ConsumerSpec(durable="batch-test", subject="push.received")
+    async with serving(bus, [Subscription(PushReceived, spec, handle, concurrency=16)]):
+        await eventually(lambda: len(handled) == n, timeout_s=60)
+
+    assert sorted(handled) == sorted(f"backlog-{i}" for i in range(n))
+    # A fetch for a quarter of the slots at least (4 of 16), not one per finished handler.
+    assert min(asked) >= 4, asked
