@@ -52,7 +52,7 @@ def summary(outcome: Outcome) -> Table:
             "mounts", str(published), f"{unpublished} unpublished, {paths} store paths moved to"
         )
         for name, rate in outcome.publish_errors.items():
-            table.add_row(f"publish errors {name}", rate, "")
+            table.add_row(f"publish errors {name}", str(rate), "")
         errors = Counter(a.error.split(":", 1)[0] for a in attempts if a.error)
         if errors:
             table.add_row("", "", ", ".join(f"{c} {n}" for c, n in sorted(errors.items())))

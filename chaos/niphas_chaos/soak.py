@@ -41,7 +41,13 @@ from niphas_chaos.checks import (
 from niphas_chaos.demo import SoakDemo
 from niphas_chaos.faults import Fault, FaultDriver, Plan
 from niphas_chaos.mounting import MountLoop, MountRecord, clear
-from niphas_chaos.recovery import Recovery, publish_errors, quiet_waits, recoveries
+from niphas_chaos.recovery import (
+    ErrorRate,
+    Recovery,
+    publish_errors,
+    quiet_waits,
+    recoveries,
+)
 from niphas_common.bus.inspect import consumers, streams, view
 from niphas_common.nats_cluster import EmbeddedNatsCluster
 from niphas_common.nats_server import EmbeddedNats
@@ -108,8 +114,8 @@ class Outcome:
     pushing: tuple[float, float] = (0.0, 0.0)
     """The pushing phase, as Unix times."""
     mounts: MountRecord = field(default_factory=MountRecord)
-    publish_errors: dict[str, str] = field(default_factory=dict)
-    """`during faults`, `during NATS faults`, `outside` -> `failed/total (percent)`."""
+    publish_errors: dict[str, ErrorRate] = field(default_factory=dict)
+    """`during faults`, `during NATS faults`, `outside` -> failed and total publishes."""
     leaks: dict[str, int] = field(default_factory=dict)
 
     def count(self, kind: str) -> int:
@@ -364,8 +370,7 @@ class Soak:
         """Every publish worked with its closure intact, or failed with a clear CSI error that
         a retry resolved."""
         self.outcome.mounts = record
-        rates = publish_errors(record.attempts, self.outcome.faults)
-        self.outcome.publish_errors = {name: str(rate) for name, rate in rates.items()}
+        self.outcome.publish_errors = publish_errors(record.attempts, self.outcome.faults)
         self.outcome.findings += [Finding("mount", problem) for problem in record.problems]
         if not any(a.call == "publish" and not a.error for a in record.attempts):
             self.outcome.findings.append(Finding("mount", "no volume was ever published"))
