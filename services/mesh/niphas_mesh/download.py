@@ -36,6 +36,14 @@ FLUSH_BYTES = 1 << 20
 the download from this node see it advance in steps of this size)."""
 
 
+BUSY = "HTTP 503"
+"""How the cache client reports a holder's 503: busy (`upload_slots`), ask again shortly."""
+
+
+MISSING = "HTTP 404"
+"""How the cache client reports a NAR that is not there."""
+
+
 class Rejected(Exception):
     """A holder could not give us a verified copy; `reason` labels metrics and logs."""
 
@@ -57,6 +65,10 @@ def reason_of(exc: NixError) -> str:
         return "narinfo"
     if isinstance(exc, CacheError) and _caused_by_timeout(exc):
         return "stall"
+    if isinstance(exc, CacheError) and BUSY in str(exc):
+        return "busy"
+    if isinstance(exc, CacheError) and MISSING in str(exc):
+        return "missing"  # a NAR gone or not there yet (a peer's download between attempts)
     return "error"
 
 
@@ -89,20 +101,29 @@ async def fetch_nar(
     tmp = partial_file(info, incoming)
     parser = NarParser(NullSink(), NarLimits(max_nar_size=info.nar_size))
     buf = bytearray()
+    started = False
     try:
-        with open(tmp, "wb") as f:  # noqa: ASYNC230 (opening is instant; writes are threaded)
-            partial.writing(tmp)
-            async with contextlib.aclosing(client.iter_nar(info)) as pieces:
-                async for piece in pieces:
+        async with contextlib.aclosing(client.iter_nar(info)) as pieces:
+            # The first bytes before anything is written: a holder that turns the download
+            # away (busy, missing) leaves the partial download, and the peers streaming it
+            # from this node, as they were.
+            first = await anext(pieces, b"")
+            with open(tmp, "wb") as f:  # noqa: ASYNC230 (opening is instant; writes are threaded)
+                partial.writing(tmp, info)
+                started = True
+                piece = first
+                while piece:
                     parser.feed(piece)
                     buf += piece
                     if len(buf) >= FLUSH_BYTES:
                         await _flush(f, buf, partial)
-            parser.finish()
-            await _flush(f, buf, partial)
+                    piece = await anext(pieces, b"")
+                parser.finish()
+                await _flush(f, buf, partial)
         land(info, incoming, tmp, partial)
     except BaseException as exc:
-        partial.fail()
+        if started:
+            partial.fail()
         if isinstance(exc, NixError):
             raise Rejected(client.url, reason_of(exc), str(exc)) from exc
         raise

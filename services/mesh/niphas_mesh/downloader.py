@@ -25,7 +25,9 @@ from .download import Rejected, fetch_nar, fetch_narinfo, land, partial_file
 from .index import Holding
 from .inflight import Inflight
 from .metrics import FETCHED_BYTES, REJECTED
+from .peer_load import PeerLoad
 from .ranges import RangedDownload, Source
+from .upload_slots import PEER_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,14 @@ class Downloader:
         self.node = node
         self.trusted = trusted
         self.session = session
+        # Holders count uploads per peer by this name (`upload_slots`).
+        session.headers[PEER_HEADER] = node
         self.inflight = inflight
         self.incoming = incoming
         self.range_bytes = range_bytes
         self._limit = asyncio.Semaphore(concurrency)
+        self.load = PeerLoad()
+        """This node's downloads from each holder, and the holders that said busy."""
         self._clients: dict[str, BinaryCacheClient] = {}
         self.downloads = 0
         """NARs downloaded and verified (what single-flight keeps at one per path)."""
@@ -61,7 +67,7 @@ class Downloader:
             await client.close()
 
     def reject(self, holder: Holding, path: StorePath, exc: Rejected) -> None:
-        if exc.reason != "missing":
+        if exc.reason not in ("missing", "busy"):
             REJECTED.labels(self.node, holder.holder, exc.reason).inc()
             log.warning("rejected %s from %s (%s): %s", path, holder.url, exc.reason, exc.detail)
 
@@ -71,8 +77,13 @@ class Downloader:
         async with self._limit:
             info = await fetch_narinfo(client, path)
             on_narinfo(info)
-            partial.known(info)
-            size = await fetch_nar(client, info, self.incoming, partial)
+            with self.load.download(holder.url):
+                try:
+                    size = await fetch_nar(client, info, self.incoming, partial)
+                except Rejected as exc:
+                    if exc.reason == "busy":
+                        self.load.busy(holder.url)
+                    raise
         self.downloads += 1
         FETCHED_BYTES.labels(self.node, holder.kind).inc(size)
         return info
@@ -84,7 +95,6 @@ class Downloader:
         async with self._limit:
             info, sources = await self._narinfos(peers, path)
             on_narinfo(info)
-            partial.known(info)
             tmp = partial_file(info, self.incoming)
             download = RangedDownload(
                 self.session,

@@ -307,6 +307,7 @@ class Fetcher:
             fallback_caches=self.fallback_caches,
             peer_wait_s=self.peer_wait_s,
             range_min_bytes=self.range_min_bytes,
+            load=self.downloader.load,
         )
         errors: list[str] = []
         while pick := await choice.next():
@@ -320,6 +321,11 @@ class Fetcher:
             try:
                 return await self.downloader.from_holder(holder, path, on_narinfo)
             except Rejected as exc:
+                if exc.reason == "busy":
+                    # It uploads all it takes at once: others first, then it again when free
+                    # (the choice waits for a free peer rather than go to the cache).
+                    choice.again(holder)
+                    continue
                 if exc.reason == "missing" and holder.state == "fetching":
                     # Its flight has no narinfo yet (or just ended): ask again shortly.
                     choice.again(holder)

@@ -39,11 +39,10 @@ class Partial:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def known(self, info: NarInfo) -> None:
+    def writing(self, file: Path, info: NarInfo) -> None:
+        """Bytes of `info`'s NAR start landing in `file`. Only now is the narinfo served: a
+        peer given it before there was a file to stream would ask for the NAR and get 404."""
         self.info = info
-        self._wake()
-
-    def writing(self, file: Path) -> None:
         self.file = file
         self.written = 0
         self.attempt += 1
@@ -58,8 +57,11 @@ class Partial:
         self.file = file
 
     def fail(self) -> None:
-        """The download from this holder went wrong: abort the streams, await a retry."""
+        """The download from this holder went wrong: abort the streams, await a retry. Its
+        narinfo and file are not offered again until the retry writes (its file is gone)."""
         self.failed = True
+        self.info = None
+        self.file = None
         self._wake()
 
     async def changed(self, timeout: float) -> None:  # noqa: ASYNC109 (a bounded wait)

@@ -80,7 +80,7 @@ class RangedDownload:
         self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(self._fd, self.info.nar_size)
-            self.partial.writing(self.tmp)
+            self.partial.writing(self.tmp, self.info)
             workers = [asyncio.create_task(self._worker(s)) for s in self.sources]
             try:
                 good = await self._verify_in_order()

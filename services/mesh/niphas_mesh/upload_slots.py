@@ -1,26 +1,32 @@
-"""How many NARs this node uploads to its peers at once: a peer asking beyond that waits.
+"""How many peers this node uploads NARs to at once: one more peer waits or asks another.
 
-Every NAR a node sends to a peer shares its uplink and its CPU share with the others it is
-sending; past a few at once each one slows (a node under a tight CPU quota stalls them all),
-while other peers that hold the path sit idle. So a node takes at most `limit` NAR uploads to
-peers at a time; a peer asking for one more gets `503 Service Unavailable` with `Retry-After`,
-and its fetcher tries another holder or asks again shortly (`peer_load`), rather than the cache.
+Every peer a node sends to shares its uplink and its CPU share with the others; past a few at
+once each one slows (a node under a tight CPU quota stalls them all), while other nodes that
+hold the path sit idle. So a node uploads to at most `limit` peers at a time (any number of
+NARs to each: one peer's downloads share its downlink anyway, and a closure's paths are asked
+for together); a request from one more peer gets `503 Service Unavailable` with `Retry-After`,
+and that peer's fetcher tries another holder or asks again shortly (`peer_load`) rather than
+go to the cache. A peer is known by the node name its fetcher sends (`PEER_HEADER`), else by
+its address.
 
 Only the mesh's own fetchers are turned away: a Nix client (its User-Agent names `Nix/`, as
 when the node serves as a binary cache to the pods on it) is always served, and so are HEAD
-requests and narinfos. The limit is NIPHAS_MESH_UPLOAD_SLOTS (default 4; 0: no limit).
+requests and narinfos. The limit is NIPHAS_MESH_UPLOAD_SLOTS (default 2; 0: no limit).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 from collections.abc import Iterator
 
 from aiohttp import hdrs, web
 
-DEFAULT_LIMIT = 4
-"""NAR uploads to peers at once, unless NIPHAS_MESH_UPLOAD_SLOTS says otherwise."""
+DEFAULT_LIMIT = 2
+"""Peers uploaded to at once, unless NIPHAS_MESH_UPLOAD_SLOTS says otherwise."""
+PEER_HEADER = "X-Niphas-Node"
+"""The request header in which a mesh fetcher names its node."""
 RETRY_AFTER_S = 1
 """What a turned-away peer is told to wait (whole seconds, as HTTP has it)."""
 
@@ -42,25 +48,30 @@ def configured_limit() -> int:
 class UploadSlots:
     def __init__(self, limit: int | None = None) -> None:
         self.limit = configured_limit() if limit is None else limit
-        """NAR uploads to peers at once (0: no limit); tests may change it on a live node."""
-        self.taken = 0
+        """Peers uploaded to at once (0: no limit); tests may change it on a live node."""
+        self.peers: Counter[str] = Counter()
+        """Peer -> NARs being uploaded to it right now."""
         self.refused = 0
-        """Requests turned away so far (for tests and the README's figures)."""
+        """Requests turned away so far (for tests and metrics)."""
 
     @contextlib.contextmanager
     def slot(self, request: web.BaseRequest) -> Iterator[None]:
-        """Hold one upload slot while a NAR GET from a peer is answered; 503 when full."""
+        """Count a NAR GET from a peer while it is answered; 503 when it would be one peer too
+        many."""
         if request.method != hdrs.METH_GET or "Nix/" in request.headers.get(hdrs.USER_AGENT, ""):
             yield
             return
-        if self.limit and self.taken >= self.limit:
+        peer = request.headers.get(PEER_HEADER) or request.remote or "?"
+        if self.limit and peer not in self.peers and len(self.peers) >= self.limit:
             self.refused += 1
             raise web.HTTPServiceUnavailable(
                 headers={hdrs.RETRY_AFTER: str(RETRY_AFTER_S)},
-                text=f"uploading {self.taken} NARs already; ask another holder\n",
+                text=f"uploading to {len(self.peers)} peers already; ask another holder\n",
             )
-        self.taken += 1
+        self.peers[peer] += 1
         try:
             yield
         finally:
-            self.taken -= 1
+            self.peers[peer] -= 1
+            if not self.peers[peer]:
+                del self.peers[peer]
