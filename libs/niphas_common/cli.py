@@ -35,22 +35,33 @@ if TYPE_CHECKING:
 
 class LazyCommands(TyperGroup):
     """The top-level group: `up`, `settings` and `schemas` are built with it (they import
-    what they need when run); the others by `build_commands` when first named."""
+    what they need when run); every other command when it is first named."""
+
+    every_built = False
 
     def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
         if cmd_name not in self.commands:
-            for name, command in build_commands(cmd_name).items():
-                self.commands.setdefault(name, command)
+            named = command_named(cmd_name)
+            self._add(named if named is not None else self._every())
         return self.commands.get(cmd_name)
 
     def list_commands(self, ctx: Context) -> list[str]:
-        for name, command in build_commands(None).items():
-            self.commands.setdefault(name, command)
+        self._add(self._every())
         # The order of the help: logs, up, settings, the services in start order each with its
         # own extra commands, then the groups.
         head = [name for name in ("logs", "up", "settings") if name in self.commands]
         tail = [name for name in ("events", "schemas") if name in self.commands]
         return head + [n for n in self.commands if n not in head + tail] + tail
+
+    def _every(self) -> dict[str, Command]:
+        if self.every_built:
+            return {}
+        self.every_built = True
+        return every_command()
+
+    def _add(self, commands: dict[str, Command]) -> None:
+        for name, command in commands.items():
+            self.commands.setdefault(name, command)
 
 
 app = typer.Typer(
@@ -212,17 +223,21 @@ def _service_commands(
     return register
 
 
-def build_commands(name: str | None) -> dict[str, Command]:
-    """The lazily built commands: the one called `name` (with a service's extra commands),
-    or, for None or a name no service declares (an extra command such as `rollback`, or a
-    typo), every one of them."""
+def command_named(name: str) -> dict[str, Command] | None:
+    """The command `name` built alone (a service's with its extra commands, a service not
+    installed as a hidden command saying so); None when only building every command can
+    tell (an extra command such as `rollback`, or a typo)."""
     if name in ("events", "logs"):
         return _bus_commands(name)
-    declared = set(entry_points(group=ENTRY_POINT_GROUP).names) | set(SERVICE_ORDER)
-    if name in declared:
-        spec = _installed(name)
-        specs = {name: spec} if spec is not None else {}
-        return _commands_of(_service_commands(specs, [] if specs else [name]))
+    if name not in set(entry_points(group=ENTRY_POINT_GROUP).names) | set(SERVICE_ORDER):
+        return None
+    spec = _installed(name)
+    specs = {name: spec} if spec is not None else {}
+    return _commands_of(_service_commands(specs, [] if specs else [name]))
+
+
+def every_command() -> dict[str, Command]:
+    """Every lazily built command, for help, completion and names no service declares."""
     services = discover()
     missing = [n for n in SERVICE_ORDER if n not in services]
     commands = _bus_commands("logs")
