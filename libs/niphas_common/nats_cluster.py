@@ -277,8 +277,10 @@ class EmbeddedNatsCluster:
         return [server for server in self.servers if server.running]
 
     def _index(self, name: str | None) -> int | None:
+        """The server named `name`, if it runs (the others name a killed leader until their
+        election timeout)."""
         for i in range(self.size):
-            if name == server_name(i):
+            if name == server_name(i) and self.servers[i].running:
                 return i
         return None
 
