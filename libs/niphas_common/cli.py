@@ -12,6 +12,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -96,7 +97,7 @@ def up(
     """Start NATS and every installed service on this machine, until Ctrl-C."""
     from niphas_common.up import run_up
 
-    installed = list(discover())
+    installed = installed_names()
     chosen = service or installed
     unknown = sorted(set(chosen) - set(installed))
     if unknown:
@@ -207,6 +208,22 @@ def _installed(name: str) -> ServiceSpec | None:
             raise TypeError(f"entry point {ep.name} = {ep.value} is not a ServiceSpec")
         return spec
     return None
+
+
+def installed_names() -> list[str]:
+    """The installed services' names in start order, as `discover` lists them but without
+    importing them: the supervisor of `niphas up` runs each in a process of its own (where a
+    broken dependency fails loudly, as it would here)."""
+    found = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            present = find_spec(ep.module) is not None
+        except ModuleNotFoundError:  # its package is absent too
+            present = False
+        if present:
+            found.append(ep.name)
+    rank = {name: i for i, name in enumerate(SERVICE_ORDER)}
+    return sorted(found, key=lambda name: rank.get(name, len(rank)))
 
 
 def _service_commands(

@@ -23,10 +23,9 @@ import json, runpy, sys
 out, sys.argv = sys.argv[1], ["niphas", *sys.argv[2:]]
 try:
     runpy.run_module("niphas_common", run_name="__main__", alter_sys=True)
-except SystemExit:
-    pass
-with open(out, "w") as f:
-    json.dump(sorted(sys.modules), f)
+finally:
+    with open(out, "w") as f:
+        json.dump(sorted(sys.modules), f)
 """
 
 CLI_ONLY = ("niphas_common.cli_events", "niphas_common.cli_logs", "niphas_common.schema_export")
@@ -34,7 +33,7 @@ CLI_ONLY = ("niphas_common.cli_events", "niphas_common.cli_logs", "niphas_common
 INSTALLED = discover()
 
 
-def imported_by(tmp_path: Path, *args: str) -> set[str]:
+def imported_by(tmp_path: Path, *args: str, status: int = 0) -> set[str]:
     out = tmp_path / "modules.json"
     result = subprocess.run(
         [sys.executable, "-c", PROBE, str(out), *args],
@@ -42,8 +41,8 @@ def imported_by(tmp_path: Path, *args: str) -> set[str]:
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0, result.stderr
-    assert "Usage: niphas" in result.stdout, result.stdout
+    assert result.returncode == status, result.stderr
+    assert "Usage: niphas" in result.stdout + result.stderr, result
     modules: list[str] = json.loads(out.read_text())
     return set(modules)
 
@@ -74,6 +73,14 @@ def test_every_service_command_imports_its_own_service_only(tmp_path: Path, serv
     others = {f"niphas_{name}" for name in SERVICE_ORDER if name != service}
     assert not packages(modules) & others, sorted(packages(modules) & others)
     assert not modules & set(CLI_ONLY), sorted(modules & set(CLI_ONLY))
+
+
+def test_up_checks_the_services_it_starts_without_importing_them(tmp_path: Path) -> None:
+    # The supervisor only starts `python -m niphas_common <service>` processes. Finding a
+    # service's module imports its package (an `__init__` with a docstring), not its code.
+    modules = imported_by(tmp_path, "up", "--service", "nosuch", status=2)
+    code = {m for m in modules if m.split(".")[0] in {f"niphas_{n}" for n in SERVICE_ORDER}}
+    assert code <= {f"niphas_{name}" for name in SERVICE_ORDER}, sorted(code)
 
 
 def test_help_lists_every_command_and_unknown_names_are_refused_with_a_suggestion() -> None:
