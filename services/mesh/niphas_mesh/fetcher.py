@@ -30,6 +30,7 @@ flights of their references; what it serves is verified like any holder's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence, Set
@@ -96,7 +97,7 @@ class Fetcher:
         self.index = index
         self.announcer = announcer
         self.last_use = last_use
-        self.importer = Importer(store, incoming)
+        self.importer = Importer(store, incoming, self._downloads_landed)
         self.inflight = inflight
         self.fallback_caches = tuple(fallback_caches)
         self.workload_caches = workload_caches or WorkloadCaches((), trusted)
@@ -119,6 +120,9 @@ class Fetcher:
         """Paths of the wants being answered right now (what `needed` starts from)."""
         self._references: dict[str, Sequence[StorePath]] = {}
         """Signed references of paths fetched but not valid yet (the store knows the rest)."""
+        self._downloading = 0
+        """Flights getting their narinfo and NAR right now (an import batch waits for them)."""
+        self._download_ended = asyncio.Event()
         self._collected = 0
         """Paths forced GC passes have deleted so far (an attempt compares before and after)."""
 
@@ -278,21 +282,46 @@ class Fetcher:
                 refs.extend(self.flight(r, caches) for r in info.reference_paths())
                 refs.append(_done())
 
+        # Counted as downloading until handed to the importer (or waiting for references to
+        # be imported, or failed): an import batch waits for the downloads still landing.
+        self._downloading += 1
+        counted = True
+
+        def handed_over() -> None:
+            nonlocal counted
+            if counted:
+                counted = False
+                self._downloading -= 1
+                self._download_ended.set()  # wake the importer's wait; it looks again
+                self._download_ended = asyncio.Event()
+
         try:
             info = await self._download(path, start_references, caches)
+            if not all(r.done() for r in refs):
+                handed_over()
             try:
                 await asyncio.gather(*refs)
             except BaseException:
                 self.importer.discard(info)
                 raise
-            await self.importer.add(info)
+            added = self.importer.add(info)
+            handed_over()
+            await added
         finally:
+            handed_over()
             self.inflight.end(path.hash_part)
         FETCHES.labels(self.node, "imported").inc()
         self.last_use.touch(path.hash_part)
         valid = self.store.lookup(path.hash_part)
         if valid is not None:
             await self.announcer.available(valid)
+
+    async def _downloads_landed(self, timeout: float) -> None:  # noqa: ASYNC109 (bounded)
+        """Return once no flight is downloading, or after `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._downloading:
+                    await self._download_ended.wait()
 
     async def _download(
         self, path: StorePath, on_narinfo: OnNarinfo, caches: Sequence[str]

@@ -5,7 +5,11 @@ references are already valid are imported with `nix copy --no-recursive --from f
 Nix checks the builder's signature and the NarHash once more, restores the tree and registers it
 valid with its references and signatures, so `nix path-info` and `nix store verify` see an
 ordinary substituted path. Paths that become ready while a copy runs are batched into the next
-one (one Nix process start per batch rather than per path). A failed copy leaves partly
+one (one Nix process start per batch rather than per path), and a ready path waits (up to
+`GATHER_S`) while other downloads of the node are still landing, so a closure fetched at once
+is imported in one `nix copy` and one `nix path-info` rather than one of each per path that
+happened to land first: each Nix process costs ~25 ms of CPU, most of a second of a node
+under a tight CPU quota. A failed copy leaves partly
 restored paths behind (`leftovers`); they are removed, and the batch is retried path by path.
 """
 
@@ -16,6 +20,7 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from niphas_common.nix.errors import CommandError, NixError
@@ -38,29 +43,37 @@ class ImportFailed(Exception):
         self.disk_full = any(text in cause for text in DISK_FULL)
 
 
+GATHER_S = 2.0
+"""Seconds a ready path waits at most for the node's other downloads to land (one batch)."""
+Quiet = Callable[[float], Awaitable[None]]
+"""Returns once no download of the node is running, or after the seconds given."""
 DISK_FULL = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
 """What Nix's error says when the store's disk (or quota) is full."""
 
 
 class Importer:
-    def __init__(self, store: NodeStore, incoming: Path) -> None:
+    def __init__(self, store: NodeStore, incoming: Path, quiet: Quiet | None = None) -> None:
         self.store = store
         self.incoming = incoming
+        self.quiet = quiet
+        """Waits (at most the seconds given) until no download of this node is running."""
         (incoming / "nar").mkdir(parents=True, exist_ok=True)
         (incoming / "nix-cache-info").write_text(f"StoreDir: {STORE_DIR}\n")
         self._pending: list[tuple[NarInfo, asyncio.Future[None]]] = []
         self._running: asyncio.Task[None] | None = None
 
-    async def add(self, info: NarInfo) -> None:
-        """Import one downloaded path (its references must be valid already)."""
+    def add(self, info: NarInfo) -> asyncio.Future[None]:
+        """Import one downloaded path (its references must be valid already): queued at once,
+        done when imported."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((info, future))
         if self._running is None or self._running.done():
             self._running = asyncio.create_task(self._drain())
-        await future
+        return future
 
     async def _drain(self) -> None:
         while self._pending:
+            await self._gather()
             batch, self._pending = self._pending, []
             errors = await self._import([info.store_path for info, _ in batch])
             for info, future in batch:
@@ -72,6 +85,11 @@ class Importer:
                 else:
                     cause = errors.get(info.store_path, "not valid after the import")
                     future.set_exception(ImportFailed(info.store_path, cause))
+
+    async def _gather(self) -> None:
+        """Wait while downloads are landing (at most GATHER_S): they join the batch."""
+        if self.quiet is not None:
+            await self.quiet(GATHER_S)
 
     async def _import(self, paths: list[StorePath]) -> dict[StorePath, str]:
         """Import `paths`; the cause of each failure. A failed batch is retried one path at a
