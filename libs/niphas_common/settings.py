@@ -12,6 +12,8 @@ from typing import ClassVar
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ELECTION_WAIT_S = 30.0
+
 
 def default_state_dir() -> Path:
     """Where the embedded default keeps its data (NATS store, cache, leases): NIPHAS_STATE_DIR
@@ -69,6 +71,13 @@ class NatsSettings(BaseSettings):
         description="Seconds a publish waits for JetStream's acknowledgement; then it fails "
         "with an error naming the stream (on a cluster that lost quorum the stream has no "
         "leader, and a publish would otherwise wait for ever)",
+    )
+    election_wait_s: float = Field(
+        default=ELECTION_WAIT_S,
+        gt=0,
+        description="Seconds a JetStream request that provisions streams and consumers is "
+        "tried again while it times out or is answered 503: on a cluster that just lost a "
+        "server, leaders are elected again, which takes several seconds",
     )
     cluster_size: int = Field(
         default=1,

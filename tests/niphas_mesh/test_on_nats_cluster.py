@@ -53,13 +53,6 @@ def bus(cluster_bus: Bus) -> Bus:
 
 @pytest.mark.nix
 @pytest.mark.root
-@pytest.mark.xfail(
-    reason="the mesh agent's consumers end when a JetStream API request meets a leader "
-    "election (ensure_consumer waits 5 s, an election can take 4-9 s; a fetch answered 503 "
-    "raises out of bus/consumer.py), so on a cluster that just lost a server the agent may "
-    "stop serving its wants until restarted",
-    strict=False,
-)
 async def test_holders_survive_losing_their_leader_and_a_node_fetches_from_the_peer(
     bus: Bus,
     nats_cluster: EmbeddedNatsCluster,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from nats.aio.client import Client
@@ -26,7 +27,12 @@ from niphas_common.bus.consumer import EventConsumer, Subscription
 from niphas_common.bus.kv import BusError, KeyValue, open_bucket
 from niphas_common.bus.publisher import Publisher, PublishError
 from niphas_common.bus.state import State
-from niphas_common.bus.topology import ensure_consumer, ensure_streams, stream_name
+from niphas_common.bus.topology import (
+    ensure_consumer,
+    ensure_streams,
+    stream_name,
+    through_elections,
+)
 from niphas_common.bus.watch import E, Handler, Watch
 from niphas_common.metrics import EVENTS_PUBLISHED
 from niphas_common.settings import NatsSettings
@@ -40,7 +46,7 @@ class Bus:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.settings = settings
-        self.publisher = Publisher(self.js)
+        self.publisher = Publisher(self.js, timeout_s=settings.publish_timeout_s)
         self._states: dict[str, State] = {}
 
     @classmethod
@@ -87,9 +93,14 @@ class Bus:
         """The state bucket `name` (no age limit), created when missing (see `state.State`)."""
         state = self._states.get(name)
         if state is None:
-            state = await State.open(
-                self.nc, self.js, name, description=description, replicas=self.settings.replicas
-            )
+            state = await through_elections(
+                partial(
+                    State.open, self.nc, self.js, name,
+                    description=description, replicas=self.settings.replicas,
+                ),
+                f"bucket {name}",
+                self.settings.election_wait_s,
+            )  # fmt: skip
             self._states[name] = state
         return state
 
@@ -130,7 +141,7 @@ class Bus:
     ) -> None:
         """Provision each durable consumer and run them until `stop` is set."""
         for sub in subscriptions:
-            await ensure_consumer(self.js, sub.spec)
+            await ensure_consumer(self.js, sub.spec, wait_s=self.settings.election_wait_s)
         consumers = [
             EventConsumer(self.js, sub, fetch_timeout_s=fetch_timeout_s) for sub in subscriptions
         ]

@@ -7,9 +7,16 @@ Poison messages go to `DEAD_LETTERS` under `dead.<subject>`, where `niphas event
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -20,12 +27,22 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
-from niphas_common.settings import NatsSettings
+from niphas_common.settings import ELECTION_WAIT_S, NatsSettings
 from niphas_schemas import SUBJECTS, PushReceived
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# What a JetStream request meets while a cluster elects a leader (a server just left).
+ELECTION_ERRORS = (
+    NatsTimeoutError,
+    asyncio.TimeoutError,
+    ServiceUnavailableError,
+    NoRespondersError,
+)
 
 DEAD_LETTER_STREAM = "DEAD_LETTERS"
 DEAD_LETTER_PREFIX = "dead."
@@ -84,17 +101,39 @@ def _duplicate_window(subject: str, settings: NatsSettings) -> float:
     return min(window, settings.max_age_days * 86400.0)
 
 
+async def through_elections(request: Callable[[], Awaitable[T]], what: str, wait_s: float) -> T:
+    """`request()`, tried again for up to `wait_s` while the cluster has no leader for it.
+
+    A service starting (or a consumer made) during an election would otherwise fail on the
+    first timeout, although the cluster answers again a few seconds later."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await request()
+        except ELECTION_ERRORS as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("%s: no JetStream leader yet (%r), trying again", what, exc)
+            await asyncio.sleep(0.5)
+
+
 async def ensure_streams(js: JetStreamContext, settings: NatsSettings) -> None:
     """Create each stream, or bring an existing one to the declared config."""
     for config in stream_configs(settings):
-        assert config.name is not None
-        try:
-            await js.stream_info(config.name)
-        except NotFoundError:
-            await js.add_stream(config)
-            log.info("created stream %s (%s)", config.name, ", ".join(config.subjects or []))
-        else:
-            await js.update_stream(config)
+        await through_elections(
+            partial(_ensure_stream, js, config), f"stream {config.name}", settings.election_wait_s
+        )
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        log.info("created stream %s (%s)", config.name, ", ".join(config.subjects or []))
+    else:
+        await js.update_stream(config)
 
 
 @dataclass(frozen=True)
@@ -133,7 +172,14 @@ class ConsumerSpec:
         return self.backoff_s[min(delivered - 1, len(self.backoff_s) - 1)]
 
 
-async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
+async def ensure_consumer(
+    js: JetStreamContext, spec: ConsumerSpec, *, wait_s: float = ELECTION_WAIT_S
+) -> None:
+    """Create the durable consumer of `spec`, or update it, through leader elections."""
+    await through_elections(partial(_ensure_consumer, js, spec), f"consumer {spec.durable}", wait_s)
+
+
+async def _ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
     try:
         await js.consumer_info(spec.stream, spec.durable)
     except NotFoundError:

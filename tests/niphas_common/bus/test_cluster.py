@@ -8,7 +8,6 @@ and catches up when healed."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections import Counter
 from collections.abc import Callable
@@ -107,8 +106,8 @@ async def test_a_publish_survives_killing_the_stream_leader_and_each_event_is_co
     assert nats_cluster.stream_leader(STREAM) not in (None, leader)
     assert set(seen) == {e.delivery_id for e in before + after}
     assert set(seen.values()) == {1}
-    if restarts:
-        logging.getLogger(__name__).warning("consumer restarted after %s", restarts)
+    # The consumer rides out the election (a fetch answered 503 is fetched again).
+    assert restarts == [], restarts
     info = await cluster_bus.js.stream_info(STREAM)
     assert info.state.messages == len(before) + len(after)
 
