@@ -26,20 +26,10 @@ from pathlib import Path
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.*
+from bench.proc_status import status_kb
 from bench.report import Report, Series, add_json_option
 from niphas_demo.flow import Demo
 from niphas_demo.stack import Stack, child_pids
-
-
-def status_kb(pid: int, field: str) -> int:
-    """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM), 0 if the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def import_floor_mb(service: str) -> float:

@@ -53,6 +53,7 @@ from bench.cpu_shares import CpuShares
 from bench.http_servers import NGINX, Nginx
 from bench.mesh_nodes import ROOT, Agents
 from bench.netns import Network
+from bench.proc_status import status_kb
 from bench.report import Report, Series, add_json_option
 
 AGENT_PORT = 5480
@@ -64,17 +65,6 @@ EGRESS_FACTOR = 1.5
 AGENT_PEAK_MB = 150.0
 """Target: an agent's peak resident memory over the fan-out."""
 ROUND_TIMEOUT_S = 15 * 60
-
-
-def status_kb(pid: int, field: str) -> int:
-    """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM), 0 if the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 class Cluster:
