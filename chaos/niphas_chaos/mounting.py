@@ -132,7 +132,8 @@ class MountLoop:
 
     async def _publish(self, kubelet: Kubelet, spec: PodSpec) -> Pod | None:
         """Publish until it works (each failed volume unpublished first, as kubelet does when
-        it gives up on a pod); None if it never did within `RETRY_FOR_S`."""
+        it gives up on a pod); None if it never did within `RETRY_FOR_S` or before the soak
+        stopped the loop."""
         deadline = self._now() + RETRY_FOR_S
         while True:
             before = set(self.layout.pods.iterdir()) if self.layout.pods.exists() else set()
@@ -147,10 +148,11 @@ class MountLoop:
                 for directory in set(self.layout.pods.iterdir()) - before:
                     failed = Pod(spec, directory.name, kubelet_target(directory))
                     await self._unpublish(kubelet, failed)
-                if self._now() > deadline:
+                if self._now() > deadline or self._stop.is_set():
+                    # The soak is over (or it gave up): an unresolved failure either way.
                     self.record.problems.append(
-                        f"publish of {spec.store_path} still failing after {RETRY_FOR_S:.0f}s:"
-                        f" {error}"
+                        f"publish of {spec.store_path} still failing after"
+                        f" {self._now() - deadline + RETRY_FOR_S:.0f}s: {error}"
                     )
                     return None
                 await asyncio.sleep(ROUND_PAUSE_S)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats.errors
 from nats.js import JetStreamContext
 from rich.console import Console
 
@@ -41,14 +42,8 @@ from niphas_chaos.checks import (
 from niphas_chaos.demo import SoakDemo
 from niphas_chaos.faults import Fault, FaultDriver, Plan
 from niphas_chaos.mounting import MountLoop, MountRecord, clear
-from niphas_chaos.recovery import (
-    ErrorRate,
-    Recovery,
-    publish_errors,
-    quiet_waits,
-    recoveries,
-)
-from niphas_common.bus.inspect import consumers, streams, view
+from niphas_chaos.recovery import ErrorRate, Recovery, publish_errors, quiet_waits, recoveries
+from niphas_common.bus.inspect import StoredMessage, consumers, streams, view
 from niphas_common.nats_cluster import EmbeddedNatsCluster
 from niphas_common.nats_server import EmbeddedNats
 from niphas_common.nix.runner import NixRunner
@@ -69,6 +64,7 @@ PIPELINE = ("push.received", "eval.done", "build.done")
 PIPELINE_STREAMS = ("PUSH_RECEIVED", "EVAL_DONE", "BUILD_DONE")
 """Whose leaders a server kill aims at, besides the key-value buckets' streams (`KV_*`)."""
 LEAK_SETTLE_S = 10.0
+READ_RETRY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -237,8 +233,19 @@ class Soak:
 
     # -- reading back -------------------------------------------------------------------------
 
+    async def _stored(self, subject: str) -> list[StoredMessage]:
+        """Every message on `subject`, read again while a cluster elects (503s)."""
+        deadline = time.monotonic() + READ_RETRY_S
+        while True:
+            try:
+                return await view(self.js, subject, last=1_000_000)
+            except nats.errors.Error:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
+
     async def _bodies(self, subject: str) -> list[dict[str, Any]]:
-        stored = await view(self.js, subject, last=1_000_000)
+        stored = await self._stored(subject)
         return [json.loads(m.data) for m in stored]
 
     async def _consumer_states(self) -> list[ConsumerState]:
@@ -280,7 +287,8 @@ class Soak:
             try:
                 drained = not stuck_consumers(await self._consumer_states())
                 done = drained and await self._answered()
-            except (OSError, TimeoutError, LookupError) as exc:
+            except (OSError, TimeoutError, LookupError, nats.errors.Error) as exc:
+                # A cluster electing a leader answers 503 for a moment: read again.
                 self.console.print(f"  (reading the bus: {exc!r})")
                 done = False
             quiet = quiet + 1 if done else 0
@@ -302,7 +310,7 @@ class Soak:
         ours = set(commits)
         times: list[float] = []
         for subject in PIPELINE:
-            stored = await view(self.js, subject, last=1_000_000)
+            stored = await self._stored(subject)
             bodies = [json.loads(m.data) for m in stored]
             outcome.events[subject] = sum(1 for b in bodies if b.get("commit") in ours)
             times += [m.time.timestamp() for m in stored if m.time is not None]
@@ -319,7 +327,7 @@ class Soak:
         outcome.findings += found
         outcome.builds_started, outcome.builds_pushed = sum(started.values()), sum(pushed.values())
         outcome.findings += stuck_consumers(await self._consumer_states())
-        letters = await view(self.js, "dead.>", last=1_000_000)
+        letters = await self._stored("dead.>")
         recent = [m.subject for m in letters if m.time is None or m.time >= self._started]
         outcome.findings += dead_letters(recent)
 
@@ -378,8 +386,8 @@ class Soak:
         self.outcome.findings += [Finding("mount", f"unclear error: {e}") for e in unclear]
 
     async def _check_leaks(self) -> None:
-        """Once every pod is gone: no mount, lease, view or volume record left (an unmount is
-        synchronous, so only a short settle for the driver's last unpublish to finish)."""
+        """Once every pod is gone: no mount, lease, view or volume record left (a short settle
+        for the driver's last unpublish)."""
         layout = self.demo.layout
         deadline = time.monotonic() + LEAK_SETTLE_S
         counts = leaks.count(layout)
