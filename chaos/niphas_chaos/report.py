@@ -29,33 +29,8 @@ def summary(outcome: Outcome) -> Table:
     servers = "1 server" if outcome.nats_servers == 1 else f"{outcome.nats_servers}-server cluster"
     nats = ", ".join(f"{kind} {by_kind[kind]}" for kind in NATS_FAULTS if by_kind[kind])
     table.add_row("", "", f"NATS ({servers}): {nats or 'no fault'}")
-    spread = p50_max(r.seconds for r in outcome.recoveries)
-    if spread is not None:
-        each = ", ".join(
-            f"{r.seconds:.1f}s" if r.seconds is not None else "-" for r in outcome.recoveries
-        )
-        table.add_row(
-            "recovery after NATS faults", f"p50 {spread[0]:.1f}s", f"max {spread[1]:.1f}s ({each})"
-        )
-    quiet = p50_max(outcome.quiet_waits)
-    if quiet is not None and spread is not None:
-        ratio = f"; recovery p50 {spread[0] / quiet[0]:.1f}x" if quiet[0] else ""
-        table.add_row(
-            "baseline: quiet moments", f"p50 {quiet[0]:.1f}s", f"max {quiet[1]:.1f}s{ratio}"
-        )
-    attempts = outcome.mounts.attempts
-    if attempts:
-        published = sum(1 for a in attempts if a.call == "publish" and not a.error)
-        unpublished = sum(1 for a in attempts if a.call == "unpublish" and not a.error)
-        paths = len(outcome.mounts.store_paths)
-        table.add_row(
-            "mounts", str(published), f"{unpublished} unpublished, {paths} store paths moved to"
-        )
-        for name, rate in outcome.publish_errors.items():
-            table.add_row(f"publish errors {name}", str(rate), "")
-        errors = Counter(a.error.split(":", 1)[0] for a in attempts if a.error)
-        if errors:
-            table.add_row("", "", ", ".join(f"{c} {n}" for c, n in sorted(errors.items())))
+    _recovery_rows(table, outcome)
+    _mount_rows(table, outcome)
     if outcome.leaks:
         left = ", ".join(f"{what} {n}" for what, n in outcome.leaks.items())
         table.add_row("left after the soak", str(sum(outcome.leaks.values())), left)
@@ -83,6 +58,41 @@ def summary(outcome: Outcome) -> Table:
         shown = "\n".join(found[:10]) + (f"\n(+{len(found) - 10})" if len(found) > 10 else "")
         table.add_row(f"[{style}]{label}[/{style}]", f"[{style}]{len(found)}[/{style}]", shown)
     return table
+
+
+def _recovery_rows(table: Table, outcome: Outcome) -> None:
+    """Each NATS fault's recovery (p50/max) and the same run's baseline."""
+    spread = p50_max(r.seconds for r in outcome.recoveries)
+    if spread is not None:
+        each = ", ".join(
+            f"{r.seconds:.1f}s" if r.seconds is not None else "-" for r in outcome.recoveries
+        )
+        table.add_row(
+            "recovery after NATS faults", f"p50 {spread[0]:.1f}s", f"max {spread[1]:.1f}s ({each})"
+        )
+    quiet = p50_max(outcome.quiet_waits)
+    if quiet is not None and spread is not None:
+        ratio = f"; recovery p50 {spread[0] / quiet[0]:.1f}x" if quiet[0] else ""
+        table.add_row(
+            "baseline: quiet moments", f"p50 {quiet[0]:.1f}s", f"max {quiet[1]:.1f}s{ratio}"
+        )
+
+
+def _mount_rows(table: Table, outcome: Outcome) -> None:
+    """The mounts made throughout and their error rates."""
+    attempts = outcome.mounts.attempts
+    if attempts:
+        published = sum(1 for a in attempts if a.call == "publish" and not a.error)
+        unpublished = sum(1 for a in attempts if a.call == "unpublish" and not a.error)
+        paths = len(outcome.mounts.store_paths)
+        table.add_row(
+            "mounts", str(published), f"{unpublished} unpublished, {paths} store paths moved to"
+        )
+        for name, rate in outcome.publish_errors.items():
+            table.add_row(f"publish errors {name}", str(rate), "")
+        errors = Counter(a.error.split(":", 1)[0] for a in attempts if a.error)
+        if errors:
+            table.add_row("", "", ", ".join(f"{c} {n}" for c, n in sorted(errors.items())))
 
 
 def markdown(options: Options, outcome: Outcome) -> str:
