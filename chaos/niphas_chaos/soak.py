@@ -39,7 +39,6 @@ from niphas_chaos.checks import (
     dead_letters,
     stuck_consumers,
 )
-from niphas_chaos.demo import SoakDemo
 from niphas_chaos.faults import Fault, FaultDriver, Plan
 from niphas_chaos.mounting import MountLoop, MountRecord, clear
 from niphas_chaos.recovery import ErrorRate, Recovery, publish_errors, quiet_waits, recoveries
@@ -47,7 +46,7 @@ from niphas_common.bus.inspect import StoredMessage, consumers, streams, view
 from niphas_common.nats_cluster import EmbeddedNatsCluster
 from niphas_common.nats_server import EmbeddedNats
 from niphas_common.nix.runner import NixRunner
-from niphas_demo.flow import until
+from niphas_demo.flow import Demo, until
 from niphas_demo.kubelet import Kubelet
 from niphas_demo.webhook import send_push
 
@@ -126,7 +125,7 @@ class Soak:
     def __init__(self, state: Path, console: Console, options: Options) -> None:
         self.options = options
         self.console = console
-        self.demo = SoakDemo(state, console)
+        self.demo = Demo(state, console)
         self.rng = random.Random(options.seed)
         self.run_id = secrets.token_hex(3)
         self.nats: EmbeddedNats | EmbeddedNatsCluster = (
