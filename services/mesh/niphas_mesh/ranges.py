@@ -34,6 +34,7 @@ from niphas_common.nix.narinfo import NarInfo
 from .download import FLUSH_BYTES, Rejected
 from .index import Holding
 from .inflight import Partial
+from .peer_load import BUSY_S
 
 Report = Callable[[Holding, Rejected], None]
 
@@ -104,16 +105,30 @@ class RangedDownload:
             i = self._pending.popleft()
             try:
                 await self._fetch(source, i)
-            except Exception as exc:
+            except Rejected as exc:
+                if exc.reason != "busy":
+                    self._drop(source, i, exc)
+                    return
+                # It uploads to all the peers it takes (`upload_slots`): the range goes back
+                # to the others, and this peer is asked again shortly.
                 self._pending.appendleft(i)
-                self._alive.discard(source)
-                if not isinstance(exc, Rejected):
-                    exc = Rejected(source.holding.url, "error", repr(exc))
-                self.report(source.holding, exc)
                 self._wake()
+                await asyncio.sleep(BUSY_S)
+                continue
+            except Exception as exc:
+                self._drop(source, i, exc)
                 return
             self.owner[i] = source
             self._wake()
+
+    def _drop(self, source: Source, i: int, exc: Exception) -> None:
+        """`source` failed range `i`: it goes back to the others; `source` is reported."""
+        self._pending.appendleft(i)
+        self._alive.discard(source)
+        if not isinstance(exc, Rejected):
+            exc = Rejected(source.holding.url, "error", repr(exc))
+        self.report(source.holding, exc)
+        self._wake()
 
     async def _fetch(self, source: Source, i: int, compare: bool = False) -> bool:
         """Write range `i` from `source`; with `compare`, whether it differed from before."""
@@ -124,6 +139,8 @@ class RangedDownload:
         try:
             async with self.session.get(url, headers={"Range": f"bytes={a}-{b - 1}"}) as resp:
                 expected = f"bytes {a}-{b - 1}/{self.info.nar_size}"
+                if resp.status == 503:
+                    raise Rejected(url, "busy", f"range {a}-{b - 1}: HTTP 503")
                 if resp.status != 206 or resp.headers.get("Content-Range") != expected:
                     raise Rejected(url, "error", f"asked for {expected}, got HTTP {resp.status}")
                 buf = bytearray()
