@@ -16,14 +16,17 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
+from niphas_builder.app import wired
 from niphas_builder.settings import BuilderSettings
 from niphas_builder.single_flight import BUCKET
 from niphas_common.bus.bus import Bus
+from niphas_common.bus.consumer import Delivery
 from niphas_common.nix.cache_client import BinaryCacheClient
 from niphas_common.nix.errors import CommandError
 from niphas_common.nix.runner import NixRunner
 from niphas_common.nix.signing import SecretKey
-from niphas_schemas import BuildDone, PathAvailable
+from niphas_schemas import HOLDERS_BUCKET, BuildDone, PathAvailable
+from niphas_schemas.holders import path_key
 from tests.nix_harness import CacheKey
 
 from .conftest import BuildFlake
@@ -244,3 +247,39 @@ async def test_each_push_of_a_commit_gets_a_build_done_and_the_build_runs_once(
     assert main.cache_url == feature.cache_url is not None
     assert counter("niphas_builder_builds_total", outcome="built") == builds + 1
     assert counter("niphas_builder_pushes_total") == pushes + 1
+
+
+async def test_a_redelivered_eval_done_announces_the_cache_again(
+    bus: Bus,
+    build_flake: Callable[..., BuildFlake],
+    builder_settings: BuilderSettings,
+) -> None:
+    """A first attempt that pushed but whose announcements were not stored (a NATS cluster
+    electing a leader) is retried: the retry finds the build done and announces again, so a
+    node's mesh can still learn that the cache holds the closure."""
+    flake = build_flake()
+    event = flake.eval_done("app")
+    holders = await bus.state(HOLDERS_BUCKET)
+
+    async def announced(paths: tuple[str, ...]) -> set[str]:
+        url = builder_settings.read_url
+        keys = [path_key(p, "cache", "cache", url) for p in paths]
+        return {k for k in keys if await holders.get(k) is not None}
+
+    async with wired(bus, builder_settings) as builder:
+        await builder.handle(event, delivery(1))
+        [done] = await events(bus, BuildDone)
+        assert done.status == "built"
+        keys = await announced(done.closure)
+        assert len(keys) == len(done.closure) == 3
+        for key in keys:  # as if the first attempt's announcements were lost
+            await holders.delete(key)
+
+        await builder.handle(event, delivery(1))  # a first delivery answers without them
+        assert await announced(done.closure) == set()
+        await builder.handle(event, delivery(2))  # the redelivery announces again
+        assert await announced(done.closure) == keys
+
+
+def delivery(num_delivered: int) -> Delivery:
+    return Delivery(subject="eval.done", stream_sequence=1, num_delivered=num_delivered, headers={})

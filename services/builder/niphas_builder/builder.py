@@ -94,9 +94,11 @@ class Builder:
         # does not wait for it, a build does (its supersede checks read the heads).
         recorded = asyncio.ensure_future(self._record_head(event))
         attrs = [a for a in event.attributes if a.drv_path is not None and a.error is None]
+        # A redelivery may follow a first attempt whose announcements were not stored.
+        redelivered = delivery.num_delivered > 1
         try:
             outcomes = await asyncio.gather(
-                *(self._attribute(event, attr, recorded) for attr in attrs),
+                *(self._attribute(event, attr, recorded, redelivered) for attr in attrs),
                 return_exceptions=True,
             )
             await recorded
@@ -114,7 +116,11 @@ class Builder:
             await self.heads.record(event)
 
     async def _attribute(
-        self, event: EvalDone, attr: EvaluatedAttribute, recorded: Awaitable[None]
+        self,
+        event: EvalDone,
+        attr: EvaluatedAttribute,
+        recorded: Awaitable[None],
+        redelivered: bool,
     ) -> None:
         assert attr.drv_path is not None
         job = BuildJob(
@@ -133,6 +139,11 @@ class Builder:
         if result is None:
             await recorded
             result, source = await self._queued(event, job)
+        elif redelivered and result.status != "failed" and not self.executor.pushes:
+            # The build that answered may have pushed and then failed to announce (a
+            # publish not stored while a NATS cluster elected a leader); the attempt
+            # that failed is this one, so it announces again before answering.
+            await self._announce_cached(job)
         RESULTS.labels(result.status, source).inc()
         await self.bus.publish(result.to_event(event, attr, self.cache.read_url))
 
@@ -268,6 +279,14 @@ class Builder:
             closure=closure,
             built_on=outcome.built_on,
             duration_s=time.monotonic() - started,
+        )
+
+    async def _announce_cached(self, job: BuildJob) -> None:
+        """path.available again for the closure of `job`'s outputs, read from the cache."""
+        infos = await self.cache.closure(job.outputs)
+        await self._announce(
+            (str(i.store_path), i.nar_hash.nix32, i.nar_size, [str(r) for r in i.references])
+            for i in infos
         )
 
     async def _announce(self, paths: Iterable[tuple[str, str, int, list[str]]]) -> None:

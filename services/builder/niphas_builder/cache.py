@@ -119,6 +119,13 @@ class BuildCache:
             closure=sorted_paths(infos),
         )
 
+    async def closure(self, outputs: Mapping[str, str]) -> list[NarInfo]:
+        """The verified narinfos of the closure of `outputs` in the cache."""
+        try:
+            return list((await self.client.closure(outputs.values())).values())
+        except CacheError as exc:
+            raise TransientError(f"binary cache {self.read_url} unreachable: {exc}") from exc
+
     async def push(self, paths: Iterable[str]) -> dict[str, PathInfo]:
         """Copy the closure of `paths` into the cache, signed; return its path infos."""
         wanted = list(paths)
