@@ -121,7 +121,7 @@ class _HttpTransport(_Transport):
                 if resp.status == 404:
                     return None
                 if resp.status != 200:
-                    raise CacheError(f"GET {url}: HTTP {resp.status}")
+                    raise CacheError(f"GET {url}: HTTP {resp.status}", status=resp.status)
                 return await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise CacheError(f"GET {url}: {exc!r}") from exc
@@ -131,7 +131,7 @@ class _HttpTransport(_Transport):
         try:
             async with self._client().get(url) as resp:
                 if resp.status != 200:
-                    raise CacheError(f"GET {url}: HTTP {resp.status}")
+                    raise CacheError(f"GET {url}: HTTP {resp.status}", status=resp.status)
                 async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
                     yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -270,7 +270,7 @@ class BinaryCacheClient:
                 msg if msg.startswith(f"{where}:") else f"{where}: {msg}"
             ) from exc
         except CacheError as exc:
-            raise CacheError(f"{where}: {exc}") from exc
+            raise CacheError(f"{where}: {exc}", status=exc.status) from exc
         if packed is not None and packed.hash() != info.file_hash:
             raise VerificationError(f"{where}: FileHash mismatch (got {packed.hash().nix32})")
         if info.file_size is not None and packed_size != info.file_size:

@@ -38,6 +38,11 @@ class VerificationError(NixError):
 class CacheError(NixError):
     """A binary cache cannot be reached or answered something unusable."""
 
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        """The HTTP status the cache answered with, when it answered."""
+
 
 class CommandError(NixError):
     """A nix CLI command failed; carries the command, exit status and stderr."""

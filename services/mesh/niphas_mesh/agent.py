@@ -42,6 +42,7 @@ from .server import build_server
 from .settings import MeshSettings
 from .state_lock import StateLock
 from .store import NodeStore
+from .upload_slots import UploadSlots
 from .workload_caches import WorkloadCaches
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,8 @@ async def _open_local(settings: MeshSettings) -> _Local:
     incoming = state / "incoming"
     # Nothing imports yet: whatever a killed earlier run left half-done goes now.
     await after_crash(store, incoming)
-    return _Local(trusted, store, LastUse(state / "last-use.json"), Inflight(), incoming)
+    inflight = Inflight(UploadSlots(settings.upload_slots))
+    return _Local(trusted, store, LastUse(state / "last-use.json"), inflight, incoming)
 
 
 async def _serve_cache(

@@ -36,12 +36,12 @@ FLUSH_BYTES = 1 << 20
 the download from this node see it advance in steps of this size)."""
 
 
-BUSY = "HTTP 503"
-"""How the cache client reports a holder's 503: busy (`upload_slots`), ask again shortly."""
+BUSY = 503
+"""A holder's answer when it uploads to all the peers it takes (`upload_slots`): ask again."""
 
 
-MISSING = "HTTP 404"
-"""How the cache client reports a NAR that is not there."""
+MISSING = 404
+"""A NAR that is not there (yet)."""
 
 
 class Rejected(Exception):
@@ -65,9 +65,9 @@ def reason_of(exc: NixError) -> str:
         return "narinfo"
     if isinstance(exc, CacheError) and _caused_by_timeout(exc):
         return "stall"
-    if isinstance(exc, CacheError) and BUSY in str(exc):
+    if isinstance(exc, CacheError) and exc.status == BUSY:
         return "busy"
-    if isinstance(exc, CacheError) and MISSING in str(exc):
+    if isinstance(exc, CacheError) and exc.status == MISSING:
         return "missing"  # a NAR gone or not there yet (a peer's download between attempts)
     return "error"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from niphas_common.nix.narinfo import NarInfo
 
-from .upload_slots import UploadSlots
+from .upload_slots import DEFAULT_LIMIT, UploadSlots
 
 
 @dataclass(eq=False)
@@ -76,7 +76,7 @@ class Inflight:
 
     def __init__(self, uploads: UploadSlots | None = None) -> None:
         self._partials: dict[str, Partial] = {}
-        self.uploads = uploads or UploadSlots()
+        self.uploads = uploads or UploadSlots(DEFAULT_LIMIT)
 
     def begin(self, hash_part: str) -> Partial:
         partial = self._partials.get(hash_part)

@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 
 from niphas_common.settings import ServiceSettings
 
+from .upload_slots import DEFAULT_LIMIT
 from .workload_caches import check_entries
 
 
@@ -106,6 +107,13 @@ class MeshSettings(ServiceSettings):
         ge=0,
         description="Seconds to wait for a peer that announced it is fetching a path (and "
         "started first) before fetching it from the cache ourselves",
+    )
+    upload_slots: int = Field(
+        default=DEFAULT_LIMIT,
+        ge=0,
+        description="Peers this node uploads NARs to at once; one more gets 503 with "
+        "Retry-After and asks another holder (0: no limit; Nix clients, HEAD requests and "
+        "narinfos are always served)",
     )
     range_min_bytes: int = Field(
         default=64 << 20,

@@ -11,43 +11,28 @@ its address.
 
 Only the mesh's own fetchers are turned away: a Nix client (its User-Agent names `Nix/`, as
 when the node serves as a binary cache to the pods on it) is always served, and so are HEAD
-requests and narinfos. The limit is NIPHAS_MESH_UPLOAD_SLOTS (default 2; 0: no limit).
+requests and narinfos. The limit is the setting NIPHAS_MESH_UPLOAD_SLOTS (0: no limit).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import Counter
 from collections.abc import Iterator
 
 from aiohttp import hdrs, web
 
 DEFAULT_LIMIT = 2
-"""Peers uploaded to at once, unless NIPHAS_MESH_UPLOAD_SLOTS says otherwise."""
+"""Peers uploaded to at once where no setting is given (the setting's default too)."""
 PEER_HEADER = "X-Niphas-Node"
 """The request header in which a mesh fetcher names its node."""
 RETRY_AFTER_S = 1
 """What a turned-away peer is told to wait (whole seconds, as HTTP has it)."""
 
 
-def configured_limit() -> int:
-    """NIPHAS_MESH_UPLOAD_SLOTS, or the default; a clear error for anything but a count."""
-    raw = os.environ.get("NIPHAS_MESH_UPLOAD_SLOTS", "").strip()
-    if not raw:
-        return DEFAULT_LIMIT
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise ValueError(f"NIPHAS_MESH_UPLOAD_SLOTS={raw!r}: not a whole number") from None
-    if limit < 0:
-        raise ValueError(f"NIPHAS_MESH_UPLOAD_SLOTS={raw!r}: must be 0 (no limit) or more")
-    return limit
-
-
 class UploadSlots:
-    def __init__(self, limit: int | None = None) -> None:
-        self.limit = configured_limit() if limit is None else limit
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         """Peers uploaded to at once (0: no limit); tests may change it on a live node."""
         self.peers: Counter[str] = Counter()
         """Peer -> NARs being uploaded to it right now."""
