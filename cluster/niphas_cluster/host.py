@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,10 @@ class Snapshot:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             return None
+
+
+COUNTERS = re.compile(r"\[\d+:\d+\]")
+"""A chain's packet and byte counters in iptables-save's output."""
 
 
 def take_snapshot() -> Snapshot:
@@ -187,11 +192,17 @@ def leftovers(snap: Snapshot, layout: Layout) -> list[str]:
 
 
 def _rules(tool: str) -> str | None:
-    """`<tool>-save` without its comment lines (they carry the time of the dump)."""
+    """`<tool>-save` without its comment lines (they carry the time of the dump) and with
+    chain counters zeroed (traffic moves them: a table that existed before the node would
+    otherwise never compare equal)."""
     saved = _run([f"{tool}-save"])
     if saved is None:
         return None
-    return "".join(line + "\n" for line in saved.splitlines() if not line.startswith("#"))
+    return "".join(
+        COUNTERS.sub("[0:0]", line) + "\n"
+        for line in saved.splitlines()
+        if not line.startswith("#")
+    )
 
 
 def _run(argv: list[str], stdin: str | None = None) -> str | None:

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 CLUSTER_NAME = "niphas"
 IPTABLES = Path("/usr/sbin/iptables")
+BUILTIN_CHAINS = (":INPUT ", ":FORWARD ", ":OUTPUT ")
+"""The filter table's own chains: a table with these alone and no rule holds nothing."""
 START_ATTEMPTS = 3
 """A route port picked free can be taken before its server binds it: retry with new ones."""
 
@@ -222,6 +224,7 @@ class EmbeddedNatsCluster:
         chain = f"NIPHAS-NATS-{own}"
         reset = ["-j", "REJECT", "--reject-with", "tcp-reset"]
         cgroup_path = server.cgroup.name
+        had_filter = self._filter_table_exists()  # before any iptables call can make it
         self._remove_chain(chain)  # a chain left by a process that died inside the block
         self._partitions.add(chain)
         try:
@@ -241,6 +244,8 @@ class EmbeddedNatsCluster:
             yield
         finally:
             self._remove_chain(chain)
+            if not had_filter:
+                self._drop_empty_filter_table()
             log.info("NATS server %s partition healed", server_name(i))
 
     # -- internals -------------------------------------------------------------------------
@@ -326,6 +331,33 @@ class EmbeddedNatsCluster:
             raise NatsClusterError(
                 f"$ iptables {' '.join(args)} failed: {result.stderr.strip() or result.returncode}"
             )
+
+    @staticmethod
+    def _filter_table() -> list[str] | None:
+        """The filter table's lines, None when it does not exist (`iptables-save -t filter`
+        would print an empty one either way)."""
+        saved = subprocess.run([f"{IPTABLES}-save"], capture_output=True, text=True).stdout
+        lines = saved.splitlines()
+        if "*filter" not in lines:
+            return None
+        start = lines.index("*filter")
+        return lines[start : lines.index("COMMIT", start)]
+
+    def _filter_table_exists(self) -> bool:
+        return self._filter_table() is not None
+
+    def _drop_empty_filter_table(self) -> None:
+        """Remove the filter table our first rule created (iptables-nft makes a table on
+        first use and keeps it), unless someone else has put rules in it meanwhile: the host
+        is left as it was."""
+        table = self._filter_table()
+        if table is None or any(
+            line.startswith(("-A", ":")) and not line.startswith(BUILTIN_CHAINS) for line in table
+        ):
+            return
+        subprocess.run(
+            [f"{IPTABLES}-restore"], input="*filter\nCOMMIT\n", capture_output=True, text=True
+        )
 
     def _remove_chain(self, chain: str) -> None:
         """Unhook, flush and delete `chain`; whatever of it exists (safe to repeat)."""
