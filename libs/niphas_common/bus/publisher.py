@@ -18,7 +18,6 @@ from niphas_common import tracing
 from niphas_common.bus.codec import encode, headers_for
 from niphas_common.bus.topology import stream_name
 from niphas_common.errors import TransientError
-from niphas_common.settings import NatsSettings
 from niphas_schemas import Event
 
 log = logging.getLogger(__name__)
@@ -41,11 +40,10 @@ def no_leader(stream: str, timeout_s: float, exc: BaseException) -> str:
 
 
 class Publisher:
-    def __init__(self, js: JetStreamContext, *, timeout_s: float | None = None) -> None:
-        """`timeout_s`: how long a publish waits for its ack (default: the setting
-        NIPHAS_NATS_PUBLISH_TIMEOUT_S)."""
+    def __init__(self, js: JetStreamContext, *, timeout_s: float) -> None:
+        """`timeout_s`: how long a publish waits for its ack (NIPHAS_NATS_PUBLISH_TIMEOUT_S)."""
         self._js = js
-        self._timeout_s = timeout_s if timeout_s is not None else NatsSettings().publish_timeout_s
+        self._timeout_s = timeout_s
 
     async def publish(self, event: Event) -> PubAck:
         """Store one event; `PubAck.duplicate` is True when its Msg-Id was already stored."""
