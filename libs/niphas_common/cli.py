@@ -25,6 +25,8 @@ from niphas_common.service import (
     SERVICE_ORDER,
     ServiceSpec,
     discover,
+    in_start_order,
+    load_spec,
     run_until_signalled,
 )
 from niphas_common.settings import CommonSettings, LogSettings
@@ -198,15 +200,7 @@ def _installed(name: str) -> ServiceSpec | None:
     """The one service `name` as `discover` finds it (None when not installed), importing no
     other service."""
     for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
-        try:
-            spec = ep.load()
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and ep.module.startswith(exc.name):
-                return None  # declared, not built into this tree (as `discover` skips it)
-            raise
-        if not isinstance(spec, ServiceSpec):
-            raise TypeError(f"entry point {ep.name} = {ep.value} is not a ServiceSpec")
-        return spec
+        return load_spec(ep)
     return None
 
 
@@ -222,8 +216,7 @@ def installed_names() -> list[str]:
             present = False
         if present:
             found.append(ep.name)
-    rank = {name: i for i, name in enumerate(SERVICE_ORDER)}
-    return sorted(found, key=lambda name: rank.get(name, len(rank)))
+    return in_start_order(found)
 
 
 def _service_commands(

@@ -24,9 +24,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from aiohttp import web
@@ -72,20 +72,31 @@ def discover() -> dict[str, ServiceSpec]:
     """Installed services by name, in start order."""
     found: dict[str, ServiceSpec] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            spec = ep.load()
-        except ModuleNotFoundError as exc:
-            # Declared but not built into this tree yet: reported as not installed. A missing
-            # dependency of an existing service (another module name) still fails loudly.
-            if exc.name is not None and ep.module.startswith(exc.name):
-                log.debug("service %s declared but %s is absent", ep.name, ep.module)
-                continue
-            raise
-        if not isinstance(spec, ServiceSpec):
-            raise TypeError(f"entry point {ep.name} = {ep.value} is not a ServiceSpec")
-        found[ep.name] = spec
+        spec = load_spec(ep)
+        if spec is not None:
+            found[ep.name] = spec
+    return {name: found[name] for name in in_start_order(found)}
+
+
+def load_spec(ep: EntryPoint) -> ServiceSpec | None:
+    """The service an entry point declares; None when it is declared but not built into this
+    tree (a missing dependency of an existing service, another module name, still fails)."""
+    try:
+        spec = ep.load()
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and ep.module.startswith(exc.name):
+            log.debug("service %s declared but %s is absent", ep.name, ep.module)
+            return None
+        raise
+    if not isinstance(spec, ServiceSpec):
+        raise TypeError(f"entry point {ep.name} = {ep.value} is not a ServiceSpec")
+    return spec
+
+
+def in_start_order(names: Iterable[str]) -> list[str]:
+    """`names` in SERVICE_ORDER, names it does not list last."""
     rank = {name: i for i, name in enumerate(SERVICE_ORDER)}
-    return dict(sorted(found.items(), key=lambda item: rank.get(item[0], len(rank))))
+    return sorted(names, key=lambda name: rank.get(name, len(rank)))
 
 
 async def run_until_signalled(main: ServiceMain) -> None:
