@@ -67,6 +67,8 @@ async def test_pod_defaults_ingress_volumes_and_cache(
     async with running_operator(settings):
         await eventually(lambda: kubectl.get("ingress", "web") is not None, 30)
         await eventually(lambda: kubectl.get("deployment", "plain") is not None, 30)
+        # Its status is written after the Deployment: wait for it before stopping.
+        await eventually(lambda: "status" in (kubectl.get("nw", "plain") or {}), 30)
         await eventually(lambda: kubectl.get("pdb", "web") is not None, 30)
 
     pod = _pod(kubectl, "web")
@@ -86,7 +88,7 @@ async def test_pod_defaults_ingress_volumes_and_cache(
     assert attributes["binaryCache"] == "https://cache.example.com"
     assert attributes["binaryCachePublicKey"] == key
     assert "emptyDir" in volumes["niphas-tmp"]
-    assert volumes["niphas-etc"]["configMap"]["name"] == "web-niphas-etc"
+    assert volumes["niphas-etc"]["configMap"]["name"] == "niphas-etc"
     assert volumes["data"] == {"name": "data", "emptyDir": {}}
     container = pod["containers"][0]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -100,7 +102,7 @@ async def test_pod_defaults_ingress_volumes_and_cache(
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["SSL_CERT_FILE"] == "/etc/ssl/certs/ca-certificates.crt"
 
-    etc = kubectl.get("configmap", "web-niphas-etc")
+    etc = kubectl.get("configmap", "niphas-etc")
     assert etc is not None
     assert etc["data"]["passwd"] == PASSWD
     assert "hosts: files dns" in etc["data"]["nsswitch.conf"]

@@ -68,8 +68,11 @@ async def test_render_mode_writes_manifests_after_build_done(
             "name": "web",
             "port": {"number": 80},
         }
-        etc = yaml.safe_load((rendered / "apps" / "web-niphas-etc" / "configmap.yaml").read_text())
+        # The namespace's one /etc, the ConfigMap the Deployment's pods mount.
+        etc = yaml.safe_load((rendered / "apps" / "niphas-etc" / "configmap.yaml").read_text())
         assert "root:x:0:0" in etc["data"]["passwd"]
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["niphas-etc"]["configMap"]["name"] == etc["metadata"]["name"]
         pdb = yaml.safe_load((rendered / "apps" / "web" / "pdb.yaml").read_text())
         assert "unhealthyPodEvictionPolicy" not in pdb["spec"]
     finally:

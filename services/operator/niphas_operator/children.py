@@ -1,12 +1,14 @@
 """The objects a workload owns, as plain manifests: Deployment(s), Service, Ingress,
-PodDisruptionBudget, and the ConfigMap of its pods' minimal /etc.
+PodDisruptionBudget; and the ConfigMap of the pods' minimal /etc, one per namespace.
 
 Pure functions of the workload and the store path it runs; the workload store makes them
 real (server-side apply in a cluster, files for GitOps in render mode). Everything the pod
 runs comes from the closure, mounted read-only at /nix/store by the `csi.niphas.io` inline
 volume; the container image is a fixed stub that never changes with the app, so the pod
 also gets what a program from a closure expects of a system and a stub image lacks: a
-writable /tmp and a minimal /etc (passwd, group, nsswitch.conf, CA certificates).
+writable /tmp and a minimal /etc (passwd, group, nsswitch.conf, CA certificates). That /etc
+is the same for every workload, so the workloads of a namespace share one ConfigMap
+(`ETC_NAME`) instead of each storing its own copy of a CA bundle of a few hundred kilobytes.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Final
 
-from niphas_operator.workload import ARCH_LABEL, ARCH_POD_LABEL, Workload
+from niphas_operator.workload import ARCH_LABEL, ARCH_POD_LABEL, MANAGED_BY, Workload
 
 CLOSURE_VOLUME = "nix-closure"
 STORE_MOUNT = "/nix/store"
 STORE_PATH_ANNOTATION = "niphas.io/store-path"
 TMP_VOLUME = "niphas-tmp"
 ETC_VOLUME = "niphas-etc"
+ETC_NAME = "niphas-etc"
+"""The ConfigMap of the pods' /etc, shared by every workload of its namespace."""
 RESERVED_VOLUMES: Final = (CLOSURE_VOLUME, TMP_VOLUME, ETC_VOLUME)
 CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
 ETC_DIGEST_ANNOTATION = "niphas.io/etc-digest"
@@ -59,7 +63,8 @@ def deployment_name(workload: Workload, architecture: str | None) -> str:
     return workload.name if architecture is None else f"{workload.name}-{architecture}"
 
 
-def etc_name(workload: Workload) -> str:
+def former_etc_name(workload: Workload) -> str:
+    """The per-workload /etc ConfigMap of earlier operators, which an upgraded one deletes."""
     return f"{workload.name}-niphas-etc"
 
 
@@ -187,7 +192,7 @@ def _pod_spec(
     ]
     if "/tmp" not in mounted:
         volumes.append({"name": TMP_VOLUME, "emptyDir": {}})
-    volumes.append({"name": ETC_VOLUME, "configMap": {"name": etc_name(workload)}})
+    volumes.append({"name": ETC_VOLUME, "configMap": {"name": ETC_NAME}})
     volumes.extend(dict(v) for v in spec.extra_volumes)
     pod_spec: dict[str, Any] = {
         "containers": [_container(workload, command, pod, mounted)],
@@ -297,11 +302,20 @@ def etc_digest(pod: PodSettings) -> str:
     return hashlib.sha256(repr(sorted(etc_data(pod).items())).encode()).hexdigest()[:16]
 
 
-def etc_config_map(workload: Workload, pod: PodSettings) -> dict[str, Any]:
-    """The pods' minimal /etc, one file per key (mounted one by one with subPath, so the
-    kubelet's /etc/hosts and /etc/resolv.conf stay as they are)."""
-    metadata = _metadata(workload, etc_name(workload))
-    metadata["annotations"] = {ETC_DIGEST_ANNOTATION: etc_digest(pod)}
+def etc_config_map(namespace: str, pod: PodSettings) -> dict[str, Any]:
+    """The pods' minimal /etc in `namespace`, one file per key (mounted one by one with
+    subPath, so the kubelet's /etc/hosts and /etc/resolv.conf stay as they are). Shared by
+    the namespace's workloads: no owner reference (the operator deletes it with the last
+    workload); the Deployments carry its digest, so a new CA bundle still rolls their pods."""
+    metadata = {
+        "name": ETC_NAME,
+        "namespace": namespace,
+        "labels": {
+            "app.kubernetes.io/managed-by": MANAGED_BY,
+            "app.kubernetes.io/component": "pod-etc",
+        },
+        "annotations": {ETC_DIGEST_ANNOTATION: etc_digest(pod)},
+    }
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": etc_data(pod)}
 
 

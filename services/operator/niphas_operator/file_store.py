@@ -7,8 +7,8 @@
   (an overlay on the user's spec). Changing the effective spec (the file, or a pin) bumps
   the generation, as the API server does.
 - `render_dir/<namespace>/<child>/{deployment,service,ingress,pdb,configmap}.yaml`: the
-  children by their names (`<name>`; `<name>-niphas-etc` for the pods' /etc,
-  `<name>-<arch>` for each architecture's Deployment), exactly what
+  children by their names (`<name>`; `<name>-<arch>` for each architecture's Deployment;
+  `niphas-etc` for the pods' /etc, one per namespace), exactly what
   the Kubernetes store applies minus owner references (no uid exists before a cluster holds
   the object), for Fleet or Argo CD to deliver. Written only when their content changes, so
   a GitOps repository sees no churn.
@@ -258,7 +258,13 @@ class FileStore:
         return {**rendered, "metadata": {**meta, "resourceVersion": _digest(text)}}
 
     async def delete(self, api_version: str, kind: str, key: Key) -> None:
-        self._child_path(kind, key).unlink(missing_ok=True)
+        path = self._child_path(kind, key)
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # the child's directory, once nothing else is in it
+
+    async def workloads_remain(self, namespace: str, besides: str) -> bool:
+        return any(ns == namespace and name != besides for ns, name in self._sources())
 
     async def nodes_running(self, workload: Workload) -> tuple[str, ...]:
         return ()

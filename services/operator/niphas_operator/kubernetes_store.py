@@ -27,6 +27,10 @@ API_REQUESTS = Counter(
 )
 
 
+REMAIN_PAGE = 20
+"""Workloads per page when asking whether a namespace still has one (`workloads_remain`)."""
+
+
 def count_request(verb: str) -> None:
     API_REQUESTS.labels(verb).inc()
 
@@ -90,6 +94,21 @@ class KubernetesStore:
 
     async def child(self, api_version: str, kind: str, key: Key) -> dict[str, Any] | None:
         return await self.kube.get(object_path(api_version, kind, *key))
+
+    async def workloads_remain(self, namespace: str, besides: str) -> bool:
+        # A consistent list (no resourceVersion: read from etcd), a page at a time: the
+        # first live workload answers, and most deletions leave one in the first page.
+        query = {"limit": str(REMAIN_PAGE)}
+        while True:
+            page = await self.kube.request("GET", workloads_path(namespace), query=query)
+            for item in page.get("items") or []:
+                meta = item["metadata"]
+                if meta["name"] != besides and not meta.get("deletionTimestamp"):
+                    return True
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return False
+            query = {"limit": str(REMAIN_PAGE), "continue": token}
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return await self.kube.apply(manifest)

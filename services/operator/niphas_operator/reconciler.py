@@ -20,6 +20,7 @@ rollouts (the reporter's commit statuses).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -66,7 +67,6 @@ CHILD_KINDS = (
     ("apps/v1", "Deployment"),
     ("v1", "Service"),
     ("networking.k8s.io/v1", "Ingress"),
-    ("v1", "ConfigMap"),
 )
 Target = tuple[str | None, "Desired | None"]
 """An architecture (None: a single-architecture workload) and what its Deployment runs
@@ -188,8 +188,13 @@ class Reconciler:
         """The same for each workload's Deployment (its later status changes are not ours)."""
         self.deployments = DeploymentCache()
         """The store path each Deployment runs, fed by the controller's Deployment watch."""
-        self._etc_applied: dict[tuple[str, str], tuple[str, str]] = {}
-        """(uid, content digest) of the /etc ConfigMap this process applied per workload."""
+        self._etc_applied: dict[str, str] = {}
+        """Content digest of the shared /etc ConfigMap this process applied, per namespace."""
+        self._etc_locks: dict[str, asyncio.Lock] = {}
+        """Per namespace: applying the shared /etc and deciding to delete it never overlap."""
+        self._former_etc_gone: set[tuple[str, str, str]] = set()
+        """(namespace, name, uid) of the workloads whose per-workload /etc ConfigMap of an
+        earlier operator this process has deleted (or knows never existed)."""
         self._announced: dict[tuple[str, str], tuple[str, str, str]] = {}
         """(uid, commit, phase) of the last rollout seen per workload, so a new commit in the
         same phase (a push while the last one still provisions) is announced too."""
@@ -399,7 +404,8 @@ class Reconciler:
         # reconcile; a new workload has none to delete.
         observed = workload.status.observed_generation
         spec_changed = observed is not None and observed != workload.generation
-        await self._apply_etc(workload)
+        await self._apply_etc(workload.namespace)
+        await self._delete_former_etc(workload)
         applied: dict[str | None, dict[str, Any]] = {}
         for architecture, desired in wanted:
             if desired is not None:
@@ -430,14 +436,46 @@ class Reconciler:
                 await self._store.delete(api_version, kind, workload.key)
         return applied
 
-    async def _apply_etc(self, workload: Workload) -> None:
-        """The pods' /etc ConfigMap, sent only when this process has not applied its content
-        yet (a CA bundle is a few hundred kilobytes: not for every reconcile)."""
+    def _etc_lock(self, namespace: str) -> asyncio.Lock:
+        return self._etc_locks.setdefault(namespace, asyncio.Lock())
+
+    async def _apply_etc(self, namespace: str) -> None:
+        """The namespace's shared /etc ConfigMap, sent only when this process has not applied
+        its content there yet (a CA bundle is a few hundred kilobytes: once per namespace)."""
         digest = children.etc_digest(self._pod)
-        if self._etc_applied.get(workload.key) == (workload.uid, digest):
+        if self._etc_applied.get(namespace) == digest:
             return
-        await self._store.apply(children.etc_config_map(workload, self._pod))
-        self._etc_applied[workload.key] = (workload.uid, digest)
+        async with self._etc_lock(namespace):
+            if self._etc_applied.get(namespace) == digest:
+                return  # applied while this one waited
+            await self._store.apply(children.etc_config_map(namespace, self._pod))
+            self._etc_applied[namespace] = digest
+
+    async def _release_etc(self, workload: Workload) -> None:
+        """Delete the namespace's shared /etc with its last workload. The memo goes first:
+        a workload created meanwhile then applies the ConfigMap again (after the lock) rather
+        than trusting a memo of one that is being deleted; and one whose reconcile trusted
+        the memo before existed before the list below, which then finds it."""
+        namespace = workload.namespace
+        async with self._etc_lock(namespace):
+            applied = self._etc_applied.pop(namespace, None)
+            if await self._store.workloads_remain(namespace, besides=workload.name):
+                if applied is not None:
+                    self._etc_applied[namespace] = applied
+                return
+            await self._store.delete("v1", "ConfigMap", (namespace, children.ETC_NAME))
+
+    async def _delete_former_etc(self, workload: Workload) -> None:
+        """The workload's own /etc ConfigMap of an earlier operator: deleted once per process
+        (a DELETE, usually answered 404); a workload no operator reconciled yet (no
+        observedGeneration) never had one."""
+        seen = (*workload.key, workload.uid)
+        if seen in self._former_etc_gone:
+            return
+        if workload.status.observed_generation is not None:
+            former = (workload.namespace, children.former_etc_name(workload))
+            await self._store.delete("v1", "ConfigMap", former)
+        self._former_etc_gone.add(seen)
 
     async def _apply_deployment(
         self, workload: Workload, architecture: str | None, desired: Desired, *, cached: bool
@@ -521,20 +559,20 @@ class Reconciler:
 
     async def _clean_up(self, workload: Workload) -> None:
         """Delete the children ourselves (a cluster's garbage collector would also follow the
-        owner references, but the finalizer does not rely on one), then release the object."""
+        owner references, but the finalizer does not rely on one), and the namespace's shared
+        /etc with its last workload, then release the object."""
         kinds = [*CHILD_KINDS, (self._store.pdb_api_version, "PodDisruptionBudget")]
         for api_version, kind in kinds:
             await self._store.delete(api_version, kind, workload.key)
-        await self._store.delete(
-            "v1", "ConfigMap", (workload.namespace, children.etc_name(workload))
-        )
         for arch in workload.spec.architectures:
             name = children.deployment_name(workload, arch)
             await self._store.delete("apps/v1", "Deployment", (workload.namespace, name))
+        await self._delete_former_etc(workload)
+        await self._release_etc(workload)
         self.deployments.forget(workload.key)
         for arch in workload.spec.architectures:
             self.deployments.forget((workload.namespace, children.deployment_name(workload, arch)))
-        self._etc_applied.pop(workload.key, None)
+        self._former_etc_gone.discard((*workload.key, workload.uid))
         self._announced.pop(workload.key, None)
         self.own_writes.forget(workload.key)
         self.own_deployments.forget(workload.key)

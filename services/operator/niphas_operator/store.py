@@ -49,6 +49,12 @@ class WorkloadStore(Protocol):
         """A child as it is now (the Deployment: which store path it runs), or None."""
         ...
 
+    async def workloads_remain(self, namespace: str, besides: str) -> bool:
+        """Whether `namespace` holds a workload other than `besides` that is not being
+        deleted (read from the store itself, not from a cache: it decides whether what the
+        namespace's workloads share can go)."""
+        ...
+
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Make a child exactly `manifest` (no change, no write); returns it as stored."""
         ...
