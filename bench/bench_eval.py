@@ -44,6 +44,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -58,13 +59,23 @@ from niphas_eval.settings import EvalSettings, this_system
 from niphas_schemas import PushReceived
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for bench.report
+from bench.bench_mesh import tree_cpu_seconds
 from bench.http_servers import free_port
 from bench.report import Report, add_json_option
 
 SECRET = "bench-secret"
 CLONE = "https://git.example.test/acme/app.git"
-BARE_SERVER = """
-import sys
+LOOP = """
+import asyncio, sys
+def new_loop():  # the event loop the ingress runs on too (argv[2])
+    if sys.argv[2] == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+"""
+BARE_SERVER = (
+    LOOP
+    + """
 from aiohttp import web
 async def hook(request):
     await request.read()
@@ -72,10 +83,14 @@ async def hook(request):
 app = web.Application(client_max_size=25 * 1024 * 1024)
 app.router.add_post("/hooks/github", hook)
 app.router.add_get("/readyz", lambda r: web.Response(text="ready"))
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None,
+            loop=new_loop())
 """
-BARE_JETSTREAM_SERVER = """
-import os, sys
+)
+BARE_JETSTREAM_SERVER = (
+    LOOP
+    + """
+import os
 import nats
 from aiohttp import web
 from nats.js.api import StreamConfig
@@ -92,8 +107,46 @@ app = web.Application(client_max_size=25 * 1024 * 1024)
 app.on_startup.append(connect)
 app.router.add_post("/hooks/github", hook)
 app.router.add_get("/readyz", lambda r: web.Response(text="ready"))
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None,
+            loop=new_loop())
 """
+)
+BARE_BUS_SERVER = (
+    LOOP
+    + """
+import hashlib
+from aiohttp import web
+from niphas_common.bus.bus import Bus
+from niphas_common.settings import NatsSettings
+from niphas_schemas import PushReceived
+async def connect(app):
+    app["bus"] = await Bus.connect(NatsSettings(), name="bench-floor", provision=False)
+async def hook(request):
+    body = await request.read()
+    push = PushReceived(
+        forge="github", repository="@CLONE@", ref="refs/heads/main",
+        commit=hashlib.sha1(body).hexdigest(), delivery_id=request.headers["X-GitHub-Delivery"],
+    )
+    ack = await request.app["bus"].publish(push)
+    return web.json_response({"status": "accepted", "stream_seq": ack.seq}, status=202)
+app = web.Application(client_max_size=25 * 1024 * 1024)
+app.on_startup.append(connect)
+app.router.add_post("/hooks/github", hook)
+app.router.add_get("/readyz", lambda r: web.Response(text="ready"))
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None,
+            loop=new_loop())
+"""
+).replace("@CLONE@", CLONE)
+SIDES = {
+    "bare aiohttp, 202 only (floor)": ["-c", BARE_SERVER],
+    "bare aiohttp + JetStream publish": ["-c", BARE_JETSTREAM_SERVER],
+    "bare aiohttp + niphas Bus.publish": ["-c", BARE_BUS_SERVER],
+    "niphas eval ingress": ["-m", "niphas_common", "eval", "--role", "ingress", "--listen"],
+}
+"""Each side's server: a floor answering 202 after ever more of the ingress's work (reading
+the body; storing it on JetStream with a Msg-Id; as a `PushReceived` through the project's
+publisher, as the ingress does), then the ingress itself."""
+INGRESS = "niphas eval ingress"
 
 
 def delivery(i: int) -> tuple[bytes, dict[str, str]]:
@@ -162,87 +215,136 @@ async def load(
     return n / elapsed, latencies, accepted
 
 
+@dataclass
+class Side:
+    """One server under load: what the interleaved rounds measured of it."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    rates: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    accepted: int = 0
+    wall_s: float = 0.0
+    cpu_s: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """CPU seconds of the server, of nats-server and of this process (the load generator)."""
+
+    def cpu_now(self, nats_pid: int | None) -> list[float]:
+        nats = tree_cpu_seconds(nats_pid) if nats_pid else 0.0
+        return [tree_cpu_seconds(self.proc.pid), nats, time.process_time()]
+
+    def cpu_us(self, which: int) -> float:
+        """CPU microseconds per delivery of server (0), nats-server (1), load generator (2)."""
+        return self.cpu_s[which] / (len(self.latencies) or 1) * 1e6
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def bench_ingress(n: int, concurrency: int, rounds: int, report: Report) -> None:
+async def bench_ingress(
+    n: int, concurrency: int, rounds: int, event_loop: str, report: Report
+) -> None:
     per = max(1, n // rounds)
     n = per * rounds
     print(
         f"== webhook ingress: {n} signed GitHub pushes, {concurrency} in flight, "
-        f"{rounds} interleaved rounds"
+        f"{rounds} interleaved rounds, every server on {event_loop}"
     )
-    rows = []
     with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp) / "nats") as server:
         env = {
             **os.environ,
             "NATS_URL": server.url,
             "NIPHAS_LOG_LEVEL": "WARNING",
             "NIPHAS_STATE_DIR": str(Path(tmp) / "state"),
+            "NIPHAS_EVAL_EVENT_LOOP": event_loop,
             "NIPHAS_EVAL_WEBHOOK_SECRETS": json.dumps(
                 {"acme/app": {"forge": "github", "secret": SECRET}}
             ),
         }
-        sides = {
-            "bare aiohttp, 202 only (floor)": [sys.executable, "-c", BARE_SERVER],
-            "bare aiohttp + JetStream publish": [sys.executable, "-c", BARE_JETSTREAM_SERVER],
-            "niphas eval ingress": [
-                sys.executable, "-m", "niphas_common", "eval", "--role", "ingress", "--listen",
-            ],
-        }  # fmt: skip
-        procs: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
-        rates: dict[str, list[float]] = {label: [] for label in sides}
-        latencies: dict[str, list[float]] = {label: [] for label in sides}
-        accepted = dict.fromkeys(sides, 0)
+        bus = await Bus.connect(NatsSettings(url=server.url), name="bench")
+        sides: dict[str, Side] = {}
+        stored = 0  # push.received events the ingress's timed rounds added
         try:
-            for label, argv in sides.items():
+            for label, argv in SIDES.items():
                 port = free_port()
-                full = [*argv, f"127.0.0.1:{port}"] if "--listen" in argv else [*argv, str(port)]
+                tail = [f"127.0.0.1:{port}"] if label == INGRESS else [str(port), event_loop]
                 url = f"http://127.0.0.1:{port}"
-                procs[label] = (url, subprocess.Popen(full, env=env))
-                await wait_ready(url, procs[label][1])
+                sides[label] = Side(url, subprocess.Popen([sys.executable, *argv, *tail], env=env))
+                await wait_ready(url, sides[label].proc)
                 # Warm-up (not counted), with other pushes: the same push is stored once.
                 await load(url, min(200, n), concurrency, first=n)
             # Interleaved rounds: every side sees the same machine noise.
             for r in range(rounds):
-                for label, (url, _) in procs.items():
-                    rate, lat, ok = await load(url, per, concurrency, first=r * per)
-                    rates[label].append(rate)
-                    latencies[label].extend(lat)
-                    accepted[label] += ok
+                for label, side in sides.items():
+                    before = (await bus.js.stream_info("PUSH_RECEIVED")).state.messages
+                    cpu = side.cpu_now(server.pid)
+                    started = time.perf_counter()
+                    rate, lat, ok = await load(side.url, per, concurrency, first=r * per)
+                    side.wall_s += time.perf_counter() - started
+                    side.cpu_s = [
+                        t + b - a
+                        for t, a, b in zip(side.cpu_s, cpu, side.cpu_now(server.pid), strict=True)
+                    ]
+                    side.rates.append(rate)
+                    side.latencies.extend(lat)
+                    side.accepted += ok
+                    if label == INGRESS:
+                        after = (await bus.js.stream_info("PUSH_RECEIVED")).state.messages
+                        stored += after - before
         finally:
-            for _, proc in procs.values():
-                proc.terminate()
-                proc.wait(30)
-        rows = [
-            (label, statistics.median(rates[label]), latencies[label], accepted[label])
-            for label in sides
-        ]
-        bus = await Bus.connect(NatsSettings(url=server.url), name="bench", provision=False)
-        info = await bus.js.stream_info("PUSH_RECEIVED")
-        await bus.close()
-    floor = rows[0][1]
-    print(f"| {'side':<32} | {'deliveries/s':>12} | {'p50 ms':>7} | {'p99 ms':>7} | ratio |")
-    print(f"|{'-' * 34}|{'-' * 14}|{'-' * 9}|{'-' * 9}|-------|")
-    for label, rate, lat, answered in rows:
-        assert answered == n, f"{label}: only {answered}/{n} answered 202"
+            for side in sides.values():
+                side.proc.terminate()
+                side.proc.wait(30)
+            await bus.close()
+    show_ingress(sides, n, stored, report)
+
+
+def show_ingress(sides: dict[str, Side], n: int, stored: int, report: Report) -> None:
+    rate = {label: statistics.median(side.rates) for label, side in sides.items()}
+    floor_name, js_name, bus_name, _ = SIDES
+    floor, js, ours = sides[floor_name], sides[js_name], sides[INGRESS]
+    floor_rate, js_rate, our_rate = rate[floor_name], rate[js_name], rate[INGRESS]
+    print(
+        f"| {'side':<33} | {'deliveries/s':>12} | {'p50 ms':>6} | {'p99 ms':>6} | ratio | "
+        f"server CPU us | nats-server us | load generator |"
+    )
+    print(f"|{'-' * 35}|{'-' * 14}|{'-' * 8}|{'-' * 8}|-------|{'-' * 15}|{'-' * 16}|{'-' * 16}|")
+    for label, side in sides.items():
+        assert side.accepted == n, f"{label}: only {side.accepted}/{n} answered 202"
+        busy = side.cpu_s[2] / side.wall_s
         print(
-            f"| {label:<32} | {rate:>12,.0f} | {pct(lat, 0.5) * 1e3:>7.1f} | "
-            f"{pct(lat, 0.99) * 1e3:>7.1f} | {rate / floor:>5.2f} |"
+            f"| {label:<33} | {rate[label]:>12,.0f} | {pct(side.latencies, 0.5) * 1e3:>6.1f} | "
+            f"{pct(side.latencies, 0.99) * 1e3:>6.1f} | {rate[label] / floor_rate:>5.2f} | "
+            f"{side.cpu_us(0):>13.0f} | {side.cpu_us(1):>14.0f} | {busy:>9.0%} busy |"
         )
-    stored = info.state.messages
-    expected = n + min(200, n)
-    print(f"push.received stored: {stored} (expected {expected}: every 202 was a stored event)")
-    assert stored == expected
-    (_, floor_rate, floor_lat, _), (_, js_rate, _, _), (_, rate, lat, _) = rows
+    print(
+        "CPU us: per delivery, of the server process, of nats-server; load generator: the share "
+        "of a core this process (the aiohttp client) used.\nA side whose load generator is near "
+        "100% busy is bounded by the client, not by its server: its server CPU per delivery is "
+        "then the fairer comparison."
+    )
+    print(
+        f"ingress server CPU per delivery: {ours.cpu_us(0):.0f} us = "
+        f"{ours.cpu_us(0) / floor.cpu_us(0):.1f}x the bare server's, "
+        f"{ours.cpu_us(0) / js.cpu_us(0):.1f}x the bare JetStream publisher's"
+    )
+    print(f"push.received stored by the ingress's rounds: {stored} (every 202 a stored event)")
+    assert stored == n, f"{n} deliveries answered 202 but {stored} push.received stored"
+    lat, floor_lat = ours.latencies, floor.latencies
     bare = "bare aiohttp server answering 202"
-    report.row("webhook deliveries/s (signed -> push.received acked)", rate, "deliveries/s",
+    report.row("webhook deliveries/s (signed -> push.received acked)", our_rate, "deliveries/s",
                baseline=floor_rate, baseline_name=bare, target=">= 0.6x",
-               met=rate / floor_rate >= 0.6)  # fmt: skip
+               met=our_rate / floor_rate >= 0.6)  # fmt: skip
     report.row("bare aiohttp + JetStream publish acked (the stack's floor)", js_rate,
                "deliveries/s", baseline=floor_rate, baseline_name=bare)  # fmt: skip
+    report.row("bare aiohttp + niphas Bus.publish acked (the project's publisher)",
+               rate[bus_name], "deliveries/s", baseline=floor_rate,
+               baseline_name=bare)  # fmt: skip
+    report.row("webhook deliveries/s vs the stack's floor", our_rate, "deliveries/s",
+               baseline=js_rate, baseline_name="bare aiohttp + JetStream publish")  # fmt: skip
+    report.row("webhook server CPU per delivery", ours.cpu_us(0), "us",
+               baseline=floor.cpu_us(0), baseline_name=bare)  # fmt: skip
     report.row("webhook latency p50", pct(lat, 0.5) * 1e3, "ms",
                baseline=pct(floor_lat, 0.5) * 1e3, baseline_name=bare)  # fmt: skip
     p99, floor_p99 = pct(lat, 0.99), pct(floor_lat, 0.99)
@@ -419,7 +521,9 @@ async def main(args: argparse.Namespace) -> None:
         f"ingress: {args.deliveries} signed GitHub pushes, {args.concurrency} in flight, "
         f"{args.ingress_rounds} interleaved rounds (median deliveries/s, latencies of all)"
     )
-    await bench_ingress(args.deliveries, args.concurrency, args.ingress_rounds, report)
+    await bench_ingress(
+        args.deliveries, args.concurrency, args.ingress_rounds, args.event_loop, report
+    )
     if args.ingress_only:
         report.write(args.json)
         return
@@ -461,5 +565,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "--ingress-rounds", type=int, default=3, help="interleaved rounds of the ingress sides"
     )
+    parser.add_argument(
+        "--event-loop", choices=("uvloop", "asyncio"), default=EvalSettings().event_loop,
+        help="the event loop of the ingress and of the bare servers (default: the ingress's)",
+    )  # fmt: skip
     add_json_option(parser)
     asyncio.run(main(parser.parse_args()))

@@ -5,6 +5,7 @@ and evaluation workers over the real nats-server and the real nix."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -363,16 +364,23 @@ class Ingress:
 @pytest.fixture
 async def ingress(bus: Bus) -> AsyncIterator[Ingress]:
     """The webhook app on a loopback port, publishing through the test's bus."""
+    async with serve_ingress(bus, publish_timeout_s=2.0) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def serve_ingress(bus: Bus, *, publish_timeout_s: float) -> AsyncIterator[Ingress]:
+    """The webhook app on a loopback port, publishing through `bus`."""
     from niphas_common.service import ServiceRuntime
     from niphas_eval.app import streams_ready
 
-    settings = EvalSettings(role="ingress", publish_timeout_s=2.0)
+    settings = EvalSettings(role="ingress", publish_timeout_s=publish_timeout_s)
     runtime = ServiceRuntime("eval", bus.settings, bus=bus)
     runtime.ready_when(streams_ready(bus, settings))
     hooks = WebhookIngress(
         bus,
         WebhookSecrets.from_mapping(SECRETS),
-        publish_timeout_s=2.0,
+        publish_timeout_s=publish_timeout_s,
         read_timeout_s=INGRESS_READ_TIMEOUT_S,
     )
     runner = web.AppRunner(
@@ -381,9 +389,11 @@ async def ingress(bus: Bus) -> AsyncIterator[Ingress]:
         keepalive_timeout=INGRESS_READ_TIMEOUT_S,
     )
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    async with aiohttp.ClientSession() as http:
-        yield Ingress(f"http://127.0.0.1:{port}", http, port)
-    await runner.cleanup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as http:
+            yield Ingress(f"http://127.0.0.1:{port}", http, port)
+    finally:
+        await runner.cleanup()

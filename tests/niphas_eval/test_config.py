@@ -114,3 +114,26 @@ def test_secrets_file_that_appears_later_is_picked_up(tmp_path: Path) -> None:
     path.parent.mkdir()
     path.write_text("acme/app: {forge: github, secret: now}\n")
     assert secrets.lookup(["acme/app"], "github").secret == "now"  # type: ignore[union-attr]
+
+
+def test_candidates_follow_the_secrets_file(tmp_path: Path) -> None:
+    """The entries an endpoint checks a delivery against are kept between deliveries, and
+    dropped when the file changes or goes away (a rotated or deleted Secret)."""
+    path = tmp_path / "secrets.yaml"
+    path.write_text("acme/app: {forge: github, secret: old}\n")
+    env_json = json.dumps({"acme/site": {"forge": "github", "secret": "env"}})
+    secrets = WebhookSecrets(path, env_json)
+    assert sorted(c.secret for c in secrets.candidates("github")) == ["env", "old"]
+    assert secrets.candidates("gitea") == []
+
+    path.write_text("acme/app: {forge: github, secret: rotated}\n")
+    os.utime(path, ns=(1, 10**18))
+    assert sorted(c.secret for c in secrets.candidates("github")) == ["env", "rotated"]
+    path.write_text("acme/app: {forge: gitea, secret: moved}\n")
+    os.utime(path, ns=(1, 2 * 10**18))
+    assert [c.secret for c in secrets.candidates("github")] == ["env"]
+    assert [c.secret for c in secrets.candidates("gitea")] == ["moved"]
+
+    path.unlink()
+    assert [c.secret for c in secrets.candidates("github")] == ["env"]
+    assert secrets.candidates("gitea") == []

@@ -9,9 +9,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import signal
 import time
 from urllib.parse import urlencode
 
+import aiohttp
 import pytest
 
 from niphas_common.bus.bus import Bus
@@ -24,6 +27,7 @@ from tests.niphas_eval.conftest import (
     github_push,
     gitlab_push,
     pushes,
+    serve_ingress,
 )
 
 A = "a" * 40
@@ -234,6 +238,40 @@ async def test_bus_stopped_answers_503_quickly_and_not_ready(
     async with ingress.http.get(ingress.url + "/readyz") as resp:
         assert resp.status == 503
         assert "NATS" in await resp.text()
+
+
+@pytest.mark.parametrize(
+    ("ours_s", "bus_s"), [(0.5, 30.0), (30.0, 0.5)], ids=["ours-shorter", "bus-shorter"]
+)
+async def test_an_ack_that_never_comes_answers_503_after_the_shorter_timeout(
+    bus: Bus, nats_server: EmbeddedNats | None, ours_s: float, bus_s: float
+) -> None:
+    """A server that takes the publish but never acknowledges it (here: stopped, its
+    connection still open): 503 once the shorter of NIPHAS_EVAL_PUBLISH_TIMEOUT_S and the
+    bus's own ack timeout has passed, long before the client gives up."""
+    if nats_server is None or nats_server.pid is None:
+        pytest.skip("needs a nats-server this test owns")
+    slow_bus = await Bus.connect(
+        bus.settings.model_copy(update={"publish_timeout_s": bus_s}), name="t", provision=False
+    )
+    try:
+        async with serve_ingress(slow_bus, publish_timeout_s=ours_s) as hooks:
+            delivery = github_push("github-secret", clone_url=CLONE, after=B)
+            os.kill(nats_server.pid, signal.SIGSTOP)
+            try:
+                async with hooks.http.post(
+                    hooks.url + delivery.path,
+                    data=delivery.body,
+                    headers=delivery.headers,
+                    timeout=aiohttp.ClientTimeout(total=10),
+                ) as resp:
+                    status, body = resp.status, await resp.json()
+            finally:
+                os.kill(nats_server.pid, signal.SIGCONT)
+        assert (status, body["status"]) == (503, "unavailable"), body
+        assert resp.headers["Retry-After"] == "5"
+    finally:
+        await slow_bus.close()
 
 
 async def test_metrics_count_webhook_outcomes(ingress: Ingress) -> None:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import typer
+import uvloop
 from aiohttp import web
 
 from niphas_common.bus.bus import Bus
@@ -192,7 +193,9 @@ def command(
             raise typer.BadParameter("one of all, ingress, workers", param_hint="--role")
         overrides["role"] = role
     settings = EvalSettings(**overrides)  # type: ignore[arg-type]
-    asyncio.run(run_until_signalled(lambda stop: run(settings, NatsSettings(), stop)))
+    loop_factory = uvloop.new_event_loop if settings.event_loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(run_until_signalled(lambda stop: run(settings, NatsSettings(), stop)))
 
 
 service = ServiceSpec(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 from prometheus_client import Counter, Histogram
 
 WEBHOOKS = Counter(
@@ -10,6 +12,14 @@ WEBHOOKS = Counter(
     "rejected, unavailable)",
     ["forge", "outcome"],
 )
+
+
+@cache
+def webhook_outcome(forge: str, outcome: str) -> Counter:
+    """WEBHOOKS' child of one forge and outcome (both from fixed sets), looked up once."""
+    return WEBHOOKS.labels(forge, outcome)
+
+
 EVALUATIONS = Counter(
     "niphas_eval_evaluations_total",
     "Evaluations finished, by status (succeeded, failed) and reason class",

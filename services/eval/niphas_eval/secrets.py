@@ -26,7 +26,8 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,6 +51,12 @@ class RepositorySecret:
     forge: str
     secret: str
     clone_url: str | None = None
+    own: frozenset[str] = field(init=False, repr=False, compare=False)
+    """The normalised names of this entry's repository: its key and its clone_url."""
+
+    def __post_init__(self) -> None:
+        names = [self.key, self.clone_url] if self.clone_url else [self.key]
+        object.__setattr__(self, "own", frozenset(normalise_key(n) for n in names))
 
     def __repr__(self) -> str:  # never print the secret itself
         return f"RepositorySecret(key={self.key!r}, forge={self.forge!r}, secret=<hidden>)"
@@ -57,10 +64,7 @@ class RepositorySecret:
     def names_any(self, keys: Iterable[str]) -> bool:
         """Whether one of `keys` (a payload's names for its repository) is this entry's
         repository: its key or its clone_url."""
-        own = {normalise_key(self.key)}
-        if self.clone_url:
-            own.add(normalise_key(self.clone_url))
-        return any(normalise_key(key) in own for key in keys if key)
+        return any(normalise_key(key) in self.own for key in keys if key)
 
     def repository(self, payload_clone_url: str | None) -> str | None:
         """What a delivery verified by this entry evaluates: the entry's clone_url, its key
@@ -79,6 +83,7 @@ def is_url(key: str) -> bool:
     return "://" in key
 
 
+@lru_cache(maxsize=1024)  # pushes of a repository repeat the same URL
 def url_names(url: str, full_name: str) -> bool:
     """`url` is a remote (http(s), ssh, git) URL of a repository named like `full_name`."""
     try:
@@ -149,6 +154,8 @@ class WebhookSecrets:
         self._file_entries: dict[str, RepositorySecret] = {}
         self._file_stamp: tuple[int, int] | None = None
         self._file_missing = False
+        self._by_family: dict[str, list[RepositorySecret]] = {}
+        """`candidates` per endpoint, until the file's entries change."""
         self._reload()
 
     @classmethod
@@ -164,6 +171,8 @@ class WebhookSecrets:
             if not self._file_missing:  # once per disappearance; the service's readiness
                 # names the Secret (ServiceRuntime.requires_file)
                 log.warning("webhook secrets file %s unreadable: %s", self._file, exc)
+            if self._file_entries:
+                self._by_family = {}
             self._file_entries, self._file_stamp, self._file_missing = {}, None, True
             return
         self._file_missing = False
@@ -177,7 +186,7 @@ class WebhookSecrets:
             # Keep the last good entries rather than refusing everything on a bad edit.
             log.error("webhook secrets file %s not reloaded: %s", self._file, exc)
             return
-        self._file_entries, self._file_stamp = entries, stamp
+        self._file_entries, self._file_stamp, self._by_family = entries, stamp, {}
         log.info("loaded %d webhook secrets from %s", len(entries), self._file)
 
     def lookup(self, keys: Iterable[str], family: str) -> RepositorySecret | None:
@@ -195,8 +204,12 @@ class WebhookSecrets:
     def candidates(self, family: str) -> list[RepositorySecret]:
         """Every entry served by endpoint `family` (file entries win over env entries)."""
         self._reload()
-        merged = {**self._env, **self._file_entries}
-        return [entry for entry in merged.values() if FAMILY[entry.forge] == family]
+        found = self._by_family.get(family)
+        if found is None:
+            merged = {**self._env, **self._file_entries}
+            found = [entry for entry in merged.values() if FAMILY[entry.forge] == family]
+            self._by_family[family] = found
+        return list(found)
 
     def __len__(self) -> int:
         return len({**self._env, **self._file_entries})

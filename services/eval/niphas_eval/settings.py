@@ -44,6 +44,11 @@ class EvalSettings(ServiceSettings):
         description="HOST:PORT of the webhook server (with /healthz, /readyz, /metrics). "
         "In a pod bind 0.0.0.0 (the Deployment listens on 0.0.0.0:8080)",
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        default="uvloop",
+        description="The event loop `niphas eval` runs on: `uvloop` (libuv; less CPU per "
+        "webhook delivery than asyncio's own, bench/bench_eval.py) or `asyncio`",
+    )
     # -- ingress ---------------------------------------------------------------------------
     webhook_secrets_file: Path | None = Field(
         default=None,

@@ -13,6 +13,7 @@ import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qs
 
@@ -54,7 +55,16 @@ Action = PushFields | Ping | Ignored
 
 
 def hmac_sha256_hex(secret: str, body: bytes) -> str:
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    mac = _keyed(secret).copy()
+    mac.update(body)
+    return mac.hexdigest()
+
+
+@lru_cache(maxsize=256)
+def _keyed(secret: str) -> hmac.HMAC:
+    """An HMAC-SHA256 keyed by `secret` with nothing hashed yet: copied per body, so the key
+    is prepared once per secret (thread-safe: copy() takes the hash object's lock)."""
+    return hmac.new(secret.encode(), digestmod=hashlib.sha256)
 
 
 def same_secret(given: str, expected: str) -> bool:
