@@ -1,15 +1,18 @@
 """Eval service benchmark, both halves measured against a baseline in the same run.
 
 1. Webhook ingress: signed GitHub push deliveries -> `push.received` acknowledged by
-   JetStream -> 202. The ingress runs as its own process (`niphas eval --role ingress`); the
-   load generator is an aiohttp client in this process with `--concurrency` requests in flight.
-   Reported: deliveries/s and p50/p99 latency (request sent -> 202 received), beside a bare
-   aiohttp server in the same setup that reads the body and answers 202 (no signature, no
-   JSON, no NATS): the HTTP floor; and beside a bare aiohttp server that publishes each body
-   to JetStream with a Msg-Id and answers 202 once it is acknowledged: the floor of this
-   stack (aiohttp + nats-py), which no ingress doing the same JetStream publish can pass.
-   Targets: ingress >= 0.6x the HTTP floor's deliveries/s, p99 <= 3x. Every accepted
-   delivery is checked to be in the stream.
+   JetStream -> 202. The ingress runs as its own process (`niphas eval --role ingress`, at the
+   default log level); the load generator is an aiohttp client in this process with
+   `--concurrency` requests in flight. Reported: deliveries/s and p50/p99 latency (request
+   sent -> 202 received) beside floors, each a bare aiohttp server on the same event loop
+   doing more of the ingress's work: reading the body and answering 202 (the HTTP floor); also
+   storing it on JetStream with a Msg-Id, waiting for the ack (the floor of aiohttp + nats-py);
+   also as a `PushReceived` through the project's publisher (`Bus.publish`, as the ingress
+   does). Per side: CPU time per delivery of the server and of nats-server, and how busy the
+   load generator was (near 100%: the client, not the server, bounds that row); the
+   differences between the rows tell where the ingress's CPU goes. Targets: ingress >= 0.6x
+   the HTTP floor's deliveries/s, p99 <= 3x. Every accepted delivery is checked to be in the
+   stream.
 2. Evaluation overhead: a generated flake in a local git repository, one commit per round:
    `--packages` derivations that each do some mkDerivation-like work (`--work` generated
    variables and flags each), then, as a worst case, `--wide` trivial ones. Per commit: the
@@ -24,7 +27,7 @@
 
 Run: .venv/bin/python bench/bench_eval.py [--deliveries 3000] [--concurrency 32]
      [--packages 200] [--work 1000] [--wide 2000] [--rounds 7] [--ingress-only]
-     [--ingress-rounds 3]
+     [--ingress-rounds 3] [--event-loop uvloop|asyncio]
 """
 
 from __future__ import annotations
@@ -255,7 +258,6 @@ async def bench_ingress(
         env = {
             **os.environ,
             "NATS_URL": server.url,
-            "NIPHAS_LOG_LEVEL": "WARNING",
             "NIPHAS_STATE_DIR": str(Path(tmp) / "state"),
             "NIPHAS_EVAL_EVENT_LOOP": event_loop,
             "NIPHAS_EVAL_WEBHOOK_SECRETS": json.dumps(
@@ -302,7 +304,7 @@ async def bench_ingress(
 
 def show_ingress(sides: dict[str, Side], n: int, stored: int, report: Report) -> None:
     rate = {label: statistics.median(side.rates) for label, side in sides.items()}
-    floor_name, js_name, bus_name, _ = SIDES
+    floor_name, js_name, bus_name, *_ = SIDES
     floor, js, ours = sides[floor_name], sides[js_name], sides[INGRESS]
     floor_rate, js_rate, our_rate = rate[floor_name], rate[js_name], rate[INGRESS]
     print(
@@ -324,6 +326,14 @@ def show_ingress(sides: dict[str, Side], n: int, stored: int, report: Report) ->
         "100% busy is bounded by the client, not by its server: its server CPU per delivery is "
         "then the fairer comparison."
     )
+    steps = [("HTTP (aiohttp floor)", floor.cpu_us(0)),
+             ("JetStream publish + ack (nats-py)", js.cpu_us(0) - floor.cpu_us(0)),
+             ("PushReceived + the project's publisher", sides[bus_name].cpu_us(0) - js.cpu_us(0)),
+             ("the ingress's checks (headers, HMAC, JSON, trust, identity, metrics)",
+              ours.cpu_us(0) - sides[bus_name].cpu_us(0))]  # fmt: skip
+    print("where the ingress's server CPU per delivery goes (differences of the rows):")
+    for step, us in steps:
+        print(f"  {us:>5.0f} us  {step}")
     print(
         f"ingress server CPU per delivery: {ours.cpu_us(0):.0f} us = "
         f"{ours.cpu_us(0) / floor.cpu_us(0):.1f}x the bare server's, "
