@@ -88,8 +88,11 @@ async def test_one_deployment_per_architecture(
         assert kubectl.get("deployment", "multi") is None
 
         def said_no_node() -> bool:
+            # The status write follows the Deployments' apply: until then a reconcile from
+            # before the amd64 build may still say Building.
             obj = kubectl.get("nw", "multi") or {}
-            return _conditions(obj).get("Schedulable", {}).get("status") == "False"
+            schedulable = _conditions(obj).get("Schedulable", {}).get("status") == "False"
+            return schedulable and obj["status"].get("phase") != "Building"
 
         await eventually(said_no_node, 30)
         obj = kubectl.get("nw", "multi")
