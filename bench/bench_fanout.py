@@ -58,18 +58,26 @@ async def with_mesh(
     infos: dict[str, PathInfo],
     nodes: list[str],
     agent_urls: dict[str, str],
+    finished: list[float] | None = None,
 ) -> float:
     """Announce the cache as holder, want the closure on every node at once; seconds until
-    every node announced every path."""
+    every node announced every path. `finished` gets each node's own time (sorted)."""
     bus = await Bus.connect(NatsSettings(url=nats_url), name="bench-fanout")
     needed = {(agent_urls[n], p) for n in nodes for p in infos}
     arrived: set[tuple[str, str]] = set()
+    left = {agent_urls[n]: len(infos) for n in nodes}
+    ends: list[float] = []
     done = asyncio.Event()
+    start = time.perf_counter()
 
     async def on_available(msg: object) -> None:
         event = PathAvailable.model_validate_json(msg.data)  # type: ignore[attr-defined]
-        if event.state == "available":
-            arrived.add((event.holder_url, event.store_path))
+        key = (event.holder_url, event.store_path)
+        if event.state == "available" and key in needed and key not in arrived:
+            arrived.add(key)
+            left[event.holder_url] -= 1
+            if not left[event.holder_url]:
+                ends.append(time.perf_counter() - start)
             if needed <= arrived:
                 done.set()
 
@@ -85,6 +93,8 @@ async def with_mesh(
         start = time.perf_counter()
         await asyncio.gather(*(bus.publish(w) for w in wants))
         await asyncio.wait_for(done.wait(), 15 * 60)
+        if finished is not None:
+            finished[:] = sorted(ends)
         return time.perf_counter() - start
     finally:
         await sub.unsubscribe()

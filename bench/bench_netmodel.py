@@ -38,9 +38,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from niphas_common.nats_server import EmbeddedNats
 from niphas_common.nix.runner import NixRunner, PathInfo
@@ -79,6 +82,7 @@ class Cluster:
         self.nginx: Nginx | None = None
         self.agents: Agents | None = None
         self.node_cores = args.node_cores
+        self.mesh_only = args.mesh_only
 
     def link(self) -> None:
         """The namespaces and their links."""
@@ -180,11 +184,13 @@ def rounds(
     assert cluster.agents is not None
     assert cluster.nats is not None
     nginx, agents = cluster.nginx, cluster.agents
-    keys = ("mesh egress", "plain egress", "mesh time", "plain time", "max upload", "cpu", "held")
+    keys = ("mesh egress", "plain egress", "mesh time", "plain time", "max upload", "cpu", "held",
+            "cpu nix", "first done", "median done", "busy", "missing", "batches")  # fmt: skip
     measured: Measured = {k: [] for k in keys}
     measured["idle rss"] = [status_kb(p.pid, "VmRSS") / 1024 for p in agents.procs.values()]
     heads = ("nodes", "egress mesh", "egress without", "time mesh", "time without",
-             "top upload", "CPU/node", "held back")  # fmt: skip
+             "top upload", "CPU/node", "of it nix", "held back",
+             "done first/median", "503s/404s/imports")  # fmt: skip
     print("| " + " | ".join(heads) + " |")
     print("|" + "|".join("-" * (len(h) + 2) for h in heads) + "|")
     for n, closure, info in zip(ns, closures, infos, strict=True):
@@ -192,28 +198,57 @@ def rounds(
         nodes = cluster.names[:n]
         before = nginx.nar_bytes()
         sent = {name: cluster.net.sent(name) for name in nodes}
-        cpu = {name: agents.cpu_seconds(name) for name in nodes}
+        cpu = {name: agents.cpu_split(name) for name in nodes}
         held = {name: cluster.throttled_s(name) for name in nodes}
-        t_mesh = asyncio.run(with_mesh(cluster.nats.url, nginx.url, info, nodes, agents.urls))
+        counted = counters(agents, nodes)
+        ends: list[float] = []
+        t_mesh = asyncio.run(with_mesh(cluster.nats.url, nginx.url, info, nodes, agents.urls, ends))
         mid = nginx.nar_bytes()
-        # What the busiest node uploaded to its peers, and each node's CPU over the round.
+        # What the busiest node uploaded to its peers, and each node's CPU over the round
+        # (its agent's own and its nix processes').
         top = max(cluster.net.sent(name) - sent[name] for name in nodes)
-        cpu_s = statistics.fmean(agents.cpu_seconds(name) - cpu[name] for name in nodes)
+        after = {name: agents.cpu_split(name) for name in nodes}
+        cpu_s = statistics.fmean(sum(after[x]) - sum(cpu[x]) for x in nodes)
+        nix_s = statistics.fmean(after[x][1] - cpu[x][1] for x in nodes)
         held_s = statistics.fmean(cluster.throttled_s(name) - held[name] for name in nodes)
-        plain = cluster.tmp / f"plain-{n}"
-        t_plain = asyncio.run(cluster.plain(n, closure, plain))
-        shutil.rmtree(plain, ignore_errors=True)
+        t_plain = float("nan")
+        if not cluster.mesh_only:
+            plain = cluster.tmp / f"plain-{n}"
+            t_plain = asyncio.run(cluster.plain(n, closure, plain))
+            shutil.rmtree(plain, ignore_errors=True)
         e_mesh, e_plain = mid - before, nginx.nar_bytes() - mid
-        for key, value in zip(keys, (e_mesh, e_plain, t_mesh, t_plain, top, cpu_s, held_s),
-                              strict=True):  # fmt: skip
+        # 503s and 404s met per node (asked again later) and `nix copy` imports per node.
+        busy, missing, batches = (
+            (b - a) / n for a, b in zip(counted, counters(agents, nodes), strict=True)
+        )
+        values = (e_mesh, e_plain, t_mesh, t_plain, top, cpu_s, held_s, nix_s, ends[0],
+                  statistics.median(ends), busy, missing, batches)  # fmt: skip
+        for key, value in zip(keys, values, strict=True):
             measured[key].append(value)
         cells = (f"{n}", f"{e_mesh / size:.2f}x", f"{e_plain / size:.2f}x", f"{t_mesh:.2f}s",
-                 f"{t_plain:.2f}s", f"{top / size:.2f}x", f"{cpu_s:.2f}s",
-                 f"{held_s:.2f}s")  # fmt: skip
+                 f"{t_plain:.2f}s", f"{top / size:.2f}x", f"{cpu_s:.2f}s", f"{nix_s:.2f}s",
+                 f"{held_s:.2f}s", f"{ends[0]:.1f}s/{statistics.median(ends):.1f}s",
+                 f"{busy:.1f}/{missing:.1f}/{batches:.1f}")  # fmt: skip
         print("| " + " | ".join(c.rjust(len(h)) for c, h in zip(cells, heads, strict=True)) + " |",
               flush=True)  # fmt: skip
     measured["peak rss"] = [status_kb(p.pid, "VmHWM") / 1024 for p in agents.procs.values()]
     return measured
+
+
+def counters(agents: Agents, nodes: list[str]) -> tuple[float, float, float]:
+    """Summed over `nodes`' agents (their /metrics): NAR requests turned away busy (503) and
+    missing (404, a fetching peer with nothing yet), and `nix copy` import batches."""
+    totals = {"busy": 0.0, "missing": 0.0, "batches": 0.0}
+    for name in nodes:
+        with urllib.request.urlopen(f"{agents.urls[name]}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "niphas_mesh_download_retries_total":
+                    totals[sample.labels["reason"]] += sample.value
+                elif sample.name == "niphas_mesh_import_batches_total":
+                    totals["batches"] += sample.value
+    return totals["busy"], totals["missing"], totals["batches"]
 
 
 def netmodel_report(
@@ -315,6 +350,9 @@ def main() -> int:
     parser.add_argument("--node-cores", type=float, default=None,
                         help="CPU quota per node in cores (default: the host's cores / the "
                         "largest N, what every node can have at once)")  # fmt: skip
+    parser.add_argument("--mesh-only", action="store_true",
+                        help="measure the mesh only (no nix copy rounds, no report): for trying "
+                        "changes to the mesh quickly")  # fmt: skip
     add_json_option(parser)
     args = parser.parse_args()
     try:
@@ -364,6 +402,8 @@ def run(args: argparse.Namespace, ns: list[int]) -> int:
             cluster.close()
             if added := [path for closure in closures for path in closure]:
                 host.run("nix-store", "--delete", *map(str, added), check=False)
+    if args.mesh_only:
+        return 0
     report = netmodel_report(args, ns, infos, measured)
     print(f"\n{report.notes[0]}")
     report.write(args.json)

@@ -85,8 +85,14 @@ class Agents:
 
     def cpu_seconds(self, node: str) -> float:
         """CPU time of the node's agent and of the `nix` processes it has reaped."""
+        return sum(self.cpu_split(node))
+
+    def cpu_split(self, node: str) -> tuple[float, float]:
+        """CPU time of the node's agent itself, and of the `nix` processes it has reaped."""
         fields = Path(f"/proc/{self.procs[node].pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return sum(int(t) for t in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        own, reaped = fields[11:13], fields[13:15]
+        return sum(int(t) for t in own) / tick, sum(int(t) for t in reaped) / tick
 
     def stop(self) -> None:
         for proc in self.procs.values():

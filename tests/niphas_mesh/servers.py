@@ -204,8 +204,11 @@ MODES = ("corrupt", "wrong-narhash", "stripped", "forged", "traversal", "symlink
 
 
 @asynccontextmanager
-async def hostile_peer(mode: str, cache_dir: Path, outside: Path) -> AsyncIterator[str]:
-    """A peer serving the cache's paths, tampered with according to `mode`."""
+async def hostile_peer(
+    mode: str, cache_dir: Path, outside: Path, hold: asyncio.Event | None = None
+) -> AsyncIterator[str]:
+    """A peer serving the cache's paths, tampered with according to `mode`; with `hold`, every
+    NAR stops after its first half until `hold` is set."""
     forger = SecretKey.generate("niphas-test-1")  # the trusted key's name, another key
     release = asyncio.Event()
 
@@ -246,6 +249,8 @@ async def hostile_peer(mode: str, cache_dir: Path, outside: Path) -> AsyncIterat
             await resp.write(body[: len(body) // 2])
             await release.wait()  # never sends the rest while the test runs
             return resp
+        if hold is not None:
+            return await _held(request, body, hold, Served())
         return web.Response(body=body)
 
     app = web.Application()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence, Set
 from datetime import UTC, datetime
@@ -53,7 +54,7 @@ from .importer import Importer, ImportFailed
 from .index import HolderIndex
 from .inflight import Inflight
 from .last_use import LastUse
-from .metrics import FETCHES, SINGLE_FLIGHT_JOINS
+from .metrics import DOWNLOAD_RETRIES, FETCHES, SINGLE_FLIGHT_JOINS
 from .store import NodeStore
 from .workload_caches import WorkloadCaches
 
@@ -97,7 +98,7 @@ class Fetcher:
         self.index = index
         self.announcer = announcer
         self.last_use = last_use
-        self.importer = Importer(store, incoming, self._downloads_landed)
+        self.importer = Importer(store, incoming, self._downloads_landed, node=announcer.node)
         self.inflight = inflight
         self.fallback_caches = tuple(fallback_caches)
         self.workload_caches = workload_caches or WorkloadCaches((), trusted)
@@ -200,6 +201,7 @@ class Fetcher:
     async def _ensure(
         self, paths: Sequence[StorePath], errors: dict[StorePath, str], caches: Sequence[str]
     ) -> None:
+        paths = self.fetch_order(paths)
         while True:
             collected = self._collected
             results = await asyncio.gather(
@@ -222,6 +224,17 @@ class Fetcher:
                 continue
             log.info("retrying %s in %.0fs: %s", [str(p) for p in failed], RETRY_S, errors)
             await self.index.changed(RETRY_S)
+
+    def fetch_order(self, paths: Sequence[StorePath]) -> list[StorePath]:
+        """The order this node starts its flights in (and so takes download slots in): the
+        paths with the fewest holders known (available or fetching) first, in random order
+        among equals. Nodes wanting one closure at once then start on different paths and
+        have different ones to give each other sooner (BitTorrent's rarest first), rather
+        than all asking for the same path at the same moment."""
+        order = list(paths)
+        random.shuffle(order)
+        order.sort(key=lambda p: len(self.index.holdings(str(p))))
+        return order
 
     async def _collect_garbage(self) -> bool:
         """One forced GC pass after an import failed on a full disk; whether it freed any
@@ -316,12 +329,20 @@ class Fetcher:
         if valid is not None:
             await self.announcer.available(valid)
 
-    async def _downloads_landed(self, timeout: float) -> None:  # noqa: ASYNC109 (bounded)
-        """Return once no flight is downloading, or after `timeout` seconds."""
+    async def _downloads_landed(self, idle: float, most: float) -> None:
+        """Return once no flight is downloading, once none has landed a byte for `idle`
+        seconds (waiting for a busy peer, a stalled holder), or after `most` seconds."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(most):
                 while self._downloading:
-                    await self._download_ended.wait()
+                    ended = asyncio.ensure_future(self._download_ended.wait())
+                    landed = asyncio.ensure_future(self.inflight.landed())
+                    done, _ = await asyncio.wait((ended, landed), timeout=idle,
+                                                 return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                    ended.cancel()
+                    landed.cancel()
+                    if not done:
+                        return
 
     async def _download(
         self, path: StorePath, on_narinfo: OnNarinfo, caches: Sequence[str]
@@ -353,10 +374,12 @@ class Fetcher:
                 if exc.reason == "busy":
                     # It uploads all it takes at once: others first, then it again when free
                     # (the choice waits for a free peer rather than go to the cache).
+                    DOWNLOAD_RETRIES.labels(self.node, "busy").inc()
                     choice.again(holder)
                     continue
                 if exc.reason == "missing" and holder.state == "fetching":
                     # Its flight has no narinfo yet (or just ended): ask again shortly.
+                    DOWNLOAD_RETRIES.labels(self.node, "missing").inc()
                     choice.again(holder)
                     await asyncio.sleep(MISSING_RETRY_S)
                     continue

@@ -5,8 +5,9 @@ references are already valid are imported with `nix copy --no-recursive --from f
 Nix checks the builder's signature and the NarHash once more, restores the tree and registers it
 valid with its references and signatures, so `nix path-info` and `nix store verify` see an
 ordinary substituted path. Paths that become ready while a copy runs are batched into the next
-one (one Nix process start per batch rather than per path), and a ready path waits (up to
-`GATHER_S`) while other downloads of the node are still landing, so a closure fetched at once
+one (one Nix process start per batch rather than per path), and a ready path waits while other
+downloads of the node are still landing bytes (up to `GATHER_MAX_S`; not while they only wait
+for a busy or stalled holder, `GATHER_IDLE_S`), so a closure fetched at once
 is imported in one `nix copy` and one `nix path-info` rather than one of each per path that
 happened to land first: each Nix process costs ~25 ms of CPU, most of a second of a node
 under a tight CPU quota. A failed copy leaves partly
@@ -29,6 +30,7 @@ from niphas_common.nix.store_path import StorePath
 from niphas_schemas.types import STORE_DIR
 
 from .leftovers import remove_partial
+from .metrics import IMPORT_BATCHES
 from .store import NodeStore
 
 log = logging.getLogger(__name__)
@@ -43,17 +45,24 @@ class ImportFailed(Exception):
         self.disk_full = any(text in cause for text in DISK_FULL)
 
 
-GATHER_S = 2.0
+GATHER_IDLE_S = 5.0
+"""Seconds without a byte landing after which a ready path stops waiting for the node's other
+downloads (they wait for a busy or stalled holder: import what is here)."""
+GATHER_MAX_S = 30.0
 """Seconds a ready path waits at most for the node's other downloads to land (one batch)."""
-Quiet = Callable[[float], Awaitable[None]]
-"""Returns once no download of the node is running, or after the seconds given."""
+Quiet = Callable[[float, float], Awaitable[None]]
+"""Returns once no download of the node is running, once none has landed bytes for the first
+seconds given, or after the second."""
 DISK_FULL = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
 """What Nix's error says when the store's disk (or quota) is full."""
 
 
 class Importer:
-    def __init__(self, store: NodeStore, incoming: Path, quiet: Quiet | None = None) -> None:
+    def __init__(
+        self, store: NodeStore, incoming: Path, quiet: Quiet | None = None, node: str = ""
+    ) -> None:
         self.store = store
+        self.node = node
         self.incoming = incoming
         self.quiet = quiet
         """Waits (at most the seconds given) until no download of this node is running."""
@@ -75,6 +84,7 @@ class Importer:
         while self._pending:
             await self._gather()
             batch, self._pending = self._pending, []
+            IMPORT_BATCHES.labels(self.node).inc()
             errors = await self._import([info.store_path for info, _ in batch])
             for info, future in batch:
                 self.discard(info)
@@ -87,9 +97,10 @@ class Importer:
                     future.set_exception(ImportFailed(info.store_path, cause))
 
     async def _gather(self) -> None:
-        """Wait while downloads are landing (at most GATHER_S): they join the batch."""
+        """Wait while downloads are landing bytes (at most GATHER_MAX_S): they join the
+        batch."""
         if self.quiet is not None:
-            await self.quiet(GATHER_S)
+            await self.quiet(GATHER_IDLE_S, GATHER_MAX_S)
 
     async def _import(self, paths: list[StorePath]) -> dict[StorePath, str]:
         """Import `paths`; the cause of each failure. A failed batch is retried one path at a

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,8 @@ class Partial:
     failed: bool = False
     readers: int = 0
     """Streams of it being served to peers (for metrics and tests)."""
+    on_advance: Callable[[], None] | None = None
+    """Told whenever bytes land (the node's importer waits while downloads progress)."""
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def _wake(self) -> None:
@@ -52,6 +55,8 @@ class Partial:
     def advance(self, n: int) -> None:
         self.written += n
         self._wake()
+        if self.on_advance is not None:
+            self.on_advance()
 
     def moved(self, file: Path) -> None:
         self.file = file
@@ -77,12 +82,22 @@ class Inflight:
     def __init__(self, uploads: UploadSlots | None = None) -> None:
         self._partials: dict[str, Partial] = {}
         self.uploads = uploads or UploadSlots(DEFAULT_LIMIT)
+        self._landed = asyncio.Event()
 
     def begin(self, hash_part: str) -> Partial:
         partial = self._partials.get(hash_part)
         if partial is None:
-            partial = self._partials[hash_part] = Partial(hash_part)
+            partial = Partial(hash_part, on_advance=self._advanced)
+            self._partials[hash_part] = partial
         return partial
+
+    def _advanced(self) -> None:
+        self._landed.set()
+        self._landed = asyncio.Event()
+
+    async def landed(self) -> None:
+        """Return when bytes of any download of this node land next."""
+        await self._landed.wait()
 
     def get(self, hash_part: str) -> Partial | None:
         return self._partials.get(hash_part)

@@ -51,3 +51,14 @@ IGNORED_RECORDS = Counter(
     "mismatch: the body is not what its key names; key: not a holder key)",
     ["reason"],
 )
+DOWNLOAD_RETRIES = Counter(
+    "niphas_mesh_download_retries_total",
+    "NAR requests a holder turned away for now and asked again later, by reason (busy: its "
+    "upload slots were full; missing: a fetching peer had nothing to serve yet)",
+    ["node", "reason"],
+)
+IMPORT_BATCHES = Counter(
+    "niphas_mesh_import_batches_total",
+    "`nix copy` runs importing verified downloads (several paths each when they land together)",
+    ["node"],
+)
