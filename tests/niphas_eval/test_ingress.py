@@ -178,6 +178,26 @@ async def test_refused_requests_publish_nothing(ingress: Ingress, bus: Bus) -> N
     assert await stored(bus) == 0
 
 
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"ref": "refs/heads/main", ', "malformed JSON: EOF while parsing"),
+        (b'{"ref": "\xff"}', "malformed JSON: invalid unicode"),
+        (b'{"ref": ' + b"9" * 5000 + b"}", "malformed JSON: number out of range"),
+        (b'{"a": ' * 5000 + b"1" + b"}" * 5000, "JSON nested too deeply"),
+    ],
+    ids=["truncated", "not-utf8", "huge-number", "deep"],
+)
+async def test_unparsable_signed_bodies_are_refused_naming_why(
+    ingress: Ingress, bus: Bus, body: bytes, reason: str
+) -> None:
+    good = github_push("github-secret", clone_url=CLONE, after=B)
+    status, answer = await ingress.send(resigned(good, body))
+    assert (status, answer["status"]) == (400, "rejected"), answer
+    assert answer["reason"].startswith(reason), answer
+    assert await stored(bus) == 0
+
+
 async def test_ping_deletion_and_other_events_are_acknowledged_and_ignored(
     ingress: Ingress, bus: Bus
 ) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qs
+
+from pydantic_core import from_json
 
 ZERO_COMMIT = "0" * 40
 
@@ -130,13 +131,13 @@ class ForgeAdapter:
                 raise WebhookRejected(400, "form body without a single `payload` field")
             raw = fields["payload"][0]
         try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WebhookRejected(400, f"malformed JSON: {exc}") from None
-        except ValueError as exc:  # e.g. an integer longer than Python converts
-            raise WebhookRejected(400, f"unusable JSON: {str(exc)[:200]}") from None
-        except RecursionError:
-            raise WebhookRejected(400, "JSON nested too deeply") from None
+            # pydantic's JSON parser: 2-3x the speed of json.loads on a push; UTF-8 only, as
+            # every forge sends; it stops at 200 levels of nesting.
+            data = from_json(raw)
+        except ValueError as exc:
+            if str(exc).startswith("recursion limit exceeded"):
+                raise WebhookRejected(400, "JSON nested too deeply") from None
+            raise WebhookRejected(400, f"malformed JSON: {str(exc)[:200]}") from None
         if not isinstance(data, dict):
             raise WebhookRejected(400, "the payload is not a JSON object")
         return data
