@@ -119,6 +119,18 @@ async def test_an_earlier_fetcher_is_followed_a_later_one_never(router: MemoryRo
     assert [h.url for h in await quick.next()] == ["http://c"]
 
 
+async def test_fetchers_of_one_path_follow_each_other_in_a_tree(router: MemoryRouter) -> None:
+    """In announcement order node k streams first from node (k - 1) // 2: each node passes
+    a path on to two followers first, not everyone to the first few announcers."""
+    firsts = []
+    for k in range(1, 8):
+        await tell(router, fetching(f"n{k - 1}"))  # n0 .. n(k-1) announced before this one
+        choice, _ = await choice_for(router, me=f"n{k}")
+        firsts.append((await choice.next())[0].holder)
+        await tell(router, said(f"n{k}", "withdrawn"))  # (this node's word taken back)
+    assert firsts == ["n0", "n0", "n1", "n1", "n2", "n2", "n3"]
+
+
 async def test_a_fetching_peer_that_had_nothing_yet_is_asked_again(router: MemoryRouter) -> None:
     await tell(router, fetching("early"))
     choice, _ = await choice_for(router)

@@ -7,7 +7,8 @@ then the configured fallback caches; never this node itself (at its URL or at an
 earlier run's). A large NAR that several peers hold is fetched from all of them at once in
 byte ranges. When no peer has the path yet, the node announces `fetching`; if other nodes
 announced their fetch earlier, it streams from one of them while that node is still receiving
-it (never from a later one: no cycles), otherwise it goes to the cache. Each holder is tried
+it (never from a later one: no cycles; first from its parent in a tree of the fetchers in
+announcement order, `tree_parent`), otherwise it goes to the cache. Each holder is tried
 once per state (a `fetching` peer may come back as `available`); a peer that answered 503 (busy,
 `upload_slots`) is asked again once free, and while every peer that could serve is busy the
 choice waits for one, up to `peer_wait_s` from the start, before it turns to the caches.
@@ -26,6 +27,9 @@ RETRY_S = 2.0
 """Seconds between looks at the index while waiting for an earlier fetcher to have the path."""
 MAX_RANGE_PEERS = 8
 """Peers one NAR is fetched from at once in ranges."""
+TREE_FANOUT = 2
+"""Followers each node streams one path to first, in a fan-out where nodes fetch it at once
+(`tree_parent`)."""
 
 
 class HolderChoice:
@@ -68,14 +72,15 @@ class HolderChoice:
         503) and the peer deadline has not passed, it waits for one rather than pick a cache."""
         while True:
             holders = [h for h in self.candidates() if (h.url, h.state) not in self._tried]
-            if not any(h.kind == "node" for h in holders):
+            if any(h.kind == "node" for h in holders):
+                holders = self.load.order(holders)
+            else:
                 ahead = await self._ahead()
                 if ahead is None:
                     continue  # waited for an earlier fetcher to have something: look again
-                holders = ahead or holders
+                holders = ahead or self.load.order(holders)  # (ahead: ordered already)
             if not holders:
                 return []
-            holders = self.load.order(holders)
             peers = [h for h in holders if h.kind == "node"]
             if peers and all(self.load.is_busy(h.url) for h in peers):
                 caches = [h for h in holders if h.kind != "node"]
@@ -121,7 +126,12 @@ class HolderChoice:
         if not fresh:
             await self.index.changed(min(RETRY_S, left))
             return None
-        return self.load.order(fresh)
+        ordered = self.load.order(fresh)
+        parent = tree_parent(ahead)
+        if parent in fresh and not self.load.is_busy(parent.url):
+            ordered.remove(parent)
+            ordered.insert(0, parent)
+        return ordered
 
     def candidates(self) -> list[Holding]:
         """Every holder worth asking, best first."""
@@ -138,6 +148,19 @@ class HolderChoice:
         """This node, at its URL or at an earlier run's (a restarted agent may listen on
         another port or pod IP; what that run announced is stale, never worth waiting for)."""
         return holder.url == self.url or (holder.kind == "node" and holder.holder == self.node)
+
+
+def tree_parent(ahead: Sequence[Holding]) -> Holding | None:
+    """Which of the nodes that announced their fetch of a path before this one to stream it
+    from first: in announcement order, node k (node 0 goes to the caches) asks node
+    (k - 1) // TREE_FANOUT. The nodes fetching a path at once form a tree of TREE_FANOUT
+    followers per node and depth log(N), instead of all streaming from the first few
+    announcers (a random pick among the earlier ones gives node 0 ~ln N followers), and as
+    every path's order differs, each node passes on about its share of the closure."""
+    if not ahead:
+        return None
+    ordered = sorted(ahead, key=lambda h: h.seq)
+    return ordered[(len(ordered) - 1) // TREE_FANOUT]
 
 
 def not_busy(holders: list[Holding], load: PeerLoad) -> list[Holding]:
