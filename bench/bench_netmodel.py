@@ -57,7 +57,7 @@ from bench.http_servers import NGINX, Nginx
 from bench.mesh_nodes import ROOT, Agents
 from bench.netns import Network
 from bench.proc_status import status_kb
-from bench.report import Report, Series, add_json_option
+from bench.report import Report, Series, add_json_option, verdict
 
 AGENT_PORT = 5480
 CACHE_PORT = 80
@@ -185,12 +185,13 @@ def rounds(
     assert cluster.nats is not None
     nginx, agents = cluster.nginx, cluster.agents
     keys = ("mesh egress", "plain egress", "mesh time", "plain time", "max upload", "cpu", "held",
-            "cpu nix", "first done", "median done", "busy", "missing", "batches")  # fmt: skip
+            "cpu nix", "first done", "median done", "busy", "missing", "batches",
+            "host busy")  # fmt: skip
     measured: Measured = {k: [] for k in keys}
     measured["idle rss"] = [status_kb(p.pid, "VmRSS") / 1024 for p in agents.procs.values()]
     heads = ("nodes", "egress mesh", "egress without", "time mesh", "time without",
              "top upload", "CPU/node", "of it nix", "held back",
-             "done first/median", "503s/404s/imports")  # fmt: skip
+             "done first/median", "503s/404s/imports", "host/nodes cores")  # fmt: skip
     print("| " + " | ".join(heads) + " |")
     print("|" + "|".join("-" * (len(h) + 2) for h in heads) + "|")
     for n, closure, info in zip(ns, closures, infos, strict=True):
@@ -201,8 +202,10 @@ def rounds(
         cpu = {name: agents.cpu_split(name) for name in nodes}
         held = {name: cluster.throttled_s(name) for name in nodes}
         counted = counters(agents, nodes)
+        busy_before = host_busy_s()
         ends: list[float] = []
         t_mesh = asyncio.run(with_mesh(cluster.nats.url, nginx.url, info, nodes, agents.urls, ends))
+        host_cores = (host_busy_s() - busy_before) / t_mesh  # everything on the host
         mid = nginx.nar_bytes()
         # What the busiest node uploaded to its peers, and each node's CPU over the round
         # (its agent's own and its nix processes').
@@ -222,17 +225,26 @@ def rounds(
             (b - a) / n for a, b in zip(counted, counters(agents, nodes), strict=True)
         )
         values = (e_mesh, e_plain, t_mesh, t_plain, top, cpu_s, held_s, nix_s, ends[0],
-                  statistics.median(ends), busy, missing, batches)  # fmt: skip
+                  statistics.median(ends), busy, missing, batches, host_cores)  # fmt: skip
         for key, value in zip(keys, values, strict=True):
             measured[key].append(value)
         cells = (f"{n}", f"{e_mesh / size:.2f}x", f"{e_plain / size:.2f}x", f"{t_mesh:.2f}s",
                  f"{t_plain:.2f}s", f"{top / size:.2f}x", f"{cpu_s:.2f}s", f"{nix_s:.2f}s",
                  f"{held_s:.2f}s", f"{ends[0]:.1f}s/{statistics.median(ends):.1f}s",
-                 f"{busy:.1f}/{missing:.1f}/{batches:.1f}")  # fmt: skip
+                 f"{busy:.1f}/{missing:.1f}/{batches:.1f}",
+                 f"{host_cores:.2f}/{cpu_s * n / t_mesh:.2f}")  # fmt: skip
         print("| " + " | ".join(c.rjust(len(h)) for c, h in zip(cells, heads, strict=True)) + " |",
               flush=True)  # fmt: skip
     measured["peak rss"] = [status_kb(p.pid, "VmHWM") / 1024 for p in agents.procs.values()]
     return measured
+
+
+def host_busy_s() -> float:
+    """CPU seconds the host's cores have been busy since boot (every process, the kernel's
+    network path too), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def counters(agents: Agents, nodes: list[str]) -> tuple[float, float, float]:
@@ -314,13 +326,50 @@ def explain(
         f"{min(m['peak rss']):.0f}-{max(m['peak rss']):.0f} MB."
     )
     per_n = "; ".join(
-        f"N = {n}: {m['max upload'][i] / closure:.2f}x, {m['cpu'][i]:.2f} s, {m['held'][i]:.2f} s"
+        f"N = {n}: {m['max upload'][i] / closure:.2f}x, {m['cpu'][i]:.2f} s "
+        f"({m['cpu nix'][i]:.2f} s nix), {m['held'][i]:.2f} s, {m['batches'][i]:.1f}, "
+        f"{m['busy'][i]:.1f}/{m['missing'][i]:.1f}, {m['first done'][i]:.1f}/"
+        f"{m['median done'][i]:.1f}/{m['mesh time'][i]:.1f} s, {m['host busy'][i]:.2f} cores"
         for i, n in enumerate(ns)
     )
     report.note(
         "Where the mesh's time goes, per N with the mesh: the most one node uploaded to its "
-        "peers (x the closure, from its link's counter), the CPU time per node (its agent and "
-        f"the nix processes it ran) and how long its quota held it back, on average: {per_n}."
+        "peers (x the closure, from its link's counter); the CPU time per node (its agent and "
+        "the nix processes it ran; of it nix's) and how long its quota held it back, on "
+        "average; `nix copy` imports per node; NAR requests per node a holder turned away for "
+        "now (503: its upload slots were full; 404: a fetching peer had no byte yet); when the "
+        "first node, the median node and the last had the whole closure; and how many of "
+        f"the host's cores were busy over the round (every process): {per_n}."
+    )
+    report.note(floor(args, ns, m))
+
+
+def floor(args: argparse.Namespace, ns: list[int], m: Measured) -> str:
+    """The CPU floor of the largest N against one node's measured time, argued with numbers:
+    every node receives, verifies and imports the closure (and with the mesh passes on its
+    share), so a round takes at least its nodes' CPU over the host's cores, and at least one
+    node's CPU over its quota."""
+    cores = os.cpu_count() or 1
+    big, n = len(ns) - 1, ns[-1]
+    cpu_1, cpu_n, t_1 = m["cpu"][0], m["cpu"][big], m["mesh time"][0]
+    floor_n = n * cpu_n / cores
+    if args.node_cores is not None:
+        floor_n = max(floor_n, cpu_n / args.node_cores)
+    quota = "" if args.node_cores is None else (
+        f" (one node alone: {cpu_1:.2f} s at {args.node_cores:.3g} of a core = "
+        f"{cpu_1 / args.node_cores:.1f} s, measured {t_1:.1f} s)")  # fmt: skip
+    return (
+        f"The CPU floor: every node receives, verifies and imports the closure, and with the "
+        f"mesh passes on its share to peers, all on {cores} cores. One node used {cpu_1:.2f} s "
+        f"of CPU{quota}; at N = {n} each used {cpu_n:.2f} s, {n} x {cpu_n:.2f} s / {cores} "
+        f"cores = {n * cpu_n / cores:.1f} s of the whole host, so N = {n} cannot finish before "
+        f"{floor_n:.1f} s = {floor_n / t_1:.2f}x one node's time (target "
+        f"{MESH_TIME_FACTOR:g}x), before nats-server, nginx, the kernel's forwarding of "
+        f"{n} closures through the bridge, and anything else running on the host take their "
+        f"part ({m['host busy'][big]:.2f} of {cores} cores were busy over that round; "
+        f"measured {m['mesh time'][big]:.1f} s = {m['mesh time'][big] / t_1:.2f}x). Within "
+        f"the target only if each node's CPU at N = {n} stays under "
+        f"{MESH_TIME_FACTOR * t_1 * cores / n:.2f} s with the host otherwise idle."
     )
 
 
@@ -403,9 +452,18 @@ def run(args: argparse.Namespace, ns: list[int]) -> int:
             if added := [path for closure in closures for path in closure]:
                 host.run("nix-store", "--delete", *map(str, added), check=False)
     if args.mesh_only:
+        print(f"\n{floor(args, ns, measured)}")
         return 0
     report = netmodel_report(args, ns, infos, measured)
-    print(f"\n{report.notes[0]}")
+    print()
+    for row in report.rows:
+        against = "" if row.baseline is None else (
+            f" vs {row.baseline:.2f} {row.unit} {row.baseline_name}"
+            + ("" if row.ratio is None else f" ({row.ratio:.2f}x)"))  # fmt: skip
+        target = "" if row.target is None else f"; target {row.target}: {verdict(row.met)}"
+        print(f"- {row.measure}: {row.ours:.2f} {row.unit}{against}{target}")
+    for note in report.notes:
+        print(f"\n{note}")
     report.write(args.json)
     return 0 if report.all_met else 1
 
