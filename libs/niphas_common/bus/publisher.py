@@ -85,11 +85,12 @@ class Publisher:
         cost as much as the publish itself)."""
         acks: list[PubAck] = []
         pending: list[asyncio.Future[PubAck]] = []
-        streams: set[str] = set()  # of the events in flight, to name in an error
+        subjects: set[str] = set()  # of the events in flight, to name their streams in an error
         with tracing.tracer().start_as_current_span("publish batch", kind=SpanKind.PRODUCER):
             trace_headers = tracing.inject({})
             for event in events:
-                headers = {**headers_for(event), **trace_headers}
+                headers = headers_for(event)
+                headers.update(trace_headers)
                 # No expected-stream header here: every consumer pays to parse each header,
                 # and one subject maps to one stream anyway.
                 pending.append(
@@ -97,22 +98,22 @@ class Publisher:
                         event.routed_subject, encode(event), headers=headers
                     )
                 )
-                streams.add(stream_name(event.subject))
+                subjects.add(event.subject)
                 if len(pending) >= window:
-                    acks.extend(await self._gather(pending, streams))
-                    pending, streams = [], set()
-            acks.extend(await self._gather(pending, streams))
+                    acks.extend(await self._gather(pending, subjects))
+                    pending, subjects = [], set()
+            acks.extend(await self._gather(pending, subjects))
         return acks
 
     async def _gather(
-        self, pending: list[asyncio.Future[PubAck]], streams: set[str]
+        self, pending: list[asyncio.Future[PubAck]], subjects: set[str]
     ) -> list[PubAck]:
         try:
             return list(await asyncio.wait_for(asyncio.gather(*pending), timeout=self._timeout_s))
         except NO_ANSWER as exc:
             raise PublishError(
                 f"batch of {len(pending)} events not stored: "
-                + no_leader(", ".join(sorted(streams)), self._timeout_s, exc)
+                + no_leader(", ".join(sorted(map(stream_name, subjects))), self._timeout_s, exc)
             ) from exc
         except APIError as exc:
             raise PublishError(f"batch of {len(pending)} events not stored ({exc!r})") from exc
