@@ -308,3 +308,32 @@ async def test_a_busy_consumer_fetches_in_batches_and_handles_each_event_once(
     assert sorted(handled) == sorted(f"backlog-{i}" for i in range(n))
     # A fetch for a quarter of the slots at least (4 of 16), not one per finished handler.
     assert min(asked) >= 4, asked
+
+
+async def test_handlers_that_await_run_at_once_up_to_the_concurrency(
+    bus: Bus, push_event: Callable[..., PushReceived]
+) -> None:
+    # Each handler waits until all of them are running: one fetched batch, handled by workers
+    # one message after another, must still start every handler before any finishes.
+    concurrency = 8
+    await bus.publisher.publish_many(push_event(f"together-{i}") for i in range(concurrency))
+    running: set[str] = set()
+    all_running = asyncio.Event()
+    most = 0
+    handled: list[str] = []
+
+    async def handle(ev: PushReceived, delivery: Delivery) -> None:
+        nonlocal most
+        running.add(ev.delivery_id)
+        most = max(most, len(running))
+        if len(running) == concurrency:
+            all_running.set()
+        await all_running.wait()
+        handled.append(ev.delivery_id)
+
+    spec = ConsumerSpec(durable="together-test", subject="push.received")
+    sub = Subscription(PushReceived, spec, handle, concurrency=concurrency)
+    async with serving(bus, [sub]):
+        await eventually(lambda: len(handled) == concurrency, timeout_s=30)
+    assert most == concurrency
+    assert sorted(handled) == sorted(f"together-{i}" for i in range(concurrency))
