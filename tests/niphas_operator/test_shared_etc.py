@@ -195,3 +195,15 @@ async def test_a_workload_created_while_the_last_is_deleted_keeps_its_etc(
         etc = kubectl.get("configmap", ETC_NAME)
         assert etc is not None
         assert etc["data"]["ca-certificates.crt"] == CA_ONE
+
+
+async def test_a_relist_applies_a_deleted_etc_again(
+    kubectl: Kubectl, operator_settings: OperatorSettings, running_operator: OperatorRunner
+) -> None:
+    """The memo of what was applied lasts until the next full list, not for the process."""
+    settings = operator_settings.model_copy(update={"resync_s": 1.0})
+    kubectl.apply(workload("web", storePath=store_path("web-1.0")))
+    async with running_operator(settings):
+        await eventually(lambda: kubectl.get("configmap", ETC_NAME) is not None, 30)
+        kubectl("delete", "configmap", ETC_NAME)
+        await eventually(lambda: kubectl.get("configmap", ETC_NAME) is not None, 30)

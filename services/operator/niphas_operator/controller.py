@@ -134,6 +134,7 @@ class Controller:
                 listed[key] = event.obj
             elif event.kind == SYNCED:
                 self._objects, listed = listed, {}
+                self._reconciler.relisted()
                 self.synced.set()
             elif key is not None:
                 self._remember(event.kind, key, event.obj)

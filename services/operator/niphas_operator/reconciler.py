@@ -436,6 +436,12 @@ class Reconciler:
                 await self._store.delete(api_version, kind, workload.key)
         return applied
 
+    def relisted(self) -> None:
+        """After each full list of the workloads: the next reconcile in each namespace applies
+        the shared /etc again (a no-op when unchanged), so a relist repairs a ConfigMap
+        deleted behind the operator's back as it repairs everything else."""
+        self._etc_applied.clear()
+
     def _etc_lock(self, namespace: str) -> asyncio.Lock:
         return self._etc_locks.setdefault(namespace, asyncio.Lock())
 
