@@ -292,7 +292,8 @@ class Fetcher:
         def start_references(info: NarInfo) -> None:
             if not refs:
                 self._references[path.hash_part] = info.reference_paths()
-                refs.extend(self.flight(r, caches) for r in info.reference_paths())
+                order = self.fetch_order(info.reference_paths())
+                refs.extend(self.flight(r, caches) for r in order)
                 refs.append(_done())
 
         # Counted as downloading until handed to the importer (or waiting for references to
