@@ -143,7 +143,8 @@ class Bus:
         for sub in subscriptions:
             await ensure_consumer(self.js, sub.spec, wait_s=self.settings.election_wait_s)
         consumers = [
-            EventConsumer(self.js, sub, fetch_timeout_s=fetch_timeout_s) for sub in subscriptions
+            EventConsumer(self.nc, self.js, sub, fetch_timeout_s=fetch_timeout_s)
+            for sub in subscriptions
         ]
         async with asyncio.TaskGroup() as group:
             for consumer in consumers:

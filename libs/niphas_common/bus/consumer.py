@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeVar
 
+from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.errors import ServiceUnavailableError
 from opentelemetry import context as otel_context
@@ -35,6 +35,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from niphas_common import tracing
 from niphas_common.bus.codec import HEADER_EVENT_ID, decode
 from niphas_common.bus.dead_letters import record_dead_letter
+from niphas_common.bus.pull import Pull
 from niphas_common.bus.topology import ConsumerSpec
 from niphas_common.errors import PermanentError
 from niphas_common.logs import current_event_id
@@ -85,12 +86,14 @@ class Subscription(Generic[E]):
 class EventConsumer(Generic[E]):
     def __init__(
         self,
+        nc: Client,
         js: JetStreamContext,
         subscription: Subscription[E],
         *,
         fetch_timeout_s: float = 1.0,
         drain_grace_s: float = 30.0,
     ) -> None:
+        self._nc = nc
         self._js = js
         self._sub = subscription
         self._fetch_timeout_s = fetch_timeout_s
@@ -105,6 +108,7 @@ class EventConsumer(Generic[E]):
         self._workers: set[asyncio.Task[None]] = set()
         self._working = 0  # workers that have not returned yet
         self._stuck_check = False  # `_unstick` scheduled
+        self._starting = False  # a worker was started and has not taken a message yet
         self._freed = asyncio.Event()  # set when a message is settled
 
     @property
@@ -114,7 +118,8 @@ class EventConsumer(Generic[E]):
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch and handle until `stop` is set, then let in-flight handlers finish."""
         spec = self._sub.spec
-        psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        pull = Pull(self._nc, spec.stream, spec.durable, self._arrived)
+        await pull.start()
         heartbeat = asyncio.create_task(self._heartbeat(stop), name=f"{spec.durable}-heartbeat")
         pending = asyncio.create_task(self._report_pending(), name=f"{spec.durable}-pending")
         try:
@@ -123,23 +128,24 @@ class EventConsumer(Generic[E]):
                 if stop.is_set():
                     break
                 try:
-                    msgs = await psub.fetch(free, timeout=self._fetch_timeout_s)
-                except (TimeoutError, NatsTimeoutError):
-                    continue
+                    await pull.request(free, self._fetch_timeout_s)
                 except ServiceUnavailableError as exc:
                     # 503: the consumer is electing its leader (a server of a cluster left);
                     # it answers again once one is elected.
                     log.info("%s: consumer unavailable (%s), fetching again", spec.durable, exc)
                     await asyncio.sleep(self._fetch_timeout_s)
-                    continue
-                self._queue.extend(msgs)
-                self._unsettled += len(msgs)
-                self._spawn(1)
         finally:
             await self._drain()
             heartbeat.cancel()
             pending.cancel()
-            await psub.unsubscribe()
+            await pull.stop()
+
+    def _arrived(self, msg: Msg) -> None:
+        self._queue.append(msg)
+        self._unsettled += 1
+        # One worker takes what arrives in a burst; `_unstick` adds more if it has to wait.
+        if not self._starting and self._spawn(1):
+            self._starting = True
 
     async def _drain(self) -> None:
         """Let the fetched messages be settled, for up to the drain grace."""
@@ -151,14 +157,16 @@ class EventConsumer(Generic[E]):
         while self._workers and (left := deadline - asyncio.get_running_loop().time()) > 0:
             await asyncio.wait(set(self._workers), timeout=left)
 
-    def _spawn(self, wanted: int) -> None:
-        """Start up to `wanted` more workers, never more than the consumer's concurrency."""
-        room = self._sub.concurrency - self._working
-        for _ in range(min(wanted, room, len(self._queue))):
+    def _spawn(self, wanted: int) -> int:
+        """Start up to `wanted` more workers, never more than the consumer's concurrency;
+        how many were started."""
+        started = min(wanted, self._sub.concurrency - self._working, len(self._queue))
+        for _ in range(started):
             self._working += 1
             worker = asyncio.create_task(self._work())
             self._workers.add(worker)
             worker.add_done_callback(self._workers.discard)
+        return max(started, 0)
 
     def _unstick(self) -> None:
         """Runs once the loop got control back from a worker: messages still queued then
@@ -171,6 +179,7 @@ class EventConsumer(Generic[E]):
         a quick handler itself; a handler that awaits leaves the rest to other workers
         (`_unstick`), so up to `concurrency` handlers still run at once."""
         queue = self._queue
+        self._starting = False
         try:
             while queue:
                 msg = queue.popleft()

@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,6 +21,7 @@ from niphas_common.bus import inspect
 from niphas_common.bus.bus import Bus
 from niphas_common.bus.consumer import Delivery, Subscription
 from niphas_common.bus.dead_letters import HEADER_DELIVERIES, HEADER_REASON, HEADER_SEQUENCE
+from niphas_common.bus.pull import Pull
 from niphas_common.bus.topology import DEAD_LETTER_STREAM, ConsumerSpec, ensure_consumer
 from niphas_common.errors import PermanentError, TransientError
 from niphas_schemas import PushReceived
@@ -282,16 +282,14 @@ async def test_provisioning_is_idempotent_and_applies_changed_settings(bus: Bus)
 async def test_a_busy_consumer_fetches_in_batches_and_handles_each_event_once(
     bus: Bus, push_event: Callable[..., PushReceived], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nats.js.client import JetStreamContext
-
     asked: list[int] = []
-    fetch = JetStreamContext.PullSubscription.fetch
+    request = Pull.request
 
-    async def counting(self: Any, batch: int = 1, *args: Any, **kwargs: Any) -> Any:
+    async def counting(self: Pull, batch: int, expires_s: float) -> None:
         asked.append(batch)
-        return await fetch(self, batch, *args, **kwargs)
+        await request(self, batch, expires_s)
 
-    monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", counting)
+    monkeypatch.setattr(Pull, "request", counting)
     n = 300
     await bus.publisher.publish_many(push_event(f"backlog-{i}") for i in range(n))
     handled: list[str] = []
