@@ -9,7 +9,8 @@ unacked, and JetStream redelivers it to another instance after `ack_wait`.
 
 Built on nats-py rather than a faststream subscriber: the semantics above (nak with a delay
 chosen per delivery count, dead-letter-then-term, in-progress heartbeats for long handlers,
-bounded concurrency per consumer, drain on stop) are each one call here. faststream is used
+bounded concurrency per consumer, drain on stop) are each one call here; the pull requests
+themselves are `pull.Pull` (cheaper per message than nats-py's `fetch`). faststream is used
 where it fits: the AsyncAPI document (`schema_export`). `bench/bench_spine.py` measures a
 faststream pull subscriber beside this consumer on the same server.
 """
