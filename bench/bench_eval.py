@@ -8,11 +8,12 @@
    doing more of the ingress's work: reading the body and answering 202 (the HTTP floor); also
    storing it on JetStream with a Msg-Id, waiting for the ack (the floor of aiohttp + nats-py);
    also as a `PushReceived` through the project's publisher (`Bus.publish`, as the ingress
-   does). Per side: CPU time per delivery of the server and of nats-server, and how busy the
-   load generator was (near 100%: the client, not the server, bounds that row); the
-   differences between the rows tell where the ingress's CPU goes. Targets: ingress >= 0.6x
-   the HTTP floor's deliveries/s, p99 <= 3x. Every accepted delivery is checked to be in the
-   stream.
+   does); and granian (a server written in Rust) answering 202, and also publishing: what
+   moving the ingress off aiohttp could save at most. Per side: CPU time per delivery of the
+   server and of nats-server, and how busy the load generator was (near 100%: the client, not
+   the server, bounds that row); the differences between the rows tell where the ingress's
+   CPU goes. Targets: ingress >= 0.6x the HTTP floor's deliveries/s, p99 <= 3x. Every accepted
+   delivery is checked to be in the stream.
 2. Evaluation overhead: a generated flake in a local git repository, one commit per round:
    `--packages` derivations that each do some mkDerivation-like work (`--work` generated
    variables and flags each), then, as a worst case, `--wide` trivial ones. Per commit: the
@@ -141,11 +142,46 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
             loop=new_loop())
 """
 ).replace("@CLONE@", CLONE)
+GRANIAN_SERVER = (
+    LOOP
+    + """
+import json, os
+from granian.constants import Interfaces
+from granian.server.embed import Server
+PUBLISH = len(sys.argv) > 3  # also store each body on JetStream, as the JetStream floor
+async def main():
+    if PUBLISH:
+        import nats
+        from nats.js.api import StreamConfig
+        nc = await nats.connect(os.environ["NATS_URL"])
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="BENCH_FLOOR_RUST", subjects=["bench.rust"]))
+    async def app(scope, proto):
+        if scope.path == "/readyz":
+            proto.response_str(200, [], "ready")
+            return
+        body = await proto()
+        answer = {"status": "accepted"}
+        if PUBLISH:
+            msg_id = scope.headers.get("x-github-delivery")
+            ack = await js.publish("bench.rust", body, headers={"Nats-Msg-Id": msg_id})
+            answer["stream_seq"] = ack.seq
+        proto.response_bytes(202, [("content-type", "application/json")],
+                             json.dumps(answer).encode())
+    server = Server(app, address="127.0.0.1", port=int(sys.argv[1]), interface=Interfaces.RSGI,
+                    log_enabled=False)
+    await server.serve()
+loop = new_loop()
+loop.run_until_complete(main())
+"""
+)
 SIDES = {
     "bare aiohttp, 202 only (floor)": ["-c", BARE_SERVER],
     "bare aiohttp + JetStream publish": ["-c", BARE_JETSTREAM_SERVER],
     "bare aiohttp + niphas Bus.publish": ["-c", BARE_BUS_SERVER],
     "niphas eval ingress": ["-m", "niphas_common", "eval", "--role", "ingress", "--listen"],
+    "bare granian (Rust), 202 only": ["-c", GRANIAN_SERVER],
+    "bare granian + JetStream publish": ["-c", GRANIAN_SERVER, "publish"],
 }
 """Each side's server: a floor answering 202 after ever more of the ingress's work (reading
 the body; storing it on JetStream with a Msg-Id; as a `PushReceived` through the project's
@@ -271,9 +307,12 @@ async def bench_ingress(
         try:
             for label, argv in SIDES.items():
                 port = free_port()
-                tail = [f"127.0.0.1:{port}"] if label == INGRESS else [str(port), event_loop]
+                if label == INGRESS:
+                    argv = [*argv, f"127.0.0.1:{port}"]
+                else:  # python -c SCRIPT PORT LOOP [what else]
+                    argv = [*argv[:2], str(port), event_loop, *argv[2:]]
                 url = f"http://127.0.0.1:{port}"
-                sides[label] = Side(url, subprocess.Popen([sys.executable, *argv, *tail], env=env))
+                sides[label] = Side(url, subprocess.Popen([sys.executable, *argv], env=env))
                 await wait_ready(url, sides[label].proc)
                 # Warm-up (not counted), with other pushes: the same push is stored once.
                 await load(url, min(200, n), concurrency, first=n)
@@ -337,6 +376,11 @@ def show_ingress(sides: dict[str, Side], n: int, stored: int, report: Report) ->
     print("where the ingress's server CPU per delivery goes (differences of the rows):")
     for step, us in steps:
         print(f"  {us:>5.0f} us  {step}")
+    rust = sides["bare granian + JetStream publish"]
+    print(
+        f"granian instead of aiohttp: the JetStream floor at {rust.cpu_us(0):.0f} us per "
+        f"delivery instead of {js.cpu_us(0):.0f} us (at most that much less for the ingress)"
+    )
     print(
         f"ingress server CPU per delivery: {ours.cpu_us(0):.0f} us = "
         f"{ours.cpu_us(0) / floor.cpu_us(0):.1f}x the bare server's, "
