@@ -371,7 +371,7 @@ def show_ingress(sides: dict[str, Side], n: int, stored: int, report: Report) ->
     steps = [("HTTP (aiohttp floor)", floor.cpu_us(0)),
              ("JetStream publish + ack (nats-py)", js.cpu_us(0) - floor.cpu_us(0)),
              ("PushReceived + the project's publisher", sides[bus_name].cpu_us(0) - js.cpu_us(0)),
-             ("the ingress's checks (headers, HMAC, JSON, trust, identity, metrics)",
+             ("the rest: the ingress's checks (headers, HMAC, JSON, trust, identity) and answer",
               ours.cpu_us(0) - sides[bus_name].cpu_us(0))]  # fmt: skip
     print("where the ingress's server CPU per delivery goes (differences of the rows):")
     for step, us in steps:
