@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,11 +23,12 @@ import zstandard
 from aiohttp import web
 
 from niphas_common.nix.nar import iter_nar
+from niphas_common.nix.narinfo import NarInfo
 
 from .cache_view import HASH_RE, CacheView
 from .inflight import Partial
 from .metrics import SERVED_BYTES
-from .send_nar import send_whole_nar
+from .send_nar import blocking, send_file_range, send_whole_nar
 
 _OWN_RE = re.compile(rf"^({HASH_RE})\.nar(\.zst)?$")
 _CACHE_FILE_RE = re.compile(r"^[A-Za-z0-9+\-_=][A-Za-z0-9+\-._=]*$")
@@ -132,30 +133,52 @@ async def _stream_partial(
         await resp.prepare(request)
         if request.method == "HEAD":
             return resp
-        pos = start
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("the client went away")
         partial.readers += 1
+        sent = [0]
         try:
-            idle = 0.0
-            while pos < stop:
-                if partial.attempt != attempt or (partial.failed and pos >= partial.written):
-                    raise UpstreamFailed(f"{info.store_path}: the download from upstream failed")
-                if pos < partial.written:
-                    n = min(partial.written, stop) - pos
-                    pos += await _send_landed(resp, transport, f, pos, n)
-                    idle = 0.0
-                elif idle >= PARTIAL_IDLE_S:
-                    raise UpstreamFailed(f"{info.store_path}: no progress upstream")
-                else:
-                    await partial.changed(1.0)
-                    idle += 1.0
+            async with blocking(request) as fd:
+
+                async def send(pos: int, n: int) -> int:
+                    if fd is not None:  # by sendfile from a sender thread
+                        return await send_file_range(fd, f, pos, n)
+                    return await _send_landed(resp, transport, f, pos, n)
+
+                await _relay(partial, attempt, info, start, stop, send, sent)
         finally:
             partial.readers -= 1
-            SERVED_BYTES.labels(view.node, "fetching").inc(pos - start)
+            SERVED_BYTES.labels(view.node, "fetching").inc(sent[0])
         await resp.write_eof()
         return resp
+
+
+async def _relay(
+    partial: Partial,
+    attempt: int,
+    info: NarInfo,
+    start: int,
+    stop: int,
+    send: Callable[[int, int], Awaitable[int]],
+    sent: list[int],
+) -> None:
+    """Send bytes [start, stop) of a download as they land; `sent[0]` counts them."""
+    pos = start
+    idle = 0.0
+    while pos < stop:
+        if partial.attempt != attempt or (partial.failed and pos >= partial.written):
+            raise UpstreamFailed(f"{info.store_path}: the download from upstream failed")
+        if pos < partial.written:
+            n = await send(pos, min(partial.written, stop) - pos)
+            pos += n
+            sent[0] += n
+            idle = 0.0
+        elif idle >= PARTIAL_IDLE_S:
+            raise UpstreamFailed(f"{info.store_path}: no progress upstream")
+        else:
+            await partial.changed(1.0)
+            idle += 1.0
 
 
 async def _send_landed(
