@@ -31,9 +31,11 @@ from niphas_common.nix.store_path import StorePath
 
 from .inflight import Partial
 
-FLUSH_BYTES = 1 << 20
-"""Bytes gathered before one write to disk (fewer thread hand-offs per NAR; followers streaming
-the download from this node see it advance in steps of this size)."""
+FLUSH_BYTES = 256 << 10
+"""Bytes gathered before one write to disk (fewer thread hand-offs per NAR). Followers
+streaming the download from this node see it advance in steps of this size, and in a tree of
+nodes fetching one path at once each level adds about one step's worth of delay: at 1 MiB,
+with a closure's eight downloads sharing a 128 Mbit/s link, 0.5 s per level."""
 
 
 BUSY = 503
