@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from niphas_common.bus.bus import Bus
+from niphas_mesh.agent import Agent
 from tests.helpers import eventually
 from tests.niphas_mesh.conftest import StartNode, ready
 from tests.niphas_mesh.servers import counting_cache, hostile_peer
@@ -33,6 +34,18 @@ def served(node: str, source: str) -> float:
     return REGISTRY.get_sample_value("niphas_mesh_served_bytes_total", labels) or 0.0
 
 
+def receiving(node: Agent, path_hash: str) -> bool:
+    """The node has begun writing the NAR of `path_hash` to disk."""
+    partial = node.fetcher.inflight.get(path_hash)
+    return partial is not None and partial.file is not None
+
+
+def relaying(node: Agent, path_hash: str) -> bool:
+    """A peer streams the node's download of `path_hash` while it is still arriving."""
+    partial = node.fetcher.inflight.get(path_hash)
+    return partial is not None and partial.readers > 0
+
+
 async def test_a_follower_streams_from_a_node_still_fetching(
     bus: Bus, start_node: StartNode, built_closure: BuiltClosure, signed_cache: FileCache
 ) -> None:
@@ -46,19 +59,11 @@ async def test_a_follower_streams_from_a_node_still_fetching(
         await want(bus, "leader", built_closure)
         app = built_closure.app.hash_part
 
-        def leader_is_receiving() -> bool:
-            partial = leader.fetcher.inflight.get(app)
-            return partial is not None and partial.file is not None
-
         # The cache holds every NAR at half way: the leader cannot finish any path.
-        await eventually(leader_is_receiving, 30)
+        await eventually(lambda: receiving(leader, app), 30)
         await want(bus, "follower", built_closure)
 
-        def follower_is_streaming() -> bool:
-            partial = leader.fetcher.inflight.get(app)
-            return partial is not None and partial.readers > 0
-
-        await eventually(follower_is_streaming, 30)
+        await eventually(lambda: relaying(leader, app), 30)
         assert not has_closure(leader, built_closure)
         hold.set()
         await eventually(lambda: has_closure(follower, built_closure), 60)
@@ -95,18 +100,10 @@ async def test_a_corrupt_download_streamed_on_is_rejected_and_fetched_elsewhere(
         await ready(follower)
         await want(bus, "leader", built_closure)
 
-        def leader_is_receiving() -> bool:
-            partial = leader.fetcher.inflight.get(app)
-            return partial is not None and partial.file is not None
-
-        await eventually(leader_is_receiving, 30)
+        await eventually(lambda: receiving(leader, app), 30)
         await want(bus, "follower", built_closure)
 
-        def follower_is_streaming() -> bool:
-            partial = leader.fetcher.inflight.get(app)
-            return partial is not None and partial.readers > 0
-
-        await eventually(follower_is_streaming, 30)
+        await eventually(lambda: relaying(leader, app), 30)
         hold.set()  # the rest of every corrupted NAR: the leader's NarHash check fails
         await eventually(lambda: has_closure(leader, built_closure), 60)
         await eventually(lambda: has_closure(follower, built_closure), 60)
