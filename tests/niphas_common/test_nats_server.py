@@ -6,6 +6,7 @@ store across a restart, and a partition that leaves no firewall rule behind."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 import subprocess
@@ -15,11 +16,12 @@ from pathlib import Path
 import pytest
 
 from niphas_common.bus.bus import Bus
-from niphas_common.bus.connection import connect, connect_options
+from niphas_common.bus.connection import close_quietly, connect, connect_options
 from niphas_common.nats_cluster import IPTABLES, EmbeddedNatsCluster
 from niphas_common.nats_server import EmbeddedNats, find_nats_server
 from niphas_common.settings import NatsSettings
 from niphas_schemas import PushReceived
+from tests.helpers import eventually
 
 EVENT = PushReceived(
     forge="github",
@@ -65,6 +67,25 @@ async def test_two_servers_get_distinct_ports_and_data_survives_restart(tmp_path
     assert one.pid is None
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_a_close_of_ours_is_not_logged_as_a_lost_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py calls the disconnected callback on a close too: closing the bus says nothing
+    at WARNING, while a server that goes away is still reported."""
+    caplog.set_level(logging.DEBUG, logger="niphas_common.bus.connection")
+    with EmbeddedNats(tmp_path / "nats") as server:
+        bus = await Bus.connect(NatsSettings(url=server.url), name="quiet")
+        await bus.close()
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        assert "quiet: NATS connection closed" in caplog.messages
+        bus = await Bus.connect(NatsSettings(url=server.url), name="lost")
+        try:
+            await asyncio.to_thread(server.stop)
+            await eventually(lambda: "lost: NATS disconnected, reconnecting" in caplog.messages, 10)
+        finally:
+            await close_quietly(bus.nc)  # a drain fails while reconnecting
 
 
 async def test_user_password_and_token_pass_through(tmp_path: Path) -> None:

@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 class ConnectionLog:
     """The callbacks of one connection, logging each state change once."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, client: Client | None = None) -> None:
         self.name = name
+        self.client = client
+        """The client these callbacks serve: nats-py calls `disconnected` on a close too."""
         self._seen: set[str] = set()
         """Errors logged since the connection was last up (a refused attempt alternates
         between the server's answer and the reset that follows it)."""
@@ -38,6 +40,10 @@ class ConnectionLog:
         log.warning("%s: NATS: %s", self.name, text)
 
     async def disconnected(self) -> None:
+        if self.client is not None and self.client.is_closed:
+            # Our own close (nats-py marks the client closed before this callback).
+            log.debug("%s: NATS connection closed", self.name)
+            return
         log.warning("%s: NATS disconnected, reconnecting", self.name)
 
     async def reconnected(self) -> None:
@@ -45,7 +51,11 @@ class ConnectionLog:
         log.info("%s: NATS reconnected", self.name)
 
 
-def connect_options(settings: NatsSettings, *, name: str) -> dict[str, Any]:
+def connect_options(
+    settings: NatsSettings, *, name: str, client: Client | None = None
+) -> dict[str, Any]:
+    """`Client.connect` keywords; `client` (the one they are for) tells the log a close of
+    ours from a lost connection."""
     if not settings.url:
         raise ValueError("no NATS URL: set NATS_URL (or NIPHAS_NATS_URL), or run `niphas up`")
     options: dict[str, Any] = {
@@ -56,7 +66,7 @@ def connect_options(settings: NatsSettings, *, name: str) -> dict[str, Any]:
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
     }
-    callbacks = ConnectionLog(name)
+    callbacks = ConnectionLog(name, client)
     options["error_cb"] = callbacks.error
     options["disconnected_cb"] = callbacks.disconnected
     options["reconnected_cb"] = callbacks.reconnected
@@ -85,7 +95,7 @@ async def connect(settings: NatsSettings, *, name: str) -> Client:
     (nats-py leaves it open, to be found by the garbage collector)."""
     client = Client()
     try:
-        await client.connect(**connect_options(settings, name=name))
+        await client.connect(**connect_options(settings, name=name, client=client))
     except BaseException:
         await close_quietly(client)
         raise
